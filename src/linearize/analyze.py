@@ -1,0 +1,213 @@
+"""Linearity analysis runs: from a model and a data source to a report on disk.
+
+``analyze_model`` works on a model already in memory (pruning re-scores through it);
+``analyze`` loads the model, runs, and writes ``linearity.json`` (the contract other tools
+read), ``linearity.csv``, ``linearity.png`` and ``report.html`` into the output directory.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from linearize import __version__, arch, data, models
+from linearize._io import check_writable_dir, write_json, write_text
+from linearize.capture import collect_stats
+from linearize.errors import LinearizeError
+
+SCORE_KEYS = (
+    "linearity",
+    "linearity_no_residual",
+    "cosine",
+    "block_influence",
+    "angular_distance",
+)
+
+
+@dataclass
+class LinearityReport:
+    """Per-layer scores of one model on one set of tokens. ``layers`` rows are plain dicts:
+    {"layer", "linearity", "linearity_no_residual", "cosine", "block_influence",
+    "angular_distance"[, "anisotropy"]}, layer indices 0-based in the model's own order."""
+
+    model: str
+    data: str
+    tokens: int
+    seq_len: int
+    layers: list[dict[str, float]]
+    elapsed_s: float = 0.0
+    version: str = __version__
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        order = ["model", "data", "tokens", "seq_len", "version", "elapsed_s", "layers", "config"]
+        return {k: d[k] for k in order}
+
+    def column(self, key: str) -> list[float]:
+        return [row[key] for row in self.layers]
+
+    def to_csv(self) -> str:
+        keys = list(self.layers[0].keys()) if self.layers else ["layer", *SCORE_KEYS]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.layers)
+        return buf.getvalue()
+
+    def save(self, out: Path) -> None:
+        """Write the json, csv, png and html outputs, each atomically."""
+        from linearize import plots
+
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "linearity.json", self.to_dict())
+        write_text(out / "linearity.csv", self.to_csv())
+        plots.linearity_png(self, out / "linearity.png")
+        plots.linearity_html(self, out / "report.html")
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _check_layers(layers: Sequence[int] | None, total: int) -> list[int] | None:
+    if layers is None:
+        return None
+    bad = [i for i in layers if not 0 <= i < total]
+    if bad:
+        raise LinearizeError(f"layer indices {bad} out of range: the model has {total} layers")
+    if len(set(layers)) != len(layers):
+        raise LinearizeError(f"duplicate layer indices in {list(layers)}")
+    return sorted(layers)
+
+
+def analyze_model(
+    model: torch.nn.Module,
+    tokenizer,
+    data_source: str = "builtin",
+    tokens: int | None = 65536,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    layers: Sequence[int] | None = None,
+    anisotropy: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+    model_name: str | None = None,
+) -> LinearityReport:
+    """Score every decoder layer (or ``layers``) of an in-memory causal LM.
+
+    Sequences are sharded over torch.distributed ranks when a process group is up; the
+    statistics are then summed, so every rank returns the same report.
+    """
+    start = time.perf_counter()
+    _, module_list = arch.get_layers(model)
+    chosen = _check_layers(layers, len(module_list))
+    source = data.resolve_source(data_source)
+    rank, world = _rank_world()
+    seqs = data.token_sequences(tokenizer, source, seq_len, tokens, rank=rank, world_size=world)
+    stats = collect_stats(
+        model, data.batches(seqs, batch_size, data.pad_id_of(tokenizer)), chosen, on_batch
+    )
+    n = next(iter(stats.values())).n if stats else 0
+    if n == 0:
+        raise LinearizeError(f"data source '{data_source}' gave no tokens")
+    d = model.config.hidden_size
+    if n <= d:
+        warnings.warn(
+            f"only {n} tokens for hidden size {d}: with fewer tokens than dimensions any layer "
+            "fits a linear map almost exactly, so linearity is trivially near 1",
+            stacklevel=2,
+        )
+    rows = []
+    for i in sorted(stats):
+        rows.append({"layer": i, **stats[i].scores(anisotropy=anisotropy)})
+    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return LinearityReport(
+        model=str(name),
+        data=source.spec,
+        tokens=n,
+        seq_len=seq_len,
+        layers=rows,
+        elapsed_s=round(time.perf_counter() - start, 3),
+    )
+
+
+def default_out_dir(model: str | None) -> Path:
+    slug = Path(model).name if model else "smollm2-135m-instruct"
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in slug) or "model"
+    return Path("linearize-out") / f"analyze-{slug}"
+
+
+def analyze(
+    model: str | None = None,
+    data_source: str = "builtin",
+    tokens: int | None = 65536,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    out: str | Path | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+    layers: Sequence[int] | None = None,
+    anisotropy: bool = False,
+    on_batch: Callable[[int], None] | None = None,
+    save: bool = True,
+) -> LinearityReport:
+    """Load ``model`` (None: the embedded SmolLM2), score it on ``data_source`` and write the
+    report into ``out`` (default ``linearize-out/analyze-<model>``). Bad input is refused with
+    a LinearizeError before any work and before anything is written."""
+    out_dir = Path(out) if out is not None else default_out_dir(model)
+    if save:
+        check_writable_dir(out_dir)
+    if seq_len < 1:
+        raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
+    if tokens is not None and tokens < 1:
+        raise LinearizeError(f"--tokens must be at least 1, got {tokens}")
+    data.resolve_source(data_source)  # fail on a bad source before loading the model
+    lm, tok = models.load(model, dtype=dtype, device=device, device_map=device_map)
+    report = analyze_model(
+        lm,
+        tok,
+        data_source,
+        tokens,
+        seq_len,
+        batch_size,
+        layers,
+        anisotropy,
+        on_batch,
+        model_name=model or models.EMBEDDED_NAME,
+    )
+    report.config = {
+        "model": model or models.EMBEDDED_NAME,
+        "data": data_source,
+        "tokens": tokens,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "device_map": device_map,
+        "layers": list(layers) if layers is not None else None,
+        "world_size": _rank_world()[1],
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+    }
+    if save and _rank_world()[0] == 0:
+        report.save(out_dir)
+    return report
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__

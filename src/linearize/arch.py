@@ -1,0 +1,167 @@
+"""The one module that knows where things live inside each model architecture.
+
+An explicit table keyed by ``config.model_type`` (as tuned-lens and mergekit do) says where the
+decoder layers are, the final norm, each layer's MLP output projection and the config key
+holding the layer count. Models missing from the table fall back to the largest ModuleList of
+blocks, with a warning, because a wrong guess there silently gives wrong numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from linearize.errors import LinearizeError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where one architecture keeps its parts. Paths are dotted attributes from the CausalLM."""
+
+    layers: str  # the nn.ModuleList of decoder layers
+    final_norm: str | None  # norm applied after the last layer
+    mlp_out: str | None  # per layer: the MLP's output projection (None: not foldable, e.g. MoE)
+    n_layers_key: str = "num_hidden_layers"  # config attribute holding the layer count
+    # config attributes holding one entry per layer; surgery must keep them in step
+    per_layer_keys: tuple[str, ...] = field(default=("layer_types",))
+
+
+_LLAMA_LIKE = ArchSpec("model.layers", "model.norm", "mlp.down_proj")
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    **{
+        t: _LLAMA_LIKE
+        for t in (
+            "llama",
+            "mistral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "phi3",
+            "olmo",
+            "olmo2",
+            "granite",
+            "cohere",
+            "cohere2",
+            "smollm3",
+            "ministral",
+            "helium",
+            "glm",
+            "exaone4",
+        )
+    },
+    "mixtral": ArchSpec("model.layers", "model.norm", None, per_layer_keys=("layer_types",)),
+    "qwen2_moe": ArchSpec("model.layers", "model.norm", None),
+    "qwen3_moe": ArchSpec("model.layers", "model.norm", None, per_layer_keys=("mlp_only_layers",)),
+    "olmoe": ArchSpec("model.layers", "model.norm", None),
+    "stablelm": ArchSpec("model.layers", "model.norm", "mlp.down_proj"),
+    "starcoder2": ArchSpec("model.layers", "model.norm", "mlp.c_proj"),
+    "phi": ArchSpec("model.layers", "model.final_layernorm", "mlp.fc2"),
+    "gpt2": ArchSpec("transformer.h", "transformer.ln_f", "mlp.c_proj", "n_layer"),
+    "gpt_bigcode": ArchSpec("transformer.h", "transformer.ln_f", "mlp.c_proj", "n_layer"),
+    "gptj": ArchSpec("transformer.h", "transformer.ln_f", "mlp.fc_out", "n_layer"),
+    "gpt_neo": ArchSpec("transformer.h", "transformer.ln_f", "mlp.c_proj", "num_layers"),
+    "bloom": ArchSpec("transformer.h", "transformer.ln_f", "mlp.dense_4h_to_h", "n_layer"),
+    "falcon": ArchSpec("transformer.h", "transformer.ln_f", "mlp.dense_4h_to_h"),
+    "gpt_neox": ArchSpec("gpt_neox.layers", "gpt_neox.final_layer_norm", "mlp.dense_4h_to_h"),
+    "opt": ArchSpec("model.decoder.layers", "model.decoder.final_layer_norm", "fc2"),
+}
+
+# Models that have no causal decoder stack to analyse: refused with a clear message.
+ENCODER_ONLY = frozenset(
+    {
+        "bert",
+        "roberta",
+        "xlm-roberta",
+        "distilbert",
+        "albert",
+        "electra",
+        "deberta",
+        "deberta-v2",
+        "modernbert",
+        "camembert",
+        "mpnet",
+        "xlm",
+        "ernie",
+        "nomic_bert",
+    }
+)
+
+
+def get_spec(config) -> ArchSpec | None:
+    """The table entry for this config, None when the architecture is not in the table.
+
+    Raises LinearizeError for encoder-only and encoder-decoder models, which this tool cannot
+    analyse, so that the refusal happens before any weights are loaded.
+    """
+    model_type = getattr(config, "model_type", None) or "unknown"
+    if model_type in ENCODER_ONLY:
+        raise LinearizeError(
+            f"model type '{model_type}' is encoder-only; linearize analyses decoder-only causal LMs"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise LinearizeError(
+            f"model type '{model_type}' is encoder-decoder; linearize analyses decoder-only "
+            "causal LMs"
+        )
+    return ARCHITECTURES.get(model_type)
+
+
+def get_attr(root: object, dotted: str) -> object:
+    """Follow a dotted attribute path ('model.decoder.layers')."""
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _guess_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    return best
+
+
+def get_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """Return (dotted path, ModuleList) of the decoder layers."""
+    spec = get_spec(model.config)
+    if spec is not None:
+        return spec.layers, get_attr(model, spec.layers)
+    model_type = getattr(model.config, "model_type", "unknown")
+    guess = _guess_layers(model)
+    if guess is None:
+        raise LinearizeError(f"unsupported architecture '{model_type}': no decoder layers found")
+    warnings.warn(
+        f"architecture '{model_type}' is not in linearize's table; guessing that its decoder "
+        f"layers are '{guess[0]}' ({len(guess[1])} layers). Check the results.",
+        stacklevel=2,
+    )
+    return guess
+
+
+def get_body(model: nn.Module) -> nn.Module:
+    """The decoder without its LM head (``model.base_model``), so analysis skips the head."""
+    return getattr(model, "base_model", model)
+
+
+def n_layers(model: nn.Module) -> int:
+    return len(get_layers(model)[1])
+
+
+def check_supported(config) -> None:
+    """Fail early, before loading weights, for configs this tool cannot analyse."""
+    if get_spec(config) is not None:
+        return
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        model_type = getattr(config, "model_type", "unknown")
+        raise LinearizeError(
+            f"unsupported architecture '{model_type}' ({', '.join(archs)}): "
+            "not a decoder-only causal LM"
+        )

@@ -1,0 +1,185 @@
+"""Forward hooks that stream each decoder layer's input and output into PairStats.
+
+One forward pass of the decoder body (no LM head) per batch. Each hook reduces its layer's
+(B, T, d) states to d×d moments at once, so no layer's states outlive its own call and the
+states of all layers are never held together. The pass stops right after the last layer we
+score. Padding tokens are dropped with the attention mask before anything is accumulated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from linearize import arch
+from linearize.stats import PairStats
+
+
+class _StopForward(Exception):
+    """Raised after the last hooked layer: nothing downstream is needed."""
+
+
+def _first_tensor(out) -> Tensor:
+    return out if isinstance(out, Tensor) else out[0]
+
+
+class LayerCapture:
+    """Hooks on chosen decoder layers that accumulate PairStats for each of them.
+
+    Consecutive layers share moments: when layer i's input is the very tensor layer i−1
+    returned (true in every plain decoder stack on one device), layer i borrows the output
+    moments of layer i−1 instead of computing its own (see PairStats.x_source).
+    """
+
+    def __init__(self, layers: nn.ModuleList, indices: Sequence[int]) -> None:
+        self.layers = layers
+        self.indices = sorted(set(indices))
+        self.stats: dict[int, PairStats] = {}
+        self._mask: Tensor | None = None  # (B*T,) bool, None when every token counts
+        self._inputs: dict[int, Tensor] = {}
+        self._last_out: tuple[int, Tensor, Tensor] | None = None  # (layer, raw y, float64 rows)
+        self._handles: list = []
+        self._shared: dict[int, bool] = {}
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _rows(self, h: Tensor) -> Tensor:
+        rows = h.reshape(-1, h.shape[-1])  # (B*T, d)
+        if self._mask is not None:
+            rows = rows[self._mask.to(rows.device)]
+        return rows.to(torch.float64)
+
+    def _pre(self, i: int) -> Callable:
+        def hook(module, args, kwargs):
+            self._inputs[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def _post(self, i: int, stop: bool) -> Callable:
+        def hook(module, args, kwargs, out):
+            x_raw, y_raw = self._inputs.pop(i), _first_tensor(out)
+            prev = self._last_out
+            shared = prev is not None and prev[0] == i - 1 and prev[1] is x_raw
+            if i not in self._shared:  # decided on the first batch, then held to
+                self._shared[i] = shared
+                self.stats[i] = PairStats(x_source=self.stats[i - 1] if shared else None)
+            elif self._shared[i] != shared:
+                raise RuntimeError(
+                    f"layer {i}: its input stopped being layer {i - 1}'s output between batches"
+                )
+            x = prev[2] if shared else self._rows(x_raw)
+            y = self._rows(y_raw)
+            self.stats[i].update(x, y)
+            self._last_out = (i, y_raw, y)
+            if stop:
+                raise _StopForward
+
+        return hook
+
+    def __enter__(self) -> LayerCapture:
+        last = self.indices[-1]
+        for i in self.indices:
+            layer = self.layers[i]
+            self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
+            self._handles.append(
+                layer.register_forward_hook(self._post(i, i == last), with_kwargs=True)
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._inputs.clear()
+        self._last_out = None
+
+    # -- driving --------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, body: nn.Module, batch: dict[str, Tensor], device: torch.device) -> int:
+        """One forward of ``body`` on a batch; returns the number of real tokens."""
+        ids = batch["input_ids"].to(device)
+        mask = batch["attention_mask"].to(device)
+        self._mask = None if bool(mask.all()) else mask.reshape(-1).bool()
+        try:
+            body(input_ids=ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            self._last_out = None
+            self._inputs.clear()
+        return int(mask.sum())
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _agree_on_layout(
+    stats: dict[int, PairStats], cap: LayerCapture, indices: list[int], d: int, device: torch.device
+) -> dict[int, PairStats]:
+    """Give every rank the same borrowing layout, even a rank that saw no data."""
+    code = torch.tensor(
+        [0 if i not in cap._shared else 1 + int(cap._shared[i]) for i in indices],
+        dtype=torch.float64,
+        device=device,
+    )
+    dist.all_reduce(code, op=dist.ReduceOp.MAX)
+    if stats:
+        return stats
+    out: dict[int, PairStats] = {}
+    for i, c in zip(indices, code.tolist()):
+        out[i] = PairStats(x_source=out[i - 1] if c == 2 else None)
+        out[i]._alloc(d, device)
+    return out
+
+
+def all_reduce_stats_(stats: dict[int, PairStats]) -> None:
+    """Sum statistics over all processes of a torch.distributed group, in place.
+
+    The moments are sums, so a data-sharded run reduced this way equals a single-process run
+    on the same tokens (up to float64 summation order).
+    """
+    if not _distributed():
+        return
+    for i in sorted(stats):
+        s = stats[i]
+        n = torch.tensor([float(s.n)], dtype=torch.float64, device=s.yy.device)
+        dist.all_reduce(n)
+        s.n = int(n.item())
+        for t in s.owned_tensors():
+            dist.all_reduce(t)
+
+
+def collect_stats(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    layers: Sequence[int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[int, PairStats]:
+    """Accumulate PairStats for ``layers`` (default: all) of a causal LM over ``batches``.
+
+    Runs the decoder body only (the LM head never runs). ``on_batch(tokens)`` is called after
+    each batch, e.g. to move a progress bar. Under torch.distributed the result is summed
+    over processes, each of which should have been given its own shard of the data.
+    """
+    _, module_list = arch.get_layers(model)
+    indices = sorted(set(range(len(module_list)) if layers is None else layers))
+    body = arch.get_body(model)
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        with LayerCapture(module_list, indices) as cap:
+            for batch in batches:
+                tokens = cap.run(body, batch, device)
+                if on_batch is not None:
+                    on_batch(tokens)
+    finally:
+        model.train(was_training)
+    stats = cap.stats
+    if _distributed():
+        stats = _agree_on_layout(stats, cap, indices, model.config.hidden_size, device)
+        all_reduce_stats_(stats)
+    return stats

@@ -1,0 +1,173 @@
+"""The ``linearize`` command: a thin typer layer over the Python API.
+
+Each command parses its options, calls the library, and turns a LinearizeError into one line
+on stderr with exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from linearize.errors import LinearizeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Measure how linear each layer of a transformer decoder is (Razzhigaev et al., 2024).",
+    pretty_exceptions_enable=False,
+)
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def _init_distributed() -> tuple[int, int]:
+    """Start a process group when launched by torchrun / accelerate (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@contextmanager
+def _token_progress(total: int | None, enabled: bool, world: int):
+    """A rich progress bar on stderr counting tokens; yields the per-batch callback."""
+    if not enabled:
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,  # fmt: skip
+        TimeRemainingColumn,
+    )
+
+    cols = [TextColumn("[bold]tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn()]  # fmt: skip
+    with Progress(*cols, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("tokens", total=total)
+        yield lambda n: bar.advance(task, n * world)
+
+
+def _parse_layers(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        _fail(f"--layers takes comma-separated integers, got '{text}'")
+
+
+@app.command()
+def analyze(
+    model: Annotated[
+        str | None,
+        typer.Argument(help="Hub id, local HF directory or .gguf file (default: embedded SmolLM2)"),
+    ] = None,
+    data: Annotated[
+        str,
+        typer.Option(help="builtin | FILE | DIR of .txt | FILE.jsonl | HF name[:config[:split]]"),
+    ] = "builtin",
+    tokens: Annotated[int, typer.Option(help="total tokens to analyse (cap)")] = 65536,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    out: Annotated[Path | None, typer.Option(help="output directory")] = None,
+    dtype: Annotated[
+        str, typer.Option(help="auto | float32 | bfloat16 | float16 | float64")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    device_map: Annotated[
+        str | None, typer.Option(help="'auto' spreads a large model over devices (accelerate)")
+    ] = None,
+    layers: Annotated[str | None, typer.Option(help="only these layers, e.g. 0,5,9")] = None,
+    anisotropy: Annotated[bool, typer.Option(help="also report each output's anisotropy")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="print the JSON report to stdout")
+    ] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
+) -> None:
+    """Score every decoder layer: linearity (with / without residual), cosine, angular distance,
+    block influence. Writes linearity.json/.csv/.png and report.html into --out."""
+    from linearize.analyze import analyze as run_analyze
+    from linearize.analyze import default_out_dir
+
+    _quiet_libraries()
+    try:
+        rank, world = _init_distributed()
+        if world > 1 and device == "auto":
+            import torch
+
+            if torch.cuda.is_available():
+                device = f"cuda:{torch.cuda.current_device()}"
+        out_dir = default_out_dir(model) if out is None else out
+        with _token_progress(tokens, progress and rank == 0, world) as on_batch:
+            report = run_analyze(
+                model, data, tokens, seq_len, batch_size, out_dir, dtype, device, device_map,
+                _parse_layers(layers), anisotropy, on_batch,
+            )  # fmt: skip
+    except LinearizeError as e:
+        _fail(str(e))
+    if rank != 0:
+        return
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+    else:
+        _print_table(report, out_dir)
+
+
+def _print_table(report, out_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"{report.model}: {report.tokens:,} tokens, {report.elapsed_s:.1f} s")
+    for col in ("layer", "linearity", "no residual", "cosine", "angular dist."):
+        t.add_column(col, justify="right")
+    for r in report.layers:
+        t.add_row(str(r["layer"]), f"{r['linearity']:.4f}", f"{r['linearity_no_residual']:.4f}",
+                  f"{r['cosine']:.4f}", f"{r['angular_distance']:.4f}")  # fmt: skip
+    console = Console()
+    console.print(t)
+    console.print(f"wrote {out_dir}/linearity.json, linearity.csv, linearity.png, report.html")
+
+
+@app.callback()
+def _root() -> None:
+    """linearize: per-layer linearity of decoder LMs, and pruning, healing and pretraining."""
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

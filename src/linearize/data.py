@@ -1,0 +1,267 @@
+"""Text sources turned into token sequences and padded batches.
+
+A source is one string, as on the command line:
+
+- ``builtin``: Python's own pydoc topics (~460k characters of English, always installed);
+  ``builtin:calib`` and ``builtin:eval`` are disjoint 90% / 10% splits of it by topic;
+- a text file, or a directory of ``.txt`` files (read in sorted order);
+- a ``.jsonl`` file whose records have a ``text`` field;
+- a Hugging Face dataset ``name[:config[:split]]`` (needs the ``datasets`` package; streamed).
+
+Plain text (files, directories, builtin, HF datasets) is packed: the token stream of all
+documents is cut into windows of ``seq_len``. A ``.jsonl`` record is one sequence on its own,
+truncated at ``seq_len`` and never packed with its neighbours. When the tokenizer adds a BOS
+token to ordinary text, every sequence starts with it, as the model saw text in training.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from linearize.errors import LinearizeError
+
+_CHUNK_CHARS = 1 << 20  # tokenise plain text a megabyte at a time, so huge files stream
+_EVAL_EVERY = 10  # builtin:eval takes every 10th pydoc topic
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved data source: ``kind`` is builtin | text | dir | jsonl | hf."""
+
+    spec: str
+    kind: str
+    path: Path | None = None
+    split: str | None = None  # builtin: calib | eval | None (all)
+
+    @property
+    def packed(self) -> bool:
+        return self.kind != "jsonl"
+
+
+def resolve_source(spec: str) -> Source:
+    """Turn a command-line data argument into a Source, or explain in one line why not."""
+    spec = str(spec).strip()
+    if spec in ("builtin", "builtin:calib", "builtin:eval"):
+        split = spec.partition(":")[2] or None
+        return Source(spec, "builtin", split=split)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not any(path.rglob("*.txt")):
+            raise LinearizeError(f"data directory '{spec}' has no .txt files")
+        return Source(spec, "dir", path)
+    if path.is_file():
+        _check_text_file(path)
+        return Source(spec, "jsonl" if path.suffix == ".jsonl" else "text", path)
+    looks_like_path = spec.startswith((".", "/", "~")) or Path(spec).suffix in (
+        ".txt",
+        ".jsonl",
+        ".json",
+        ".md",
+    )
+    if looks_like_path or not spec:
+        raise LinearizeError(f"data source '{spec}' not found")
+    return Source(spec, "hf")
+
+
+def _check_text_file(path: Path) -> None:
+    with path.open("rb") as f:
+        head = f.read(8192)
+    if not head.strip():
+        raise LinearizeError(f"data file '{path}' is empty")
+    if b"\x00" in head:
+        raise LinearizeError(f"data file '{path}' is binary, not text")
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # a cut multi-byte character at the end is fine
+            raise LinearizeError(f"data file '{path}' is not UTF-8 text") from None
+
+
+def _builtin_documents(split: str | None) -> Iterator[str]:
+    from pydoc_data.topics import topics
+
+    for i, key in enumerate(sorted(topics)):
+        is_eval = i % _EVAL_EVERY == _EVAL_EVERY - 1
+        if split is None or (split == "eval") == is_eval:
+            yield topics[key]
+
+
+def _read_chunks(path: Path) -> Iterator[str]:
+    """Yield a file's text in ~1 MB pieces split at line ends, so nothing huge is held."""
+    with path.open("r", encoding="utf-8", errors="replace") as f:
+        carry = ""
+        while True:
+            block = f.read(_CHUNK_CHARS)
+            if not block:
+                break
+            block = carry + block
+            cut = block.rfind("\n") + 1
+            if cut == 0:
+                carry = block
+                continue
+            carry = block[cut:]
+            yield block[:cut]
+        if carry:
+            yield carry
+
+
+def _hf_documents(spec: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise LinearizeError(
+            f"data source '{spec}' is neither a file nor a directory; to read it as a Hugging "
+            "Face dataset install the 'datasets' package (pip install 'linearize[datasets]')"
+        ) from None
+    name, config, split = (spec.split(":") + [None, None])[:3]
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
+        for rec in ds:
+            if "text" not in rec:
+                raise LinearizeError(f"dataset '{spec}' has no 'text' field")
+            yield rec["text"]
+    except LinearizeError:
+        raise
+    except Exception as e:  # datasets raises many kinds; the user needs one line
+        raise LinearizeError(f"cannot load dataset '{spec}': {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def iter_documents(source: Source) -> Iterator[str]:
+    """The source's plain-text pieces, in a fixed order."""
+    if source.kind == "builtin":
+        yield from _builtin_documents(source.split)
+    elif source.kind == "text":
+        yield from _read_chunks(source.path)
+    elif source.kind == "dir":
+        for p in sorted(source.path.rglob("*.txt")):
+            yield from _read_chunks(p)
+            yield "\n\n"
+    elif source.kind == "hf":
+        yield from _hf_documents(source.spec)
+    else:
+        raise ValueError(f"{source.kind} sources are records, not documents")
+
+
+def iter_records(source: Source) -> Iterator[str]:
+    """Texts of a .jsonl source, one per record; a broken line is a one-line error."""
+    with source.path.open("r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise LinearizeError(f"{source.path}:{lineno}: not valid JSON") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise LinearizeError(f"{source.path}:{lineno}: record has no 'text' string")
+            yield rec["text"]
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer puts BOS in front of ordinary text, else []."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("a")["input_ids"]
+    return [bos] if ids and ids[0] == bos else []
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def token_sequences(
+    tokenizer,
+    source: Source | str,
+    seq_len: int,
+    max_tokens: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> Iterator[list[int]]:
+    """Token sequences of at most ``seq_len`` tokens, ``max_tokens`` in all (across ranks).
+
+    The global order of sequences is fixed; sequence j goes to rank j mod world_size, so a
+    sharded run sees exactly the tokens of a single-process run.
+    """
+    if seq_len < 1:
+        raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
+    if max_tokens is not None and max_tokens < 1:
+        raise LinearizeError(f"--tokens must be at least 1, got {max_tokens}")
+    if isinstance(source, str):
+        source = resolve_source(source)
+    prefix = bos_prefix(tokenizer)
+    if len(prefix) >= seq_len:
+        prefix = []
+    body = seq_len - len(prefix)
+
+    def all_sequences() -> Iterator[list[int]]:
+        if source.packed:
+            buf: list[int] = []
+            for doc in iter_documents(source):
+                buf.extend(_encode(tokenizer, doc))
+                start = 0
+                while len(buf) - start >= body:
+                    yield prefix + buf[start : start + body]
+                    start += body
+                del buf[:start]
+            if buf:
+                yield prefix + buf
+        else:
+            for text in iter_records(source):
+                ids = (prefix + _encode(tokenizer, text))[:seq_len]
+                if len(ids) > len(prefix):
+                    yield ids
+
+    used = 0
+    for j, seq in enumerate(all_sequences()):
+        if max_tokens is not None:
+            seq = seq[: max_tokens - used]
+        used += len(seq)
+        if j % world_size == rank:
+            yield seq
+        if max_tokens is not None and used >= max_tokens:
+            return
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int) -> dict[str, Tensor]:
+    """Right-pad to the longest sequence; attention_mask marks the real tokens."""
+    longest = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def batches(seqs: Iterable[list[int]], batch_size: int, pad_id: int) -> Iterator[dict[str, Tensor]]:
+    """Group sequences into padded batches of ``batch_size``."""
+    if batch_size < 1:
+        raise LinearizeError(f"--batch-size must be at least 1, got {batch_size}")
+    group: list[list[int]] = []
+    for s in seqs:
+        group.append(s)
+        if len(group) == batch_size:
+            yield pad_batch(group, pad_id)
+            group = []
+    if group:
+        yield pad_batch(group, pad_id)
+
+
+def pad_id_of(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0

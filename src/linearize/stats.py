@@ -1,0 +1,205 @@
+"""Streaming float64 statistics of paired hidden states, and the scores computed from them.
+
+Pure tensor math: nothing here knows what a model is. A layer maps rows x_t (its input, one
+per token) to rows y_t (its output). Every score the tool reports is a function of a few
+moments of the stacked pairs, so we accumulate those moments batch by batch and never hold
+the stacked matrices: memory is O(d²) whatever the number of tokens N.
+
+The paper's linearity score (Razzhigaev et al., 2024) is
+
+    X̃ = (X − mean X) / ‖X − mean X‖_F,   Ỹ likewise,   A = argmin ‖X̃A − Ỹ‖_F,
+    linearity = 1 − ‖X̃A − Ỹ‖²_F.
+
+With C_xx = X̃ᵀX̃-style centred moments, the least-squares residual has the closed form
+‖Ỹ‖² − tr(C_xyᵀ C_xx⁺ C_xy)/tr(C_yy), and ‖Ỹ‖ = 1, so
+
+    linearity = tr(C_xyᵀ C_xx⁺ C_xy) / tr(C_yy)
+
+(the R² of the centred regression). C_xx⁺ is a pseudo-inverse taken through an
+eigendecomposition, so rank-deficient statistics (fewer tokens than d, dead dimensions) give
+the least-squares answer rather than a blown-up inverse.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+_F64 = torch.float64
+
+
+class PairStats:
+    """Float64 moments of paired rows (x_t, y_t), accumulated one batch at a time.
+
+    Holds n, Σx, Σy, XᵀX, XᵀY, YᵀY and per-row sums of cos(x_t, y_t) and of its angle.
+    ``x_source`` lets a layer borrow its input moments from the previous layer's output
+    moments when the two are the same tensor (a plain decoder stack): that skips one d×d
+    product per token and one d×d buffer per layer, a third of the work and memory.
+    """
+
+    def __init__(self, x_source: PairStats | None = None) -> None:
+        self.x_source = x_source
+        self.n = 0
+        self._sx: Tensor | None = None  # (d,)
+        self._xx: Tensor | None = None  # (d, d)
+        self.sy: Tensor | None = None  # (d,)
+        self.xy: Tensor | None = None  # (d, d)
+        self.yy: Tensor | None = None  # (d, d)
+        self.cos_sum: Tensor | None = None  # ()
+        self.angle_sum: Tensor | None = None  # (), Σ arccos(cos)/π
+
+    # -- accumulation -------------------------------------------------------------------
+    def _alloc(self, d: int, device: torch.device) -> None:
+        z = lambda *s: torch.zeros(*s, dtype=_F64, device=device)  # noqa: E731
+        if self.x_source is None:
+            self._sx, self._xx = z(d), z(d, d)
+        self.sy, self.xy, self.yy = z(d), z(d, d), z(d, d)
+        self.cos_sum, self.angle_sum = z(()), z(())
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        """Add rows x (N, d) and y (N, d); any float dtype, converted to float64 here."""
+        if x.shape != y.shape or x.dim() != 2:
+            raise ValueError(f"expected two (N, d) tensors of one shape, got {x.shape}, {y.shape}")
+        if x.shape[0] == 0:
+            return
+        x, y = x.to(_F64), y.to(_F64)  # no copy when already float64
+        if self.yy is None:
+            self._alloc(x.shape[1], x.device)
+        if self.x_source is None:
+            self._sx += x.sum(0)
+            self._xx.addmm_(x.T, x)  # (d, d)
+        self.sy += y.sum(0)
+        self.xy.addmm_(x.T, y)  # (d, d)
+        self.yy.addmm_(y.T, y)  # (d, d)
+        cos = row_cosine(x, y)  # (N,)
+        self.cos_sum += cos.sum()
+        self.angle_sum += torch.arccos(cos.clamp(-1.0, 1.0)).sum() / math.pi
+        self.n += x.shape[0]
+
+    @property
+    def sx(self) -> Tensor:
+        return self.x_source.sy if self.x_source is not None else self._sx
+
+    @property
+    def xx(self) -> Tensor:
+        return self.x_source.yy if self.x_source is not None else self._xx
+
+    def owned_tensors(self) -> list[Tensor]:
+        """The buffers this object owns (borrowed ones excluded), e.g. for an all-reduce."""
+        own = [self.sy, self.xy, self.yy, self.cos_sum, self.angle_sum]
+        if self.x_source is None:
+            own += [self._sx, self._xx]
+        return own
+
+    # -- scores ---------------------------------------------------------------------------
+    def centered(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Return (C_xx, C_xy, C_yy, mean_x, mean_y): centred second moments (sums, not /N)."""
+        if self.n == 0 or self.yy is None:
+            raise ValueError("no tokens were accumulated")
+        mx, my = self.sx / self.n, self.sy / self.n
+        cxx = self.xx - self.n * torch.outer(mx, mx)
+        cxy = self.xy - self.n * torch.outer(mx, my)
+        cyy = self.yy - self.n * torch.outer(my, my)
+        return cxx, cxy, cyy, mx, my
+
+    def scores(self, anisotropy: bool = False) -> dict[str, float]:
+        """All per-layer scores, as plain floats."""
+        cxx, cxy, cyy, _, _ = self.centered()
+        pinv = SymmetricPinv(cxx)
+        # Without residual: Y' = Y − X, so C_xy' = C_xy − C_xx and C_y'y' = C_yy − C_xy − C_yx + C_xx.
+        cxr = cxy - cxx
+        crr = cyy - cxy - cxy.T + cxx
+        cos = float(self.cos_sum / self.n)
+        out = {
+            "linearity": pinv.explained_fraction(cxy, cyy),
+            "linearity_no_residual": pinv.explained_fraction(cxr, crr),
+            "cosine": cos,
+            "block_influence": 1.0 - cos,
+            "angular_distance": float(self.angle_sum / self.n),
+        }
+        if anisotropy:
+            out["anisotropy"] = anisotropy_from_cov(cyy)
+        return out
+
+
+def row_cosine(x: Tensor, y: Tensor, eps: float = 1e-30) -> Tensor:
+    """cos(x_t, y_t) for each row t; a zero row gets cosine 0."""
+    dots = (x * y).sum(-1)
+    return dots / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(eps)
+
+
+class SymmetricPinv:
+    """Pseudo-inverse of a symmetric PSD matrix through its eigendecomposition.
+
+    Eigenvalues below ``rtol · λ_max`` count as zero, as ``torch.linalg.pinv`` does with
+    singular values; the default rtol = d·eps(float64) is the noise floor of a float64 Gram.
+    """
+
+    def __init__(self, c: Tensor, rtol: float | None = None) -> None:
+        evals, evecs = torch.linalg.eigh(c.to(_F64))
+        d = c.shape[0]
+        rtol = d * torch.finfo(_F64).eps if rtol is None else rtol
+        top = evals.max().clamp_min(0.0)
+        keep = evals > rtol * top
+        self.evals = evals[keep]  # (k,)
+        self.evecs = evecs[:, keep]  # (d, k)
+        self.rank = int(keep.sum())
+
+    def solve(self, b: Tensor) -> Tensor:
+        """C⁺ b for b (d, m): the minimum-norm least-squares solution."""
+        return self.evecs @ ((self.evecs.T @ b) / self.evals[:, None])
+
+    def explained_fraction(self, cxy: Tensor, cyy: Tensor) -> float:
+        """tr(C_xyᵀ C_xx⁺ C_xy) / tr(C_yy): the R² of regressing centred Y on centred X."""
+        total = float(torch.trace(cyy))
+        if not total > 0.0:
+            return float("nan")  # Y is constant: the normalised score is undefined
+        proj = self.evecs.T @ cxy  # (k, d_y)
+        explained = float((proj.square().sum(1) / self.evals).sum())
+        return explained / total
+
+
+def anisotropy_from_cov(cyy: Tensor) -> float:
+    """Largest share of variance along one direction: λ_max(C) / tr(C) (llm-microscope's)."""
+    total = float(torch.trace(cyy))
+    if not total > 0.0:
+        return float("nan")
+    return float(torch.linalg.eigvalsh(cyy).max()) / total
+
+
+@dataclass(frozen=True)
+class AffineMap:
+    """y ≈ x @ weight + bias, fitted on raw (uncentred) states. weight is (d_in, d_out)."""
+
+    weight: Tensor
+    bias: Tensor
+
+
+def fit_affine(stats: PairStats, ridge: float = 0.0) -> AffineMap:
+    """Least-squares affine map from X to Y using the accumulated moments.
+
+    Solving on centred moments and recovering the bias from the means is the same problem as
+    regressing on [X, 1], but better conditioned. ``ridge`` is relative: λ = ridge · tr(C_xx)/d,
+    so one value means the same thing for layers of very different scale.
+    """
+    cxx, cxy, _, mx, my = stats.centered()
+    d = cxx.shape[0]
+    if ridge > 0.0:
+        lam = ridge * float(torch.trace(cxx)) / d
+        cxx = cxx + lam * torch.eye(d, dtype=_F64, device=cxx.device)
+    weight = SymmetricPinv(cxx).solve(cxy)  # (d_in, d_out)
+    bias = my - mx @ weight  # (d_out,)
+    return AffineMap(weight=weight, bias=bias)
+
+
+def procrustes_linearity(x: Tensor, y: Tensor) -> float:
+    """The paper's computation on stacked states, kept as the reference our streaming path must
+    match: centre, divide by the Frobenius norm, A = pinv(X̃)Ỹ, score = 1 − ‖X̃A − Ỹ‖²."""
+    x, y = x.to(_F64), y.to(_F64)
+    xc, yc = x - x.mean(0, keepdim=True), y - y.mean(0, keepdim=True)
+    xn, yn = xc / xc.norm(), yc / yc.norm()
+    a = torch.linalg.pinv(xn) @ yn
+    return float(1.0 - (xn @ a - yn).square().sum())

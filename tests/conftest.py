@@ -1,0 +1,107 @@
+"""Shared fixtures: tiny random-weight models of many architectures and a tiny tokenizer.
+
+Nothing here downloads: configs come from transformers' config classes, the tokenizer is a
+512-token byte-level BPE trained in a second on the built-in pydoc text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 512
+HIDDEN = 32
+
+# Per-architecture config arguments for a 3-layer, d=32 model.
+_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4,
+               intermediate_size=64, max_position_embeddings=256)  # fmt: skip
+TINY_CONFIGS: dict[str, dict] = {
+    "llama": dict(_COMMON, num_key_value_heads=2),
+    "mistral": dict(_COMMON, num_key_value_heads=2, sliding_window=None),
+    "qwen2": dict(_COMMON, num_key_value_heads=2),
+    "qwen3": dict(_COMMON, num_key_value_heads=2, head_dim=8),
+    "gemma2": dict(_COMMON, num_key_value_heads=2, head_dim=8, sliding_window=16),
+    "gemma3_text": dict(_COMMON, num_key_value_heads=2, head_dim=8, sliding_window=16),
+    "mixtral": dict(_COMMON, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2),
+    "phi": dict(_COMMON),
+    "falcon": dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4
+    ),  # fmt: skip
+    "gpt_neox": dict(_COMMON),
+    "opt": dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        ffn_dim=64,
+        word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=256,
+    ),  # fmt: skip
+    "gpt2": dict(
+        vocab_size=VOCAB,
+        n_embd=HIDDEN,
+        n_layer=3,
+        n_head=4,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),  # fmt: skip
+}
+ARCHS = list(TINY_CONFIGS)
+
+
+def make_tiny(model_type: str, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides):
+    """A tiny random-weight causal LM of ``model_type`` in eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = dict(TINY_CONFIGS[model_type], **overrides)
+    config = AutoConfig.for_model(model_type, **kw)
+    torch.manual_seed(seed)
+    extra = {"experts_implementation": "eager"} if model_type == "mixtral" else {}  # float64-safe
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **extra)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A 512-token byte-level BPE trained on the built-in text, with BOS/EOS/PAD."""
+    from pydoc_data.topics import topics
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    texts = [topics[k] for k in sorted(topics)][:200]
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer) -> Path:
+    """A saved tiny Llama with its tokenizer: a local model directory for CLI tests."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny("llama").save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M (real weights), float32 on CPU."""
+    from linearize import load
+
+    return load(None, dtype="float32", device="cpu")

@@ -1,0 +1,122 @@
+"""The streaming statistics against the paper's stacked-matrix computation."""
+
+import math
+
+import pytest
+import torch
+
+from linearize.stats import PairStats, SymmetricPinv, fit_affine, procrustes_linearity
+
+
+def _stream(x, y, chunk=37, x_source=None):
+    s = PairStats(x_source=x_source)
+    for i in range(0, x.shape[0], chunk):
+        s.update(x[i : i + chunk], y[i : i + chunk])
+    return s
+
+
+def _random_pair(n=500, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) * 3 + 1
+    y = torch.tanh(x @ torch.randn(d, d, generator=g, dtype=torch.float64)) + 0.1 * x
+    return x, y
+
+
+def test_streaming_linearity_equals_svd_reference():
+    x, y = _random_pair()
+    s = _stream(x, y).scores()
+    assert s["linearity"] == pytest.approx(procrustes_linearity(x, y), abs=1e-10)
+    assert s["linearity_no_residual"] == pytest.approx(procrustes_linearity(x, y - x), abs=1e-10)
+    assert 0.0 < s["linearity"] < 1.0
+
+
+def test_exactly_linear_map_scores_one():
+    x, _ = _random_pair()
+    a = torch.randn(16, 16, dtype=torch.float64)
+    y = x @ a + 5.0
+    assert _stream(x, y).scores()["linearity"] == pytest.approx(1.0, abs=1e-12)
+
+
+def test_rank_deficient_statistics_still_give_least_squares_answer():
+    # fewer tokens than dimensions, and a dead dimension: a plain inverse would blow up
+    x, y = _random_pair(n=10, d=16)
+    x[:, 3] = 0.0
+    s = _stream(x, y, chunk=3).scores()
+    assert s["linearity"] == pytest.approx(procrustes_linearity(x, y), abs=1e-9)
+    assert s["linearity"] == pytest.approx(1.0, abs=1e-9)  # n < d: trivially near 1
+
+
+def test_dead_dimension_with_many_tokens_matches_reference():
+    x, y = _random_pair(n=400, d=12, seed=3)
+    x[:, 0] = 0.0
+    x[:, 5] = 2.5  # constant: vanishes after centring
+    got = _stream(x, y).scores()["linearity"]
+    assert got == pytest.approx(procrustes_linearity(x, y), abs=1e-9)
+
+
+def test_cosine_and_angle_match_direct_computation():
+    x, y = _random_pair(n=200)
+    s = _stream(x, y).scores()
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
+    assert s["cosine"] == pytest.approx(float(cos.mean()), abs=1e-12)
+    assert s["block_influence"] == pytest.approx(1 - float(cos.mean()), abs=1e-12)
+    assert s["angular_distance"] == pytest.approx(
+        float(torch.arccos(cos).mean() / math.pi), abs=1e-12
+    )
+
+
+def test_borrowed_input_moments_equal_own_moments():
+    h0, h1 = _random_pair(seed=1)
+    h2 = torch.sin(h1) + h1
+    first = _stream(h0, h1)
+    borrowed = _stream(h1, h2, x_source=first).scores()
+    own = _stream(h1, h2).scores()
+    for k in own:
+        assert borrowed[k] == pytest.approx(own[k], abs=1e-12)
+
+
+def test_batch_split_does_not_change_scores():
+    x, y = _random_pair(n=333)
+    a, b = _stream(x, y, chunk=1).scores(), _stream(x, y, chunk=333).scores()
+    for k in a:
+        assert a[k] == pytest.approx(b[k], abs=1e-12)
+
+
+def test_fit_affine_recovers_map_and_bias():
+    x, _ = _random_pair(n=300)
+    w = torch.randn(16, 16, dtype=torch.float64)
+    b = torch.randn(16, dtype=torch.float64)
+    fit = fit_affine(_stream(x, x @ w + b))
+    assert torch.allclose(fit.weight, w, atol=1e-9)
+    assert torch.allclose(fit.bias, b, atol=1e-9)
+
+
+def test_ridge_shrinks_the_fit():
+    x, y = _random_pair(n=50)
+    s = _stream(x, y)
+    assert fit_affine(s, ridge=1.0).weight.norm() < fit_affine(s).weight.norm()
+
+
+def test_anisotropy_matches_llm_microscope_definition():
+    x, y = _random_pair()
+    yc = y - y.mean(0)
+    sv = torch.linalg.svdvals(yc) ** 2
+    got = _stream(x, y).scores(anisotropy=True)["anisotropy"]
+    assert got == pytest.approx(float(sv.max() / sv.sum()), abs=1e-12)
+
+
+def test_pinv_solves_like_torch_pinv():
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    c = m.T @ m
+    c[:, 2] = c[2, :] = 0.0
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    assert torch.allclose(SymmetricPinv(c).solve(b), torch.linalg.pinv(c) @ b, atol=1e-10)
+
+
+def test_shape_mismatch_and_empty_are_refused():
+    s = PairStats()
+    with pytest.raises(ValueError):
+        s.update(torch.zeros(3, 4), torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="no tokens"):
+        s.scores()
