@@ -9,6 +9,7 @@ blocks, with a warning, because a wrong guess there silently gives wrong numbers
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -165,3 +166,56 @@ def check_supported(config) -> None:
             f"unsupported architecture '{model_type}' ({', '.join(archs)}): "
             "not a decoder-only causal LM"
         )
+
+
+def set_attr(root: object, dotted: str, value: object) -> None:
+    parent, _, last = dotted.rpartition(".")
+    setattr(get_attr(root, parent) if parent else root, last, value)
+
+
+def get_final_norm(model: nn.Module) -> nn.Module | None:
+    spec = get_spec(model.config)
+    return get_attr(model, spec.final_norm) if spec and spec.final_norm else None
+
+
+def get_mlp_out(model: nn.Module, layer: nn.Module) -> nn.Module | None:
+    """The layer's MLP output projection, or None where there is no single one (MoE)."""
+    spec = get_spec(model.config)
+    return get_attr(layer, spec.mlp_out) if spec and spec.mlp_out else None
+
+
+def _per_layer_config_keys(config, spec: ArchSpec | None, n: int) -> list[str]:
+    keys = set(spec.per_layer_keys if spec else ())
+    keys |= {k for k, v in vars(config).items() if "layer" in k and isinstance(v, (list, tuple))}
+    return [k for k in sorted(keys) if isinstance(getattr(config, k, None), (list, tuple))
+            and len(getattr(config, k)) == n]  # fmt: skip
+
+
+def remove_layers_(model: nn.Module, drop: Iterable[int]) -> list[int]:
+    """Delete decoder layers in place and keep the model consistent; returns kept indices.
+
+    After the cut: every module's ``layer_idx`` is renumbered (KV caches index by it), the
+    layer-count config key is updated, and config lists with one entry per layer
+    (``layer_types``, sliding-window patterns, …) are trimmed to the kept layers, so that
+    ``generate()`` with a cache works and save → load round-trips.
+    """
+    path, layers = get_layers(model)
+    n = len(layers)
+    drop = sorted(set(drop))
+    if any(not 0 <= i < n for i in drop):
+        raise LinearizeError(f"layer indices {drop} out of range: the model has {n} layers")
+    keep = [i for i in range(n) if i not in drop]
+    if not keep:
+        raise LinearizeError(f"cannot remove all {n} layers")
+    set_attr(model, path, nn.ModuleList([layers[i] for i in keep]))
+    for new_idx, layer in enumerate(get_attr(model, path)):
+        for mod in layer.modules():
+            if isinstance(getattr(mod, "layer_idx", None), int):
+                mod.layer_idx = new_idx
+    config = model.config
+    spec = get_spec(config)
+    for key in _per_layer_config_keys(config, spec, n):
+        old = getattr(config, key)
+        setattr(config, key, type(old)(old[i] for i in keep))
+    setattr(config, spec.n_layers_key if spec else "num_hidden_layers", len(keep))
+    return keep

@@ -160,6 +160,60 @@ def _print_table(report, out_dir: Path) -> None:
     console.print(f"wrote {out_dir}/linearity.json, linearity.csv, linearity.png, report.html")
 
 
+@app.command()
+def prune(
+    model: Annotated[
+        str | None, typer.Argument(help="model to prune (default: embedded SmolLM2)")
+    ] = None,
+    remove: Annotated[
+        str, typer.Option(help="layers to remove: a count (8) or a share (25%)")
+    ] = "8",
+    strategy: Annotated[
+        str, typer.Option(help="linear-greedy | linear-oneshot | block-influence | layers")
+    ] = "linear-greedy",
+    replace: Annotated[str, typer.Option(help="none | linear")] = "linear",
+    score: Annotated[
+        str, typer.Option(help="linearity | linearity_no_residual | replacement_error")
+    ] = "linearity",
+    layers: Annotated[str | None, typer.Option(help="with --strategy layers: e.g. 3,7,9")] = None,
+    calib: Annotated[str, typer.Option(help="calibration data source")] = "builtin:calib",
+    tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    ridge: Annotated[float, typer.Option(help="relative ridge for the linear fits")] = 0.0,
+    eval_data: Annotated[
+        str, typer.Option("--eval", help="held-out perplexity source ('' to skip)")
+    ] = "builtin:eval",
+    eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 16384,
+    out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path(
+        "linearize-out/pruned"
+    ),
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float64")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Remove the most linear layers and write a checkpoint that linearize.load reads."""
+    from linearize.prune import prune as run_prune
+
+    _quiet_libraries()
+    chosen = _parse_layers(layers)
+    if chosen is not None and strategy == "linear-greedy":
+        strategy = "layers"
+
+    def on_step(step: dict) -> None:
+        typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
+
+    try:
+        rep = run_prune(model, remove, strategy, replace, score, calib, tokens, seq_len,
+                        batch_size, ridge, chosen, eval_data or None, eval_tokens, out, dtype,
+                        device, on_step)  # fmt: skip
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo(
+        f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
+        f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}; wrote {out}"
+    )
+
+
 @app.callback()
 def _root() -> None:
     """linearize: per-layer linearity of decoder LMs, and pruning, healing and pretraining."""

@@ -141,7 +141,10 @@ def load(
     device: str = "auto",
     device_map: str | None = None,
 ):
-    """Load (model, tokenizer) in eval mode. ``name`` None means the embedded SmolLM2."""
+    """Load (model, tokenizer) in eval mode. ``name`` None means the embedded SmolLM2.
+
+    Checkpoints written by ``linearize prune`` come back with their linear replacements.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     load_config(name)
@@ -157,6 +160,10 @@ def load(
         raise
     except Exception as e:
         raise LinearizeError(f"cannot load model '{name}': {_first_line(e)}") from None
+    if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
+        from linearize.replace import restore_bridges_
+
+        restore_bridges_(model, Path(where))
     if device_map is None:
         model.to(dev)
     model.eval()

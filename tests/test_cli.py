@@ -1,0 +1,139 @@
+"""The `linearize analyze` command: outputs, --json, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from linearize.cli import app
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_analyze_writes_all_outputs(tiny_dir, tmp_path):
+    out = tmp_path / "report"
+    res = run("analyze", tiny_dir, "--tokens", 400, "--seq-len", 40, "--out", out, "--no-progress")
+    assert res.exit_code == 0, res.output
+    assert {p.name for p in out.iterdir()} == {
+        "linearity.json", "linearity.csv", "linearity.png", "report.html",
+    }  # fmt: skip
+    rep = json.loads((out / "linearity.json").read_text())
+    for key in ("model", "data", "tokens", "seq_len", "version", "elapsed_s", "layers"):
+        assert key in rep
+    assert rep["tokens"] == 400 and rep["seq_len"] == 40 and len(rep["layers"]) == 3
+    assert set(rep["layers"][0]) >= {"layer", "linearity", "linearity_no_residual", "cosine",
+                                     "block_influence", "angular_distance"}  # fmt: skip
+    assert rep["config"]["batch_size"] == 8 and rep["config"]["transformers"]
+    rows = list(csv.DictReader((out / "linearity.csv").open()))
+    assert [int(r["layer"]) for r in rows] == [0, 1, 2]
+    assert float(rows[1]["linearity"]) == pytest.approx(rep["layers"][1]["linearity"])
+    assert (out / "linearity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert "plotly" in html.lower() and "<script" in html and "linearity_no_residual" in html
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_json_flag_prints_report(tiny_dir, tmp_path):
+    res = run("analyze", tiny_dir, "--tokens", 200, "--seq-len", 40, "--out", tmp_path / "o",
+              "--json", "--no-progress", "--layers", "0,2")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert [r["layer"] for r in rep["layers"]] == [0, 2]
+
+
+def _one_line_error(res, *words):
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture
+def files(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 8)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures":
+                                                  ["BertForMaskedLM"]}))  # fmt: skip
+    return {"empty": empty, "binary": binary, "blocker": blocker, "bert": bert}
+
+
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("missing_model", ["not found"]),
+        ("unknown_hub_id", ["cannot load model", "no-such-org/no-such-model"]),
+        ("encoder_only", ["bert", "encoder-only"]),
+        ("empty_data", ["empty"]),
+        ("binary_data", ["binary"]),
+        ("missing_data", ["not found"]),
+        ("zero_tokens", ["--tokens"]),
+        ("zero_seq_len", ["--seq-len"]),
+        ("unwritable_out", ["cannot write"]),
+        ("bad_layers", ["out of range"]),
+    ],
+)
+def test_bad_input_gives_one_line_and_writes_nothing(case, words, files, tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    args = {
+        "missing_model": [tmp_path / "nope"],
+        "unknown_hub_id": ["no-such-org/no-such-model"],
+        "encoder_only": [files["bert"]],
+        "empty_data": [tiny_dir, "--data", files["empty"]],
+        "binary_data": [tiny_dir, "--data", files["binary"]],
+        "missing_data": [tiny_dir, "--data", tmp_path / "missing.txt"],
+        "zero_tokens": [tiny_dir, "--tokens", 0],
+        "zero_seq_len": [tiny_dir, "--seq-len", 0],
+        "unwritable_out": [tiny_dir],
+        "bad_layers": [tiny_dir, "--layers", "1,7"],
+    }[case]
+    target = files["blocker"] / "sub" if case == "unwritable_out" else out
+    res = run("analyze", *args, "--out", target, "--no-progress")
+    _one_line_error(res, *words)
+    assert not out.exists()
+
+
+def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):
+    import torch
+
+    from linearize import arch, load
+
+    out = tmp_path / "pruned"
+    res = run("prune", tiny_dir, "--remove", 1, "--tokens", 400, "--seq-len", 40,
+              "--eval-tokens", 200, "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rep = json.loads((out / "prune.json").read_text())
+    assert len(rep["removed"]) == 1 and rep["perplexity_after"] > 0 and rep["original_layers"] == 3
+    model, _ = load(str(out), device="cpu")
+    assert arch.n_layers(model) == 2
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
+                          pad_token_id=0).shape == (1, 6)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--remove", 3], ["all 3 layers"]),
+        (["--layers", "1,1"], ["duplicate"]),
+        (["--layers", "0,9"], ["out of range"]),
+        (["--strategy", "nope"], ["unknown strategy"]),
+    ],
+)
+def test_prune_bad_requests(args, words, tiny_dir, tmp_path):
+    out = tmp_path / "p"
+    _one_line_error(run("prune", tiny_dir, *args, "--out", out, "--tokens", 100), *words)
+    assert not out.exists()

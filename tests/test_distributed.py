@@ -1,0 +1,32 @@
+"""Data-parallel analysis: two torchrun processes (gloo, CPU) equal one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def test_two_process_torchrun_equals_single_process(tiny_dir, tmp_path):
+    common = ["analyze", str(tiny_dir), "--tokens", "700", "--seq-len", "48", "--batch-size", "2",
+              "--dtype", "float64", "--no-progress"]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "-m", "linearize.cli", *common, "--out",
+                             str(tmp_path / "one")], env=env, capture_output=True, text=True)  # fmt: skip
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "linearize.cli", *common, "--out", str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "linearity.json").read_text())
+    two = json.loads((tmp_path / "two" / "linearity.json").read_text())
+    assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1
+    assert one["tokens"] == two["tokens"] == 700
+    for a, b in zip(one["layers"], two["layers"], strict=True):
+        for key in ("linearity", "linearity_no_residual", "cosine", "angular_distance"):
+            assert a[key] == pytest.approx(b[key], abs=1e-9), key

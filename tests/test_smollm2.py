@@ -1,0 +1,49 @@
+"""The real embedded SmolLM2-135M (30 layers, d=576): exactness and the user's commands."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from reference import reference_scores
+
+from linearize.analyze import analyze_model
+from linearize.models import embedded_gguf
+
+pytestmark = pytest.mark.slow
+
+
+def test_streaming_scores_equal_svd_reference_on_8k_tokens(smollm2):
+    model, tok = smollm2
+    rep = analyze_model(model, tok, "builtin", 8192, 512, batch_size=4)
+    ref = reference_scores(model, tok, "builtin", 512, 8192, batch_size=4)
+    assert rep.tokens == 8192 and len(rep.layers) == 30
+    worst = 0.0
+    for got, want in zip(rep.layers, ref, strict=True):
+        for key in ("linearity", "linearity_no_residual", "cosine", "angular_distance"):
+            worst = max(worst, abs(got[key] - want[key]))
+    assert worst <= 1e-5, worst
+    mean = sum(r["linearity"] for r in rep.layers) / 30
+    assert 0.9 < mean < 1.0  # the paper's finding: decoder layers are close to linear
+
+
+def test_gguf_file_loads_directly(tmp_path):
+    out = tmp_path / "gguf"
+    res = subprocess.run([sys.executable, "-m", "linearize.cli", "analyze", str(embedded_gguf()),
+                          "--tokens", "1024", "--layers", "0,1", "--out", str(out),
+                          "--no-progress"], capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rep = json.loads((out / "linearity.json").read_text())
+    assert rep["model"].endswith(".gguf") and [r["layer"] for r in rep["layers"]] == [0, 1]
+
+
+def test_default_command_analyzes_embedded_model(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "linearize.cli", "analyze", "--tokens", "2048",
+                          "--no-progress"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "linearize-out" / "analyze-smollm2-135m-instruct"
+    rep = json.loads((out / "linearity.json").read_text())
+    assert rep["model"] == "SmolLM2-135M-Instruct" and rep["tokens"] == 2048
+    assert len(rep["layers"]) == 30 and (out / "report.html").exists()
