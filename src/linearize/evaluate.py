@@ -1,0 +1,49 @@
+"""Evaluation protocols. Perplexity here is the one ``prune`` and ``eval`` share.
+
+Protocol (fixed, so numbers from different commands compare): the source is cut into
+non-overlapping windows of ``seq_len`` tokens by ``linearize.data`` (with the tokenizer's BOS
+in front of each window when it adds one to ordinary text). Every token of a window except the
+first is predicted from the tokens before it in that window only. perplexity =
+exp(Σ NLL / number of predicted tokens), pooled over all windows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from linearize import data
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    tokenizer,
+    source: str = "builtin:eval",
+    seq_len: int = 512,
+    tokens: int | None = 32768,
+    batch_size: int = 8,
+) -> float:
+    """Held-out perplexity by the protocol in this module's docstring."""
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    seqs = data.token_sequences(tokenizer, source, seq_len, tokens)
+    try:
+        for b in data.batches(seqs, batch_size, data.pad_id_of(tokenizer)):
+            ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)
+            target = ids[:, 1:]
+            keep = mask[:, 1:].bool()
+            tok_nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+            nll += float(tok_nll[keep].double().sum())
+            count += int(keep.sum())
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no tokens to predict: every window has a single token")
+    return math.exp(nll / count)
