@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
 from linearize import arch
+from linearize._io import atomic_dir
 from linearize.errors import LinearizeError, first_line
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
@@ -64,16 +63,12 @@ def embedded_model_dir() -> Path:
     if unexpected or any(not k.endswith("lm_head.weight") for k in missing):
         raise LinearizeError(f"GGUF conversion lost weights: {missing or unexpected}")
     model.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").exists():  # not a lost race with another process
-            raise
+
+    atomic_dir(target, write, overwrite=False)  # a concurrent conversion may win the race
     return target
 
 

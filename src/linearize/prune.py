@@ -17,9 +17,6 @@ Every layer index a user sees is 0-based in the original model's numbering.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -216,7 +213,7 @@ def prune(
     directory, the data sources, the layer count against ``remove`` / ``layers``.
     """
     from linearize import __version__, models
-    from linearize._io import check_writable_dir, write_json
+    from linearize._io import atomic_dir, check_writable_dir, write_json
     from linearize.evaluate import perplexity
     from linearize.replace import save
 
@@ -246,14 +243,10 @@ def prune(
     }  # fmt: skip
     report = {**record, "eval_data": eval_data, "eval_tokens": eval_tokens,
               "perplexity_before": ppl_before, "perplexity_after": ppl_after}  # fmt: skip
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.absolute().parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save(lm, tok, tmp, record)
         write_json(tmp / "prune.json", report)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir(out_dir, write)
     return report

@@ -1,0 +1,32 @@
+"""Atomic writes: a crash never leaves a half-written file or directory."""
+
+import pytest
+
+from linearize._io import atomic_dir
+
+
+def _writer(text):
+    def write(tmp):
+        (tmp / "f.txt").write_text(text)
+
+    return write
+
+
+def test_atomic_dir_replaces_or_keeps_existing(tmp_path):
+    target = tmp_path / "out"
+    atomic_dir(target, _writer("one"))
+    atomic_dir(target, _writer("two"))
+    assert (target / "f.txt").read_text() == "two"
+    atomic_dir(target, _writer("three"), overwrite=False)
+    assert (target / "f.txt").read_text() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_atomic_dir_failure_leaves_nothing(tmp_path):
+    def broken(tmp):
+        (tmp / "half.txt").write_text("x")
+        raise RuntimeError("crash")
+
+    with pytest.raises(RuntimeError):
+        atomic_dir(tmp_path / "out", broken)
+    assert list(tmp_path.iterdir()) == []
