@@ -120,3 +120,18 @@ def test_shape_mismatch_and_empty_are_refused():
         s.update(torch.zeros(3, 4), torch.zeros(3, 5))
     with pytest.raises(ValueError, match="no tokens"):
         s.scores()
+
+
+def test_affine_maps_compose_in_order():
+    from linearize.stats import AffineMap
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 6, generator=g, dtype=torch.float64)
+    a = AffineMap(
+        torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    )
+    b = AffineMap(
+        torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    )
+    ab = a.then(b)
+    assert torch.allclose(x @ ab.weight + ab.bias, (x @ a.weight + a.bias) @ b.weight + b.bias)

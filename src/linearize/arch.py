@@ -178,10 +178,10 @@ def get_final_norm(model: nn.Module) -> nn.Module | None:
     return get_attr(model, spec.final_norm) if spec and spec.final_norm else None
 
 
-def get_mlp_out(model: nn.Module, layer: nn.Module) -> nn.Module | None:
-    """The layer's MLP output projection, or None where there is no single one (MoE)."""
-    spec = get_spec(model.config)
-    return get_attr(layer, spec.mlp_out) if spec and spec.mlp_out else None
+def n_layers_key(config) -> str:
+    """The config attribute that holds the layer count (``n_layer`` for GPT-2, …)."""
+    spec = get_spec(config)
+    return spec.n_layers_key if spec else "num_hidden_layers"
 
 
 def _per_layer_config_keys(config, spec: ArchSpec | None, n: int) -> list[str]:
@@ -217,5 +217,5 @@ def remove_layers_(model: nn.Module, drop: Iterable[int]) -> list[int]:
     for key in _per_layer_config_keys(config, spec, n):
         old = getattr(config, key)
         setattr(config, key, type(old)(old[i] for i in keep))
-    setattr(config, spec.n_layers_key if spec else "num_hidden_layers", len(keep))
+    setattr(config, n_layers_key(config), len(keep))
     return keep

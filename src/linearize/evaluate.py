@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from linearize import data
+from linearize.errors import LinearizeError
 
 
 @torch.no_grad()
@@ -45,5 +46,5 @@ def perplexity(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("no tokens to predict: every window has a single token")
+        raise LinearizeError(f"perplexity source '{source}' has no token to predict")
     return math.exp(nll / count)

@@ -220,7 +220,7 @@ def prune(
     out_dir = Path(out) if out is not None else Path("linearize-out") / "pruned"
     check_writable_dir(out_dir)
     config = models.load_config(model)
-    n = getattr(config, (arch.get_spec(config) or arch.ArchSpec("", None, None)).n_layers_key)
+    n = getattr(config, arch.n_layers_key(config))
     check_request(remove, strategy, replace, score, layers, n)
     data.resolve_source(calib)
     if eval_data:

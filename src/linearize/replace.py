@@ -12,7 +12,7 @@ fewer layers, so ``save_pretrained`` writes an ordinary checkpoint plus the brid
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +37,14 @@ class AffineBridge(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         return torch.addmm(self.bias, h.reshape(-1, h.shape[-1]), self.weight).reshape(h.shape)
 
+    def as_affine(self) -> AffineMap:
+        """A float64 copy of this map, for composing."""
+        return AffineMap(weight=self.weight.detach().double(), bias=self.bias.detach().double())
+
     @torch.no_grad()
-    def compose_(self, fit: AffineMap) -> None:
-        """Follow this map with another: (h W1 + b1) W2 + b2, in float64 then cast back."""
-        w1, b1 = self.weight.double(), self.bias.double()
-        w2, b2 = fit.weight.to(w1.device), fit.bias.to(w1.device)
-        self.weight.copy_(w1 @ w2)
-        self.bias.copy_(b1 @ w2 + b2)
+    def load_(self, fit: AffineMap) -> None:
+        self.weight.copy_(fit.weight)
+        self.bias.copy_(fit.bias)
 
 
 def _bridge_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
@@ -103,24 +104,16 @@ def replace_layer_(model: nn.Module, position: int, fit: AffineMap | None) -> No
     """Remove the layer at ``position`` (current numbering); ``fit`` None drops it, else the
     fitted map stands in for it. Bridges already around it are composed into one:
     input bridge → this layer's map → output bridge, placed at the next kept module."""
-    d = model.config.hidden_size
-    maps = [get_bridge(model, position), fit, get_bridge(model, position + 1)]
+    before, after = get_bridge(model, position), get_bridge(model, position + 1)
+    maps = [
+        before.as_affine() if before is not None else None,
+        fit,
+        after.as_affine() if after is not None else None,
+    ]
     maps = [m for m in maps if m is not None]
-    combined = None
+    arch.remove_layers_(model, [position])  # the input bridge goes with the layer
     if maps:
-        combined = AffineBridge(d, dtype=torch.float64)
-        for m in maps:
-            combined.compose_(m if isinstance(m, AffineMap) else as_affine(m))
-    arch.remove_layers_(model, [position])
-    if combined is not None:
-        bridge = ensure_bridge(model, position)
-        with torch.no_grad():
-            bridge.weight.copy_(combined.weight)
-            bridge.bias.copy_(combined.bias)
-
-
-def as_affine(bridge: AffineBridge) -> AffineMap:
-    return AffineMap(weight=bridge.weight.detach().double(), bias=bridge.bias.detach().double())
+        ensure_bridge(model, position).load_(functools.reduce(AffineMap.then, maps))
 
 
 # -- checkpoints -------------------------------------------------------------------------
@@ -132,13 +125,6 @@ def save(model: nn.Module, tokenizer, out: Path, record: dict[str, Any]) -> None
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-
-
-def record_of(path: Path) -> dict[str, Any] | None:
-    cfg = Path(path) / "config.json"
-    if not cfg.exists():
-        return None
-    return json.loads(cfg.read_text()).get("linearize")
 
 
 def restore_bridges_(model: nn.Module, path: Path) -> None:

@@ -177,6 +177,11 @@ class AffineMap:
     weight: Tensor
     bias: Tensor
 
+    def then(self, other: AffineMap) -> AffineMap:
+        """This map followed by ``other``: (x W1 + b1) W2 + b2 = x (W1 W2) + (b1 W2 + b2)."""
+        w2, b2 = other.weight.to(self.weight), other.bias.to(self.weight)
+        return AffineMap(weight=self.weight @ w2, bias=self.bias @ w2 + b2)
+
 
 def fit_affine(stats: PairStats, ridge: float = 0.0) -> AffineMap:
     """Least-squares affine map from X to Y using the accumulated moments.
