@@ -9,7 +9,7 @@ from conftest import make_tiny
 from linearize import arch, data, load
 from linearize.capture import collect_stats
 from linearize.errors import LinearizeError
-from linearize.prune import parse_remove, prune_model_, replacement_error
+from linearize.prune import PruneConfig, parse_remove, prune_model_, replacement_error
 from linearize.replace import bridge_positions, save
 
 SURGERY_ARCHS = ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "opt", "falcon", "phi"]
@@ -34,7 +34,7 @@ def test_exactly_linear_layer_replaced_by_its_fit_leaves_logits_unchanged(tokeni
     model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
     with torch.no_grad():
         before = model(_ids()).logits
-    res = prune_model_(model, tokenizer, 1, strategy="layers", layers=[2], **KW)
+    res = prune_model_(model, tokenizer, PruneConfig(1, strategy="layers", layers=[2], **KW))
     assert res.removed == [2] and arch.n_layers(model) == 3
     with torch.no_grad():
         after = model(_ids()).logits
@@ -44,7 +44,7 @@ def test_exactly_linear_layer_replaced_by_its_fit_leaves_logits_unchanged(tokeni
 def test_greedy_picks_the_exactly_linear_layer(tokenizer):
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[1] = _AffineLayer(model.config.hidden_size, torch.float64)
-    res = prune_model_(model, tokenizer, 1, **KW)
+    res = prune_model_(model, tokenizer, PruneConfig(1, **KW))
     assert res.removed == [1] and res.steps[0]["score"] == pytest.approx(1.0, abs=1e-9)
 
 
@@ -52,7 +52,7 @@ def test_greedy_picks_the_exactly_linear_layer(tokenizer):
 @pytest.mark.parametrize("replace", ["none", "linear"])
 def test_prune_save_load_generate(model_type, replace, tokenizer, tmp_path):
     model = make_tiny(model_type, num_hidden_layers=4)
-    res = prune_model_(model, tokenizer, 2, replace=replace, **KW)
+    res = prune_model_(model, tokenizer, PruneConfig(2, replace=replace, **KW))
     assert len(res.removed) == 2 and arch.n_layers(model) == 2
     cfg = model.config
     assert getattr(cfg, arch.get_spec(cfg).n_layers_key) == 2
@@ -78,7 +78,7 @@ def test_prune_save_load_generate(model_type, replace, tokenizer, tmp_path):
 
 def test_adjacent_removals_compose_into_one_bridge(tokenizer):
     model = make_tiny("mistral", num_hidden_layers=5)
-    prune_model_(model, tokenizer, 2, strategy="layers", layers=[1, 2], **KW)
+    prune_model_(model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 2], **KW))
     assert bridge_positions(model) == [1]
 
 
@@ -111,7 +111,7 @@ def test_replacement_error_matches_direct_computation(tokenizer):
 def test_bad_prune_requests_fail_before_work(kwargs, match, tokenizer):
     model = make_tiny("llama")
     with pytest.raises(LinearizeError, match=match):
-        prune_model_(model, tokenizer, **{**KW, **kwargs})
+        prune_model_(model, tokenizer, PruneConfig(**{**KW, **kwargs}))
     assert arch.n_layers(model) == 3
 
 

@@ -192,6 +192,7 @@ def prune(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads."""
+    from linearize.prune import PruneConfig
     from linearize.prune import prune as run_prune
 
     _quiet_libraries()
@@ -203,9 +204,9 @@ def prune(
         typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
 
     try:
-        rep = run_prune(model, remove, strategy, replace, score, calib, tokens, seq_len,
-                        batch_size, ridge, chosen, eval_data or None, eval_tokens, out, dtype,
-                        device, on_step)  # fmt: skip
+        config = PruneConfig(remove, strategy, replace, score, chosen, calib, tokens, seq_len,
+                             batch_size, ridge)  # fmt: skip
+        rep = run_prune(model, config, eval_data or None, eval_tokens, out, dtype, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(

@@ -18,7 +18,7 @@ Every layer index a user sees is 0-based in the original model's numbering.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,12 +67,53 @@ def parse_remove(remove: str | int, n_layers: int) -> int:
 
 
 @dataclass
+class PruneConfig:
+    """One pruning request; every command and API entry point takes this."""
+
+    remove: str | int = 8  # layers to remove: a count (8) or a share ("25%")
+    strategy: str = "linear-greedy"  # linear-greedy | linear-oneshot | block-influence | layers
+    replace: str = "linear"  # none | linear
+    score: str = "linearity"  # linearity | linearity_no_residual | replacement_error
+    layers: list[int] | None = None  # with strategy "layers": original 0-based indices
+    calib: str = "builtin:calib"  # calibration data source
+    tokens: int = 32768  # calibration tokens
+    seq_len: int = 512  # tokens per calibration sequence
+    batch_size: int = 8  # sequences per forward pass
+    ridge: float = 0.0  # ridge for the linear fits, relative to tr(XᵀX)/d
+
+    def check(self, n: int) -> int:
+        """Validate against a model of ``n`` layers; returns k. No work is done."""
+        if self.strategy not in STRATEGIES:
+            raise LinearizeError(
+                f"unknown strategy '{self.strategy}' (choose from {', '.join(STRATEGIES)})"
+            )
+        if self.replace not in REPLACEMENTS:
+            raise LinearizeError(
+                f"unknown replacement '{self.replace}' (choose from {', '.join(REPLACEMENTS)})"
+            )
+        if self.score not in SCORES:
+            raise LinearizeError(f"unknown score '{self.score}' (choose from {', '.join(SCORES)})")
+        if self.strategy == "layers":
+            if not self.layers:
+                raise LinearizeError("--strategy layers needs --layers, e.g. --layers 3,7,9")
+            if len(set(self.layers)) != len(self.layers):
+                raise LinearizeError(f"duplicate layer indices in --layers {list(self.layers)}")
+            bad = [i for i in self.layers if not 0 <= i < n]
+            if bad:
+                raise LinearizeError(f"--layers {bad} out of range: the model has {n} layers")
+            if len(self.layers) >= n:
+                raise LinearizeError(f"--layers names all {n} layers; at least one must stay")
+            k = len(self.layers)
+        else:
+            k = parse_remove(self.remove, n)
+        return k
+
+
+@dataclass
 class PruneResult:
     """What was removed, in removal order, with the score that chose each layer."""
 
-    strategy: str
-    replace: str
-    score: str
+    chosen_by: str  # the score's name, "block_influence", or "user"
     removed: list[int]
     steps: list[dict] = field(default_factory=list)
     forward_passes: int = 0
@@ -91,96 +132,58 @@ def _score(stats: PairStats, key: str, ridge: float) -> float:
     return stats.scores()[key]
 
 
-def check_request(
-    remove: str | int, strategy: str, replace: str, score: str,
-    layers: Sequence[int] | None, n: int,
-) -> int:  # fmt: skip
-    """Validate a pruning request against a model of ``n`` layers; returns k. No work done."""
-    if strategy not in STRATEGIES:
-        raise LinearizeError(f"unknown strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
-    if replace not in REPLACEMENTS:
-        raise LinearizeError(
-            f"unknown replacement '{replace}' (choose from {', '.join(REPLACEMENTS)})"
-        )
-    if score not in SCORES:
-        raise LinearizeError(f"unknown score '{score}' (choose from {', '.join(SCORES)})")
-    if strategy == "layers":
-        if not layers:
-            raise LinearizeError("--strategy layers needs --layers, e.g. --layers 3,7,9")
-        if len(set(layers)) != len(layers):
-            raise LinearizeError(f"duplicate layer indices in --layers {list(layers)}")
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise LinearizeError(f"--layers {bad} out of range: the model has {n} layers")
-        if len(layers) >= n:
-            raise LinearizeError(f"--layers names all {n} layers; at least one must stay")
-        k = len(layers)
-    else:
-        k = parse_remove(remove, n)
-    return k
-
-
 def prune_model_(
     model: nn.Module,
     tokenizer,
-    remove: str | int,
-    strategy: str = "linear-greedy",
-    replace: str = "linear",
-    score: str = "linearity",
-    calib: str = "builtin:calib",
-    tokens: int = 32768,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    ridge: float = 0.0,
-    layers: Sequence[int] | None = None,
+    config: PruneConfig,
     on_step: Callable[[dict], None] | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place; returns what was removed (original numbering)."""
     start = time.perf_counter()
+    c = config
     n = arch.n_layers(model)
-    k = check_request(remove, strategy, replace, score, layers, n)
-    seqs = list(data.token_sequences(tokenizer, calib, seq_len, tokens))
+    k = c.check(n)
+    seqs = list(data.token_sequences(tokenizer, c.calib, c.seq_len, c.tokens))
     if not seqs:
-        raise LinearizeError(f"calibration source '{calib}' gave no tokens")
-    batches = list(data.batches(seqs, batch_size, data.pad_id_of(tokenizer)))
+        raise LinearizeError(f"calibration source '{c.calib}' gave no tokens")
+    batches = list(data.batches(seqs, c.batch_size, data.pad_id_of(tokenizer)))
 
     alive = list(range(n))  # alive[p] = original index of the layer now at position p
-    result = PruneResult(strategy, replace, score if strategy.startswith("linear") else
-                         ("block_influence" if strategy == "block-influence" else "user"), [])  # fmt: skip
+    chosen_by = {"layers": "user", "block-influence": "block_influence"}.get(c.strategy, c.score)
+    result = PruneResult(chosen_by, [])
 
-    def remove_at(p: int, stats: PairStats | None, chosen_by: float | None) -> None:
-        fit = fit_affine(stats, ridge) if replace == "linear" and stats is not None else None
-        step = {"step": len(result.removed), "layer": alive[p], "score": chosen_by}
+    def remove_at(p: int, stats: PairStats | None, chosen_score: float | None) -> None:
+        fit = fit_affine(stats, c.ridge) if c.replace == "linear" and stats is not None else None
+        step = {"step": len(result.removed), "layer": alive[p], "score": chosen_score}
         replace_layer_(model, p, fit)
         result.removed.append(alive.pop(p))
         result.steps.append(step)
         if on_step is not None:
             on_step(step)
 
-    if strategy == "linear-greedy":
+    if c.strategy == "linear-greedy":
         for _ in range(k):
             stats = collect_stats(model, batches)
             result.forward_passes += len(batches)
-            scored = {p: _score(s, score, ridge) for p, s in stats.items()}
+            scored = {p: _score(s, c.score, c.ridge) for p, s in stats.items()}
             best = max(scored, key=scored.get)
             remove_at(best, stats[best], scored[best])
         result.elapsed_s = round(time.perf_counter() - start, 2)
         return result
 
     # one-shot strategies: rank once on the original model
-    if strategy == "layers":
-        chosen = {i: None for i in layers}
+    if c.strategy == "layers":
+        chosen = {i: None for i in c.layers}
     else:
         stats = collect_stats(model, batches)
         result.forward_passes += len(batches)
-        key = "block_influence" if strategy == "block-influence" else score
-        scored = {p: _score(s, key, ridge) for p, s in stats.items()}
+        scored = {p: _score(s, chosen_by, c.ridge) for p, s in stats.items()}
         chosen = {p: scored[p] for p in sorted(scored, key=scored.get, reverse=True)[:k]}
     # remove in ascending order, each fit in the model as it is then (upstream cuts included)
     for orig in sorted(chosen):
         p = alive.index(orig)
         stats = None
-        if replace == "linear":
+        if c.replace == "linear":
             stats = collect_stats(model, batches, layers=[p])[p]
             result.forward_passes += len(batches)
         remove_at(p, stats, chosen[orig])
@@ -190,16 +193,7 @@ def prune_model_(
 
 def prune(
     model: str | None = None,
-    remove: str | int = 8,
-    strategy: str = "linear-greedy",
-    replace: str = "linear",
-    score: str = "linearity",
-    calib: str = "builtin:calib",
-    tokens: int = 32768,
-    seq_len: int = 512,
-    batch_size: int = 8,
-    ridge: float = 0.0,
-    layers: Sequence[int] | None = None,
+    config: PruneConfig | None = None,
     eval_data: str | None = "builtin:eval",
     eval_tokens: int = 16384,
     out: str | Path | None = None,
@@ -217,30 +211,27 @@ def prune(
     from linearize.evaluate import perplexity
     from linearize.replace import save
 
+    c = config or PruneConfig()
     out_dir = Path(out) if out is not None else Path("linearize-out") / "pruned"
     check_writable_dir(out_dir)
-    config = models.load_config(model)
-    n = getattr(config, arch.n_layers_key(config))
-    check_request(remove, strategy, replace, score, layers, n)
-    data.resolve_source(calib)
+    hf_config = models.load_config(model)
+    n = getattr(hf_config, arch.n_layers_key(hf_config))
+    c.check(n)
+    data.resolve_source(c.calib)
     if eval_data:
         data.resolve_source(eval_data)
     lm, tok = models.load(model, dtype=dtype, device=device)
-    ppl_before = (
-        perplexity(lm, tok, eval_data, seq_len, eval_tokens, batch_size) if eval_data else None
-    )
-    res = prune_model_(lm, tok, remove, strategy, replace, score, calib, tokens, seq_len,
-                       batch_size, ridge, layers, on_step)  # fmt: skip
-    ppl_after = (
-        perplexity(lm, tok, eval_data, seq_len, eval_tokens, batch_size) if eval_data else None
-    )
-    record = {
-        "base_model": model or models.EMBEDDED_NAME,
-        "original_layers": n,
-        **res.to_dict(),
-        "calib": calib, "tokens": tokens, "seq_len": seq_len, "ridge": ridge,
-        "version": __version__,
-    }  # fmt: skip
+
+    def held_out_ppl() -> float | None:
+        if not eval_data:
+            return None
+        return perplexity(lm, tok, eval_data, c.seq_len, eval_tokens, c.batch_size)
+
+    ppl_before = held_out_ppl()
+    res = prune_model_(lm, tok, c, on_step)
+    ppl_after = held_out_ppl()
+    record = {"base_model": model or models.EMBEDDED_NAME, "original_layers": n,
+              **asdict(c), **res.to_dict(), "version": __version__}  # fmt: skip
     report = {**record, "eval_data": eval_data, "eval_tokens": eval_tokens,
               "perplexity_before": ppl_before, "perplexity_after": ppl_after}  # fmt: skip
 
