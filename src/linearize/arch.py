@@ -9,7 +9,8 @@ blocks, with a warning, because a wrong guess there silently gives wrong numbers
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -23,13 +24,17 @@ class ArchSpec:
 
     layers: str  # the nn.ModuleList of decoder layers
     final_norm: str | None  # norm applied after the last layer
-    mlp_out: str | None  # per layer: the MLP's output projection (None: not foldable, e.g. MoE)
+    # per layer: the MLP's output projection, whose output is added unscaled to the residual
+    # stream, so a linear map can be folded into it. None: not foldable (MoE experts, a norm
+    # after the MLP as in Gemma 2/3 and OLMo 2, a residual multiplier as in Granite).
+    mlp_out: str | None
     n_layers_key: str = "num_hidden_layers"  # config attribute holding the layer count
     # config attributes holding one entry per layer; surgery must keep them in step
     per_layer_keys: tuple[str, ...] = field(default=("layer_types",))
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "model.norm", "mlp.down_proj")
+_NORM_AFTER_MLP = ArchSpec("model.layers", "model.norm", None)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     **{
@@ -40,21 +45,17 @@ ARCHITECTURES: dict[str, ArchSpec] = {
             "qwen2",
             "qwen3",
             "gemma",
-            "gemma2",
-            "gemma3_text",
             "phi3",
             "olmo",
-            "olmo2",
-            "granite",
             "cohere",
             "cohere2",
             "smollm3",
             "ministral",
             "helium",
             "glm",
-            "exaone4",
         )
     },
+    **{t: _NORM_AFTER_MLP for t in ("gemma2", "gemma3_text", "olmo2", "granite", "exaone4")},
     "mixtral": ArchSpec("model.layers", "model.norm", None, per_layer_keys=("layer_types",)),
     "qwen2_moe": ArchSpec("model.layers", "model.norm", None),
     "qwen3_moe": ArchSpec("model.layers", "model.norm", None, per_layer_keys=("mlp_only_layers",)),
@@ -219,3 +220,49 @@ def remove_layers_(model: nn.Module, drop: Iterable[int]) -> list[int]:
         setattr(config, key, type(old)(old[i] for i in keep))
     setattr(config, n_layers_key(config), len(keep))
     return keep
+
+
+def check_foldable(config) -> None:
+    """Raise LinearizeError unless a map can be folded into each layer's MLP output projection."""
+    spec = get_spec(config)
+    model_type = getattr(config, "model_type", "unknown")
+    if spec is None or spec.mlp_out is None:
+        raise LinearizeError(
+            f"--replace fold is not possible for '{model_type}': its layers have no MLP output "
+            "projection added straight to the residual stream (use --replace linear)"
+        )
+    if getattr(config, "do_layer_norm_before", True) is False:  # OPT-350m: post-LN
+        raise LinearizeError(
+            f"--replace fold is not possible for this '{model_type}': it normalises after the "
+            "residual add (do_layer_norm_before=False); use --replace linear"
+        )
+
+
+def mlp_out_proj(model: nn.Module, position: int) -> nn.Module:
+    """The MLP output projection of the layer at ``position``, into which a linear map on the
+    residual stream can be folded. Raises LinearizeError when this architecture has none."""
+    check_foldable(model.config)
+    _, layers = get_layers(model)
+    return get_attr(layers[position], get_spec(model.config).mlp_out)
+
+
+@contextmanager
+def layers_removed(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]:
+    """Remove layers for the duration of a ``with`` block, then put everything back.
+
+    For scoring a removal without paying for a copy of the model (SLEB's perplexity search):
+    the layer list, each module's ``layer_idx`` and the config entries change inside the block
+    and are restored in ``finally``.
+    """
+    path, layers = get_layers(model)
+    config = model.config
+    saved_cfg = {k: getattr(config, k) for k in vars(config) if isinstance(getattr(config, k), (list, tuple, int))}
+    saved_idx = [(m, m.layer_idx) for m in layers.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    try:
+        yield remove_layers_(model, drop)
+    finally:
+        set_attr(model, path, layers)
+        for m, idx in saved_idx:
+            m.layer_idx = idx
+        for k, v in saved_cfg.items():
+            setattr(config, k, v)

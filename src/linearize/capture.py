@@ -8,6 +8,7 @@ score. Padding tokens are dropped with the attention mask before anything is acc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from linearize import arch
-from linearize.stats import PairStats
+from linearize.stats import PairStats, row_cosine
 
 
 class _StopForward(Exception):
@@ -183,3 +184,149 @@ def collect_stats(
         stats = _agree_on_layout(stats, cap, indices, model.config.hidden_size, device)
         all_reduce_stats_(stats)
     return stats
+
+
+# -- spans and blocks: pairs that are not one layer's own input and output ---------------------
+def _masked_rows(h: Tensor, mask: Tensor | None) -> Tensor:
+    rows = h.reshape(-1, h.shape[-1])  # (B*T, d)
+    return (rows if mask is None else rows[mask.to(rows.device)]).to(torch.float64)
+
+
+@torch.no_grad()
+def collect_pair_stats(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    taps: dict[str, tuple[nn.Module, str]],
+    pair: Callable[[dict[str, Tensor]], tuple[Tensor, Tensor]],
+    last: str,
+) -> PairStats:
+    """PairStats of (x, y) = ``pair(tapped)`` over all real tokens of ``batches``.
+
+    ``taps`` names the tensors to keep from each forward pass: name -> (module, "input" |
+    "output"). The pass stops once the tap ``last`` has fired. Hooks are added after any that
+    the module already has, so an input tap sees the input after a replacement bridge.
+    """
+    body = arch.get_body(model)
+    device = model.get_input_embeddings().weight.device
+    stats = PairStats()
+    store: dict[str, Tensor] = {}
+
+    def hook_for(name: str, kind: str):
+        def keep(h):
+            store[name] = _first_tensor(h)
+            if name == last:
+                raise _StopForward
+
+        if kind == "input":
+            return lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"])
+        return lambda m, args, kwargs, out: keep(out)
+
+    handles = []
+    for name, (module, kind) in taps.items():
+        register = module.register_forward_pre_hook if kind == "input" else module.register_forward_hook
+        handles.append(register(hook_for(name, kind), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            flat = None if bool(mask.all()) else mask.reshape(-1).bool()
+            try:
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
+            x, y = pair(store)
+            stats.update(_masked_rows(x, flat), _masked_rows(y, flat))
+            store.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if _distributed():
+        all_reduce_stats_({0: stats})
+    return stats
+
+
+def span_stats(model: nn.Module, batches: Iterable[dict[str, Tensor]], start: int, end: int) -> PairStats:
+    """(input of layer ``start``, output of layer ``end - 1``): what one affine map must do to
+    stand in for the run of layers [start, end)."""
+    _, layers = arch.get_layers(model)
+    taps = {"x": (layers[start], "input"), "y": (layers[end - 1], "output")}
+    return collect_pair_stats(model, batches, taps, lambda s: (s["x"], s["y"]), "y")
+
+
+def fold_stats(model: nn.Module, batches: Iterable[dict[str, Tensor]], start: int, end: int) -> PairStats:
+    """Pairs for folding the run [start, end) into the MLP output projection of layer
+    ``start - 1`` (ReplaceMe): x = that projection's output m, y = the value it must take so
+    that the layer's output becomes the run's output: h_{end} − h_{start} + m, where h_j is the
+    residual stream entering layer j."""
+    _, layers = arch.get_layers(model)
+    taps = {
+        "m": (arch.mlp_out_proj(model, start - 1), "output"),
+        "h0": (layers[start - 1], "output"),
+        "h1": (layers[end - 1], "output"),
+    }
+
+    def pair(s: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        m = s["m"].reshape(s["h0"].shape)  # OPT's fc2 works on flattened (B*T, d) rows
+        return m, s["h1"] - s["h0"] + m
+
+    return collect_pair_stats(model, batches, taps, pair, "h1")
+
+
+@torch.no_grad()
+def block_distances(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], k: int
+) -> dict[str, list[float]]:
+    """For every block of ``k`` consecutive layers starting at ℓ, two distances between the
+    stream entering layer ℓ and the stream leaving layer ℓ+k−1:
+
+    - ``angular_last``: arccos(cos)/π at each sequence's last real token, averaged over
+      sequences (Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers");
+    - ``cosine_all``: 1 − cos averaged over all real tokens.
+
+    Holds at most k+1 layer boundaries of one batch, never the whole stack's states.
+    """
+    _, layers = arch.get_layers(model)
+    n = len(layers)
+    starts = n - k + 1
+    ang = torch.zeros(starts, dtype=torch.float64)
+    cos_all = torch.zeros(starts, dtype=torch.float64)
+    n_seq, n_tok = 0, 0
+    body = arch.get_body(model)
+    device = model.get_input_embeddings().weight.device
+    window: dict[int, Tensor] = {}
+    ctx: dict[str, Tensor] = {}
+
+    def boundary(j: int, h: Tensor) -> None:
+        window[j] = h
+        if j >= k:
+            a, b = window.pop(j - k).double(), h.double()  # (B, T, d)
+            cos = row_cosine(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).view(a.shape[:2])
+            cos_all[j - k] += (1.0 - cos)[ctx["mask"]].sum().cpu()
+            last = cos.gather(1, ctx["last"][:, None]).squeeze(1).clamp(-1.0, 1.0)  # (B,)
+            ang[j - k] += (torch.arccos(last) / math.pi).sum().cpu()
+
+    handles = [layers[0].register_forward_pre_hook(
+        lambda m, args, kwargs: boundary(0, args[0] if args else kwargs["hidden_states"]),
+        with_kwargs=True)]  # fmt: skip
+    for i in range(n):
+        handles.append(layers[i].register_forward_hook(
+            lambda m, a, kw, out, i=i: boundary(i + 1, _first_tensor(out)), with_kwargs=True))  # fmt: skip
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            ctx["mask"] = mask.bool()
+            ctx["last"] = mask.sum(1) - 1  # right padding: index of the last real token
+            body(input_ids=ids, attention_mask=mask, use_cache=False)
+            window.clear()
+            n_seq += ids.shape[0]
+            n_tok += int(mask.sum())
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {"angular_last": (ang / max(n_seq, 1)).tolist(),
+            "cosine_all": (cos_all / max(n_tok, 1)).tolist()}  # fmt: skip

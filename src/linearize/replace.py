@@ -1,59 +1,40 @@
-"""Linear replacements for removed layers, and checkpoints that carry them.
+"""What stands in for removed layers, and checkpoints that carry it.
 
-A removed run of layers becomes an affine map on the residual stream, ``h ↦ h @ W + b``. It is
-not inserted into the layer list, where every architecture's forward, mask selection and KV
-cache expect real decoder layers. It sits at the *input* of the next kept module: the next
-decoder layer, or the final norm when the run ended the stack. There it is a submodule named
-``linearize_bridge``, applied by a forward pre-hook. The model stays a stock architecture with
-fewer layers, so ``save_pretrained`` writes an ordinary checkpoint plus the bridge tensors, and
-``config.linearize`` records where they go. ``load`` puts them back exactly; plain
-``from_pretrained`` loads the same directory without them and warns about the extra tensors.
+Two kinds of replacement for a run of removed layers [start, end):
+
+- ``linear``: an affine map on the residual stream, ``h ↦ h @ W + b``. It is not inserted into
+  the layer list, where every architecture's forward, mask selection and KV cache expect real
+  decoder layers. It sits at the *input* of the next kept module (the next decoder layer, or
+  the final norm when the run ended the stack) as a submodule named ``linearize_bridge``,
+  applied by a forward pre-hook (see linearize._remote_modeling). The model stays a stock
+  architecture with fewer layers plus the bridge tensors; ``config.linearize`` records where
+  they go, ``load`` puts them back, and the shipped ``modeling_linearize.py`` lets
+  ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` do the same.
+- ``fold`` (ReplaceMe): a map T on the MLP output of layer start−1, multiplied into that
+  layer's output projection. Nothing extra remains: a plain checkpoint with fewer layers.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from linearize import arch
+from linearize import _remote_modeling, arch
+from linearize._remote_modeling import BRIDGE, AffineBridge, attach_bridge
 from linearize.errors import LinearizeError
 from linearize.stats import AffineMap
 
-BRIDGE = "linearize_bridge"
+REMOTE_FILE = "modeling_linearize.py"
 
 
-class AffineBridge(nn.Module):
-    """h ↦ h @ weight + bias on the residual stream; weight is (d_in, d_out)."""
-
-    def __init__(self, d: int, dtype: torch.dtype = torch.float32, device=None) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.eye(d, dtype=dtype, device=device))
-        self.bias = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
-
-    def forward(self, h: Tensor) -> Tensor:
-        return torch.addmm(self.bias, h.reshape(-1, h.shape[-1]), self.weight).reshape(h.shape)
-
-    def as_affine(self) -> AffineMap:
-        """A float64 copy of this map, for composing."""
-        return AffineMap(weight=self.weight.detach().double(), bias=self.bias.detach().double())
-
-    @torch.no_grad()
-    def load_(self, fit: AffineMap) -> None:
-        self.weight.copy_(fit.weight)
-        self.bias.copy_(fit.bias)
-
-
-def _bridge_pre_hook(module: nn.Module, args: tuple, kwargs: dict):
-    bridge = getattr(module, BRIDGE)
-    if args:
-        return (bridge(args[0]), *args[1:]), kwargs
-    kwargs = dict(kwargs)
-    kwargs["hidden_states"] = bridge(kwargs["hidden_states"])
-    return args, kwargs
+def as_affine(bridge: AffineBridge) -> AffineMap:
+    """A float64 copy of a bridge's map, for composing."""
+    return AffineMap(weight=bridge.weight.detach().double(), bias=bridge.bias.detach().double())
 
 
 def bridge_target(model: nn.Module, position: int) -> nn.Module:
@@ -64,9 +45,7 @@ def bridge_target(model: nn.Module, position: int) -> nn.Module:
         return layers[position]
     norm = arch.get_final_norm(model)
     if norm is None:
-        raise LinearizeError(
-            "cannot replace the last layers: no final norm is known for this model"
-        )
+        raise LinearizeError("cannot replace the last layers: no final norm is known for this model")
     return norm
 
 
@@ -75,17 +54,9 @@ def get_bridge(model: nn.Module, position: int) -> AffineBridge | None:
 
 
 def ensure_bridge(model: nn.Module, position: int) -> AffineBridge:
-    """The bridge at ``position``, created as the identity (with its hook) if absent."""
-    target = bridge_target(model, position)
-    bridge = getattr(target, BRIDGE, None)
-    if bridge is None:
-        p = next(model.parameters())
-        bridge = AffineBridge(model.config.hidden_size, dtype=p.dtype, device=p.device)
-        target.add_module(BRIDGE, bridge)
-        target._linearize_hook = target.register_forward_pre_hook(
-            _bridge_pre_hook, with_kwargs=True
-        )
-    return bridge
+    """The bridge at ``position``, created as the identity if absent."""
+    p = next(model.parameters())
+    return attach_bridge(bridge_target(model, position), model.config.hidden_size, p.dtype, p.device)
 
 
 def bridge_positions(model: nn.Module) -> list[int]:
@@ -100,28 +71,93 @@ def _has_bridge(model: nn.Module, position: int) -> bool:
         return False
 
 
-def replace_layer_(model: nn.Module, position: int, fit: AffineMap | None) -> None:
-    """Remove the layer at ``position`` (current numbering); ``fit`` None drops it, else the
-    fitted map stands in for it. Bridges already around it are composed into one:
-    input bridge → this layer's map → output bridge, placed at the next kept module."""
-    before, after = get_bridge(model, position), get_bridge(model, position + 1)
-    maps = [
-        before.as_affine() if before is not None else None,
-        fit,
-        after.as_affine() if after is not None else None,
-    ]
+def replace_span_(model: nn.Module, start: int, end: int, fit: AffineMap | None) -> None:
+    """Remove layers [start, end) (current numbering); ``fit`` None drops them, else the
+    fitted map stands in for them. Bridges already around the run compose into one:
+    input bridge → this map → output bridge, placed at the next kept module."""
+    before, after = get_bridge(model, start), get_bridge(model, end)
+    maps = [as_affine(before) if before is not None else None, fit,
+            as_affine(after) if after is not None else None]  # fmt: skip
     maps = [m for m in maps if m is not None]
-    arch.remove_layers_(model, [position])  # the input bridge goes with the layer
+    arch.remove_layers_(model, range(start, end))  # the input bridge goes with its layer
     if maps:
-        ensure_bridge(model, position).load_(functools.reduce(AffineMap.then, maps))
+        with torch.no_grad():
+            bridge = ensure_bridge(model, start)
+            composed = functools.reduce(AffineMap.then, maps)
+            bridge.weight.copy_(composed.weight)
+            bridge.bias.copy_(composed.bias)
+
+
+def replace_layer_(model: nn.Module, position: int, fit: AffineMap | None) -> None:
+    """One layer: ``replace_span_(model, position, position + 1, fit)``."""
+    replace_span_(model, position, position + 1, fit)
+
+
+def proj_has_bias(proj: nn.Module) -> bool:
+    return getattr(proj, "bias", None) is not None
+
+
+@torch.no_grad()
+def fold_into_(proj: nn.Module, fit: AffineMap) -> None:
+    """Make ``proj``'s output o become o @ T + c, in its own weights (T = fit.weight,
+    c = fit.bias). Handles nn.Linear (weight (d_out, d_in)) and GPT-2's Conv1D (weight
+    (d_in, d_out))."""
+    t, c = fit.weight, fit.bias  # (d, d), (d,)
+    w = proj.weight
+    has_bias = proj_has_bias(proj)
+    if not has_bias and bool(c.abs().max() > 0):
+        raise ValueError("a map with a bias cannot fold into a projection without one")
+    if isinstance(proj, nn.Linear):
+        assert w.shape[0] == t.shape[0] == t.shape[1], (w.shape, t.shape)
+        proj.weight.copy_((t.T.to(torch.float64) @ w.double()).to(w.dtype))  # (d, d_ff)
+    else:  # Conv1D: y = x @ weight + bias
+        assert w.shape[1] == t.shape[0] == t.shape[1], (w.shape, t.shape)
+        proj.weight.copy_((w.double() @ t.to(torch.float64)).to(w.dtype))  # (d_ff, d)
+    if has_bias:
+        b = proj.bias
+        proj.bias.copy_((b.double() @ t.to(torch.float64) + c.to(torch.float64)).to(b.dtype))
+
+
+def fold_span_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
+    """Fold ``fit`` (fitted by capture.fold_stats) into layer start−1's MLP output projection
+    and remove layers [start, end). A bridge at ``end`` stays where it is: it acts on the
+    stream leaving the run, which the fold reproduces."""
+    if start < 1:
+        raise LinearizeError("fold cannot replace layer 0: there is no MLP before it")
+    fold_into_(arch.mlp_out_proj(model, start - 1), fit)
+    arch.remove_layers_(model, range(start, end))
 
 
 # -- checkpoints -------------------------------------------------------------------------
+def _write_remote_code(model: nn.Module, out: Path) -> None:
+    """Ship modeling_linearize.py: the bridge code plus a subclass of the stock class."""
+    base = type(model)
+    import transformers
+
+    if getattr(transformers, base.__name__, None) is not base:
+        return  # not a stock transformers class: nothing we could name from the file
+    src = inspect.getsource(_remote_modeling)
+    tail = (f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
+            f"LinearizedForCausalLM = with_bridges({base.__name__})\n")  # fmt: skip
+    (out / REMOTE_FILE).write_text(src + tail, encoding="utf-8")
+    model.config.auto_map = {"AutoModelForCausalLM": "modeling_linearize.LinearizedForCausalLM"}
+
+
 def save(model: nn.Module, tokenizer, out: Path, record: dict[str, Any]) -> None:
-    """Write a standard HF checkpoint plus bridges, with ``record`` in ``config.linearize``."""
+    """Write a standard HF checkpoint plus bridges, with ``record`` in ``config.linearize``.
+
+    With bridges, the checkpoint also gets modeling_linearize.py and an ``auto_map``, so that
+    ``trust_remote_code=True`` loads it without linearize installed."""
     out = Path(out)
-    record = dict(record, bridges=bridge_positions(model))
-    model.config.linearize = record
+    out.mkdir(parents=True, exist_ok=True)
+    positions = bridge_positions(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = [names[id(bridge_target(model, p))] for p in positions]
+    model.config.linearize = dict(record, bridges=positions, bridge_targets=targets)
+    if positions:
+        _write_remote_code(model, out)
+    elif hasattr(model.config, "auto_map"):
+        del model.config.auto_map
     model.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
@@ -130,8 +166,8 @@ def save(model: nn.Module, tokenizer, out: Path, record: dict[str, Any]) -> None
 def restore_bridges_(model: nn.Module, path: Path) -> None:
     """Re-create the bridges recorded in ``config.linearize`` and load their tensors."""
     record = getattr(model.config, "linearize", None) or {}
-    positions = record.get("bridges", [])
-    if not positions:
+    targets = record.get("bridge_targets", [])
+    if not targets:
         return
     from safetensors import safe_open
 
@@ -141,13 +177,12 @@ def restore_bridges_(model: nn.Module, path: Path) -> None:
             for k in sf.keys():
                 if BRIDGE in k:
                     tensors[k] = sf.get_tensor(k)
-    bridges = [ensure_bridge(model, p) for p in positions]
-    names = {id(m): n for n, m in model.named_modules()}
-    for bridge in bridges:
-        prefix = names[id(bridge)]
+    p = next(model.parameters())
+    for target in targets:
+        bridge = attach_bridge(model.get_submodule(target), model.config.hidden_size, p.dtype, p.device)
         with torch.no_grad():
             for pname, param in bridge.named_parameters():
-                key = f"{prefix}.{pname}"
+                key = f"{target}.{BRIDGE}.{pname}"
                 if key not in tensors:
                     raise LinearizeError(f"checkpoint {path} lacks bridge tensor '{key}'")
                 param.copy_(tensors[key].to(param.dtype))

@@ -183,21 +183,37 @@ class AffineMap:
         return AffineMap(weight=self.weight @ w2, bias=self.bias @ w2 + b2)
 
 
-def fit_affine(stats: PairStats, ridge: float = 0.0) -> AffineMap:
+def fit_affine(stats: PairStats, ridge: float = 0.0, bias: bool = True) -> AffineMap:
     """Least-squares affine map from X to Y using the accumulated moments.
 
     Solving on centred moments and recovering the bias from the means is the same problem as
-    regressing on [X, 1], but better conditioned. ``ridge`` is relative: λ = ridge · tr(C_xx)/d,
-    so one value means the same thing for layers of very different scale.
+    regressing on [X, 1], but better conditioned. ``ridge`` is relative: λ = ridge · tr(C)/d,
+    so one value means the same thing for layers of very different scale. With ``bias`` False
+    the map is linear (y ≈ x W, fitted on raw moments), for targets that cannot take a bias,
+    such as a bias-free projection the map is folded into.
     """
-    cxx, cxy, _, mx, my = stats.centered()
+    if bias:
+        cxx, cxy, _, mx, my = stats.centered()
+    else:
+        cxx, cxy = stats.xx, stats.xy
     d = cxx.shape[0]
     if ridge > 0.0:
         lam = ridge * float(torch.trace(cxx)) / d
         cxx = cxx + lam * torch.eye(d, dtype=_F64, device=cxx.device)
     weight = SymmetricPinv(cxx).solve(cxy)  # (d_in, d_out)
-    bias = my - mx @ weight  # (d_out,)
-    return AffineMap(weight=weight, bias=bias)
+    if not bias:
+        return AffineMap(weight=weight, bias=torch.zeros_like(weight[0]))
+    return AffineMap(weight=weight, bias=my - mx @ weight)  # bias: (d_out,)
+
+
+def relative_error(stats: PairStats, fit: AffineMap) -> float:
+    """‖XW + b − Y‖²_F / ‖Y‖²_F of a map on the accumulated pairs, from the raw moments alone:
+    the share of Y's energy (mean included) that the map gets wrong."""
+    w, b = fit.weight.to(stats.xx), fit.bias.to(stats.xx)
+    err = (torch.trace(w.T @ stats.xx @ w) - 2 * torch.trace(w.T @ stats.xy)
+           + torch.trace(stats.yy) + stats.n * b @ b
+           + 2 * b @ (w.T @ stats.sx) - 2 * b @ stats.sy)  # fmt: skip
+    return float(err / torch.trace(stats.yy))
 
 
 def procrustes_linearity(x: Tensor, y: Tensor) -> float:
