@@ -131,9 +131,34 @@ def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):
         (["--layers", "1,1"], ["duplicate"]),
         (["--layers", "0,9"], ["out of range"]),
         (["--strategy", "nope"], ["unknown strategy"]),
+        (["--replace", "fold", "--layers", "0,1"], ["cannot remove layer 0"]),
+        (["--replace", "magic"], ["unknown replacement"]),
+        (["--sweep", "0,3"], ["must be in 0..2"]),
+        (["--sweep", "1", "--strategy", "layers"], ["does not take 'layers'"]),
     ],
 )
 def test_prune_bad_requests(args, words, tiny_dir, tmp_path):
     out = tmp_path / "p"
     _one_line_error(run("prune", tiny_dir, *args, "--out", out, "--tokens", 100), *words)
     assert not out.exists()
+
+
+def test_prune_fold_checkpoint_loads_as_a_stock_model(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "folded"
+    res = run("prune", tiny_dir, "--remove", 1, "--replace", "fold", "--tokens", 400,
+              "--seq-len", 40, "--eval-tokens", 200, "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 2 and model.config.linearize["replace"] == "fold"
+
+
+def test_prune_sweep_command(tiny_dir, tmp_path):
+    out = tmp_path / "sweep"
+    res = run("prune", tiny_dir, "--sweep", "0,1", "--strategy", "linear-greedy,angular-block",
+              "--replace", "none,fold", "--tokens", 300, "--seq-len", 40, "--eval-tokens", 200,
+              "--out", out)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = json.loads((out / "sweep.json").read_text())["rows"]
+    assert len(rows) == 1 + 2 * 2 and "| angular-block | fold | 1 |" in res.output

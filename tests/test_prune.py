@@ -44,8 +44,15 @@ def test_exactly_linear_layer_replaced_by_its_fit_leaves_logits_unchanged(tokeni
 def test_greedy_picks_the_exactly_linear_layer(tokenizer):
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[1] = _AffineLayer(model.config.hidden_size, torch.float64)
-    res = prune_model_(model, tokenizer, PruneConfig(1, **KW))
+    res = prune_model_(model, tokenizer, PruneConfig(1, score="linearity", **KW))
     assert res.removed == [1] and res.steps[0]["score"] == pytest.approx(1.0, abs=1e-9)
+
+
+def test_greedy_by_replacement_error_picks_the_exactly_linear_layer(tokenizer):
+    model = make_tiny("llama", torch.float64, num_hidden_layers=4)
+    model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
+    res = prune_model_(model, tokenizer, PruneConfig(1, score="replacement_error", **KW))
+    assert res.removed == [2] and res.steps[0]["score"] == pytest.approx(0.0, abs=1e-9)
 
 
 @pytest.mark.parametrize("model_type", SURGERY_ARCHS)
@@ -117,3 +124,145 @@ def test_bad_prune_requests_fail_before_work(kwargs, match, tokenizer):
 
 def test_parse_remove():
     assert parse_remove("25%", 32) == 8 and parse_remove(4, 30) == 4
+
+
+# -- fold, block strategies, SLEB, remote code ---------------------------------------------------
+class _Identity(torch.nn.Module):
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def test_fold_of_an_identity_layer_leaves_logits_unchanged(tokenizer):
+    model = make_tiny("llama", torch.float64, num_hidden_layers=4)
+    model.model.layers[2] = _Identity()
+    with torch.no_grad():
+        before = model(_ids()).logits
+    prune_model_(model, tokenizer, PruneConfig(1, strategy="layers", layers=[2], replace="fold", **KW))
+    with torch.no_grad():
+        after = model(_ids()).logits
+    assert arch.n_layers(model) == 3 and not bridge_positions(model)
+    assert (after - before).abs().max() <= 1e-5
+
+
+def test_fold_fit_beats_dropping_on_its_calibration_pairs(tokenizer):
+    from linearize.capture import fold_stats
+    from linearize.stats import AffineMap, fit_affine, relative_error
+
+    model = make_tiny("llama", torch.float64, num_hidden_layers=4)
+    seqs = data.token_sequences(tokenizer, "builtin:calib", 48, 600)
+    fs = fold_stats(model, list(data.batches(seqs, 4, 0)), 2, 4)
+    d = model.config.hidden_size
+    drop = AffineMap(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64))
+    assert relative_error(fs, fit_affine(fs, bias=False)) < relative_error(fs, drop)
+
+
+FOLD_ARCHS = ["llama", "qwen3", "gpt2", "gpt_neox", "opt", "falcon", "phi"]
+
+
+@pytest.mark.parametrize("model_type", FOLD_ARCHS)
+def test_fold_checkpoint_is_stock(model_type, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny(model_type, num_hidden_layers=4)
+    prune_model_(model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 2], replace="fold", **KW))
+    with torch.no_grad():
+        logits = model(_ids()).logits
+    save(model, tokenizer, tmp_path, {"removed": [1, 2]})
+    assert not (tmp_path / "modeling_linearize.py").exists()
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(_ids()).logits, logits, atol=1e-5)
+    out = plain.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 16)
+
+
+def test_linear_checkpoint_loads_with_trust_remote_code(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny("qwen3", num_hidden_layers=4)
+    prune_model_(model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 3], **KW))
+    with torch.no_grad():
+        logits = model(_ids()).logits
+    save(model, tokenizer, tmp_path, {"removed": [1, 3]})
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(remote).__name__ == "LinearizedQwen3ForCausalLM"
+    with torch.no_grad():
+        assert torch.allclose(remote(_ids()).logits, logits, atol=1e-5)
+    cached = remote.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    plain = remote.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0,
+                            use_cache=False)  # fmt: skip
+    assert torch.equal(cached, plain)
+
+
+@pytest.mark.parametrize("strategy", ["angular-block", "lstsq-block"])
+def test_block_strategies_remove_one_contiguous_block(strategy, tokenizer):
+    model = make_tiny("mistral", num_hidden_layers=6)
+    res = prune_model_(model, tokenizer, PruneConfig(3, strategy=strategy, **KW))
+    r = sorted(res.removed)
+    assert r == list(range(r[0], r[0] + 3)) and bridge_positions(model) == [r[0]]
+    assert res.forward_passes == 2 * len(
+        list(data.batches(data.token_sequences(tokenizer, KW["calib"], 48, 600), 4, 0))
+    )  # one distance pass, one fit pass for the single run
+
+
+def test_angular_block_picks_the_identity_block(tokenizer):
+    model = make_tiny("llama", num_hidden_layers=6)
+    model.model.layers[3] = _Identity()
+    model.model.layers[4] = _Identity()
+    res = prune_model_(model, tokenizer, PruneConfig(2, strategy="angular-block", replace="none", **KW))
+    assert sorted(res.removed) == [3, 4] and res.steps[0]["score"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
+    from linearize.evaluate import perplexity
+
+    model = make_tiny("gemma2", num_hidden_layers=4)
+    direct = {}
+    for p in range(4):
+        with arch.layers_removed(model, [p]):
+            direct[p] = perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+    cfg = PruneConfig(1, strategy="ppl-greedy", replace="none", ppl_tokens=192, **KW)
+    res = prune_model_(model, tokenizer, cfg)
+    best = min(direct, key=direct.get)
+    assert res.removed == [best] and res.steps[0]["score"] == pytest.approx(direct[best], rel=1e-6)
+    assert arch.n_layers(model) == 3 and len(model.config.layer_types) == 3
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
+
+
+def test_layers_removed_context_restores_everything():
+    model = make_tiny("gemma2", num_hidden_layers=4)
+    types = list(model.config.layer_types)
+    with arch.layers_removed(model, [0, 2]) as kept:
+        assert kept == [1, 3] and arch.n_layers(model) == 2 and model.config.num_hidden_layers == 2
+    assert arch.n_layers(model) == 4 and model.config.layer_types == types
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize(
+    "model_type, kwargs, match",
+    [
+        ("mixtral", dict(strategy="layers", layers=[1]), "fold is not possible for 'mixtral'"),
+        ("gemma2", dict(strategy="layers", layers=[1]), "fold is not possible for 'gemma2'"),
+        ("llama", dict(strategy="layers", layers=[0, 1]), "cannot remove layer 0"),
+    ],
+)
+def test_bad_fold_requests_fail_before_work(model_type, kwargs, match, tokenizer):
+    model = make_tiny(model_type)
+    with pytest.raises(LinearizeError, match=match):
+        prune_model_(model, tokenizer, PruneConfig(replace="fold", **{**KW, **kwargs}))
+    assert arch.n_layers(model) == 3
+
+
+def test_greedy_fold_never_picks_layer_0(tokenizer):
+    model = make_tiny("llama", num_hidden_layers=4)
+    with torch.no_grad():  # layer 0 becomes the identity: the most linear, but nothing precedes it
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    res = prune_model_(model, tokenizer, PruneConfig(2, replace="fold", score="linearity", **KW))
+    assert 0 not in res.removed and arch.n_layers(model) == 2
+
+
+def test_runs_of():
+    from linearize.prune import runs_of
+
+    assert runs_of([7, 3, 4]) == [(3, 5), (7, 8)] and runs_of([]) == []

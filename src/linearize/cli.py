@@ -169,15 +169,22 @@ def prune(
         str, typer.Option(help="layers to remove: a count (8) or a share (25%)")
     ] = "8",
     strategy: Annotated[
-        str, typer.Option(help="linear-greedy | linear-oneshot | block-influence | layers")
-    ] = "linear-greedy",
-    replace: Annotated[str, typer.Option(help="none | linear")] = "linear",
+        str,
+        typer.Option(help="linear-greedy | linear-oneshot | block-influence | angular-block | "
+                     "lstsq-block | ppl-greedy | layers (with --sweep: a list, or all)"),
+    ] = "linear-greedy",  # fmt: skip
+    replace: Annotated[
+        str, typer.Option(help="none | linear | fold (with --sweep: a list)")
+    ] = "linear",
     score: Annotated[
-        str, typer.Option(help="linearity | linearity_no_residual | replacement_error")
-    ] = "linearity",
+        str, typer.Option(help="linear-*: replacement_error | linearity | linearity_no_residual")
+    ] = "replacement_error",
     layers: Annotated[str | None, typer.Option(help="with --strategy layers: e.g. 3,7,9")] = None,
     calib: Annotated[str, typer.Option(help="calibration data source")] = "builtin:calib",
     tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
+    ppl_tokens: Annotated[
+        int, typer.Option(help="ppl-greedy: calibration tokens scored per candidate")
+    ] = 4096,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     ridge: Annotated[float, typer.Option(help="relative ridge for the linear fits")] = 0.0,
@@ -185,13 +192,16 @@ def prune(
         str, typer.Option("--eval", help="held-out perplexity source ('' to skip)")
     ] = "builtin:eval",
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 16384,
-    out: Annotated[Path, typer.Option(help="output checkpoint directory")] = Path(
-        "linearize-out/pruned"
-    ),
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="counts to sweep, e.g. 0,2,4,8: writes a table and plot, no checkpoint"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float64")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
-    """Remove the most linear layers and write a checkpoint that linearize.load reads."""
+    """Remove the most linear layers and write a checkpoint that linearize.load reads
+    (with --sweep: compare strategies × replacements over several counts)."""
     from linearize.prune import PruneConfig
     from linearize.prune import prune as run_prune
 
@@ -205,7 +215,11 @@ def prune(
 
     try:
         config = PruneConfig(remove, strategy, replace, score, chosen, calib, tokens, seq_len,
-                             batch_size, ridge)  # fmt: skip
+                             batch_size, ridge, ppl_tokens)  # fmt: skip
+        if sweep is not None:
+            _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device)
+            return
+        out = out or Path("linearize-out/pruned")
         rep = run_prune(model, config, eval_data or None, eval_tokens, out, dtype, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
@@ -213,6 +227,23 @@ def prune(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
         f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}; wrote {out}"
     )
+
+
+def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device) -> None:
+    from linearize.sweep import sweep, table_markdown
+
+    if not eval_data:
+        raise LinearizeError("--sweep needs a held-out source (--eval)")
+    out = out or Path("linearize-out/sweep")
+
+    def on_row(r: dict) -> None:
+        typer.echo(f"{r['strategy']} / {r['replace']} / k={r['k']}: perplexity "
+                   f"{r['perplexity'] or r['note']}", err=True)  # fmt: skip
+
+    rows = sweep(model, config, ks, config.strategy, config.replace, eval_data, eval_tokens, out,
+                 dtype, device, on_row)  # fmt: skip
+    typer.echo(table_markdown(rows))
+    typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 
 
 @app.callback()

@@ -21,6 +21,16 @@ def _title(report: LinearityReport) -> str:
     return f"{report.model} — {report.tokens:,} tokens of {report.data}"
 
 
+def _save_png(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    finally:
+        plt.close(fig)
+
+
 def linearity_png(report: LinearityReport, path: Path) -> None:
     import matplotlib
 
@@ -37,11 +47,7 @@ def linearity_png(report: LinearityReport, path: Path) -> None:
     ax.set_title(_title(report), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    try:
-        atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    finally:
-        plt.close(fig)
+    _save_png(fig, path)
 
 
 def linearity_html(report: LinearityReport, path: Path) -> None:
@@ -59,3 +65,63 @@ def linearity_html(report: LinearityReport, path: Path) -> None:
         template="plotly_white", hovermode="x unified",
     )  # fmt: skip
     write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+
+
+Series = dict[str, tuple[list, list]]  # curve name -> (x values, y values)
+
+
+def curves_png(series: Series, path: Path, title: str, xlabel: str, ylabel: str,
+               logy: bool = False) -> None:  # fmt: skip
+    """One line per named series, e.g. perplexity against layers removed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, marker="o", markersize=3, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    if series:
+        ax.legend(fontsize=7, ncol=2)
+    _save_png(fig, path)
+
+
+def curves_html(series: Series, path: Path, title: str, xlabel: str, ylabel: str,
+                logy: bool = False) -> None:  # fmt: skip
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for name, (x, y) in series.items():
+        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, template="plotly_white",
+                      yaxis_type="log" if logy else "linear")  # fmt: skip
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+
+
+def _sweep_series(rows: list[dict]) -> Series:
+    base = [r for r in rows if r["strategy"] == "original" and r["perplexity"]]
+    series: Series = {}
+    for r in rows:
+        if r["strategy"] == "original" or not r["perplexity"]:
+            continue
+        x, y = series.setdefault(f"{r['strategy']} / {r['replace']}",
+                                 ([b["k"] for b in base], [b["perplexity"] for b in base]))  # fmt: skip
+        x.append(r["k"])
+        y.append(r["perplexity"])
+    return series
+
+
+def sweep_png(rows: list[dict], path: Path, model: str) -> None:
+    curves_png(_sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
+               "layers removed", "perplexity (log scale)", logy=True)  # fmt: skip
+
+
+def sweep_html(rows: list[dict], path: Path, model: str) -> None:
+    curves_html(_sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
+                "layers removed", "perplexity", logy=True)  # fmt: skip

@@ -1,0 +1,196 @@
+"""Pruning sweeps: every strategy × replacement × number of removed layers, on one protocol.
+
+The model is loaded once; each cell prunes a fresh copy of it. Greedy strategies are run once
+up to the largest k, and held-out perplexity is taken as the loop passes each k of the sweep,
+which is what the same run stopped at that k would give. Perplexity follows
+``linearize.evaluate.perplexity`` on a source disjoint from the calibration data.
+
+``sweep.json`` is rewritten (atomically) after every cell, with ``sweep.csv``, ``sweep.md``,
+``sweep.png`` and ``sweep.html``. A rerun with the same settings skips the cells already done,
+so an interrupted sweep resumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from linearize import arch, data
+from linearize._io import check_writable_dir, write_json, write_text
+from linearize.errors import LinearizeError
+from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
+
+SEQUENTIAL = ("linear-greedy", "ppl-greedy")
+COLUMNS = ("strategy", "replace", "k", "perplexity", "ratio", "removed", "elapsed_s",
+           "forward_passes", "note")  # fmt: skip
+
+
+def parse_list(text: str, choices: tuple[str, ...], what: str) -> list[str]:
+    """'all' or 'a,b' → a checked list."""
+    if text.strip() == "all":
+        return [c for c in choices if c != "layers"]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in choices]
+    if bad or not items:
+        raise LinearizeError(f"unknown {what} {bad or text!r} (choose from {', '.join(choices)})")
+    return items
+
+
+def parse_ks(text: str, n_layers: int) -> list[int]:
+    try:
+        ks = sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise LinearizeError(f"--sweep takes comma-separated counts, got '{text}'") from None
+    if not ks or ks[0] < 0 or ks[-1] >= n_layers:
+        raise LinearizeError(f"--sweep counts must be in 0..{n_layers - 1}, got '{text}'")
+    return ks
+
+
+def _cells_done(path: Path, settings: dict) -> list[dict]:
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    return old.get("rows", []) if old.get("settings") == settings else []
+
+
+def sweep(
+    model: str | None,
+    base: PruneConfig,
+    ks: str | list[int],
+    strategies: str | list[str] = "all",
+    replacements: str | list[str] = "none,linear,fold",
+    eval_data: str = "builtin:eval",
+    eval_tokens: int = 16384,
+    out: str | Path = "linearize-out/sweep",
+    dtype: str = "auto",
+    device: str = "auto",
+    on_row: Callable[[dict], None] | None = None,
+) -> list[dict]:
+    """Run the sweep and write its table and plot into ``out``; returns the rows."""
+    from linearize import __version__, models
+    from linearize.evaluate import perplexity
+
+    out = Path(out)
+    check_writable_dir(out)
+    strategies = parse_list(strategies, STRATEGIES, "strategy") if isinstance(strategies, str) \
+        else list(strategies)  # fmt: skip
+    replacements = parse_list(replacements, REPLACEMENTS, "replacement") \
+        if isinstance(replacements, str) else list(replacements)  # fmt: skip
+    hf_config = models.load_config(model)
+    n = getattr(hf_config, arch.n_layers_key(hf_config))
+    ks = parse_ks(ks, n) if isinstance(ks, str) else sorted(set(ks))
+    if "layers" in strategies:
+        raise LinearizeError("--sweep compares strategies over counts; it does not take 'layers'")
+    for s in strategies:
+        replace(base, strategy=s, replace=replacements[0], remove=max(max(ks), 1)).check(n)
+    data.resolve_source(base.calib)
+    data.resolve_source(eval_data)
+    settings = {"model": model or models.EMBEDDED_NAME, "config": asdict(base), "ks": ks,
+                "eval_data": eval_data, "eval_tokens": eval_tokens}  # fmt: skip
+    rows = _cells_done(out / "sweep.json", settings)
+    done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
+    lm, tok = models.load(model, dtype=dtype, device=device)
+
+    def ppl(m) -> float:
+        return perplexity(m, tok, eval_data, base.seq_len, eval_tokens, base.batch_size)
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        done.add((row["strategy"], row["replace"], row["k"]))
+        _write(out, settings, rows, __version__)
+        if on_row is not None:
+            on_row(row)
+
+    if 0 in ks and ("original", "none", 0) not in done:
+        add({"strategy": "original", "replace": "none", "k": 0, "perplexity": ppl(lm),
+             "removed": [], "elapsed_s": 0.0, "forward_passes": 0, "note": ""})  # fmt: skip
+    pos = [k for k in ks if k > 0]
+    for s in strategies:
+        for r in replacements:
+            todo = [k for k in pos if (s, r, k) not in done]
+            if not todo:
+                continue
+            if r == "fold":
+                try:
+                    arch.check_foldable(hf_config)
+                except LinearizeError as e:
+                    for k in todo:
+                        add(_na(s, r, k, str(e)))
+                    continue
+            if s in SEQUENTIAL:
+                _run_sequential(lm, tok, replace(base, strategy=s, replace=r, remove=max(todo)),
+                                todo, ppl, add)  # fmt: skip
+            else:
+                for k in todo:
+                    m = copy.deepcopy(lm)
+                    res = prune_model_(m, tok, replace(base, strategy=s, replace=r, remove=k))
+                    add(_row(s, r, k, ppl(m), res.removed, res.elapsed_s, res.forward_passes))
+                    del m
+    return rows
+
+
+def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add) -> None:
+    m = copy.deepcopy(lm)
+    start = time.perf_counter()
+    removed: list[int] = []
+
+    def on_step(step: dict) -> None:
+        removed.append(step["layer"])
+        if len(removed) in ks:
+            elapsed = round(time.perf_counter() - start, 2)
+            add(_row(cfg.strategy, cfg.replace, len(removed), ppl(m), list(removed), elapsed, None))
+
+    prune_model_(m, tok, cfg, on_step)
+
+
+def _row(s, r, k, ppl, removed, elapsed, passes) -> dict:
+    return {"strategy": s, "replace": r, "k": k, "perplexity": ppl, "removed": removed,
+            "elapsed_s": elapsed, "forward_passes": passes, "note": ""}  # fmt: skip
+
+
+def _na(s, r, k, why) -> dict:
+    return {**_row(s, r, k, None, [], 0.0, 0), "note": why}
+
+
+def _with_ratio(rows: list[dict]) -> list[dict]:
+    base = next((r["perplexity"] for r in rows if r["strategy"] == "original"), None)
+    return [dict(r, ratio=(r["perplexity"] / base if base and r["perplexity"] else None))
+            for r in rows]  # fmt: skip
+
+
+def table_markdown(rows: list[dict]) -> str:
+    head = "| strategy | replace | k | perplexity | × original | removed (original numbering) | time (s) |\n"
+    head += "|---|---|---|---|---|---|---|\n"
+    body = ""
+    for r in _with_ratio(rows):
+        ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else (r["note"] or "n/a")
+        ratio = f"{r['ratio']:.2f}" if r["ratio"] else ""
+        body += (f"| {r['strategy']} | {r['replace']} | {r['k']} | {ppl} | {ratio} | "
+                 f"{','.join(map(str, r['removed']))} | {r['elapsed_s']} |\n")  # fmt: skip
+    return head + body
+
+
+def _write(out: Path, settings: dict, rows: list[dict], version: str) -> None:
+    from linearize import plots
+
+    rows = sorted(rows, key=lambda r: (r["strategy"] != "original", r["strategy"], r["replace"], r["k"]))
+    full = _with_ratio(rows)
+    write_json(out / "sweep.json", {"settings": settings, "version": version, "rows": rows})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    for r in full:
+        w.writerow(dict(r, removed=" ".join(map(str, r["removed"]))))
+    write_text(out / "sweep.csv", buf.getvalue())
+    write_text(out / "sweep.md", table_markdown(rows))
+    plots.sweep_png(full, out / "sweep.png", settings["model"])
+    plots.sweep_html(full, out / "sweep.html", settings["model"])
