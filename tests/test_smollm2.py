@@ -47,3 +47,31 @@ def test_default_command_analyzes_embedded_model(tmp_path):
     rep = json.loads((out / "linearity.json").read_text())
     assert rep["model"] == "SmolLM2-135M-Instruct" and rep["tokens"] == 2048
     assert len(rep["layers"]) == 30 and (out / "report.html").exists()
+
+
+@pytest.mark.parametrize("replace", ["none", "linear", "fold"])
+def test_pruned_smollm2_saves_loads_and_generates(replace, smollm2, tmp_path):
+    import copy
+
+    import torch
+
+    from linearize import arch, load
+    from linearize.evaluate import perplexity
+    from linearize.prune import PruneConfig, prune_model_
+    from linearize.replace import save
+
+    model, tok = smollm2
+    pruned = copy.deepcopy(model)
+    cfg = PruneConfig(strategy="layers", layers=[14, 15, 16], replace=replace, tokens=2048)
+    prune_model_(pruned, tok, cfg)
+    save(pruned, tok, tmp_path, {"removed": [14, 15, 16]})
+    loaded, tok2 = load(str(tmp_path), dtype="float32", device="cpu")
+    assert arch.n_layers(loaded) == 27 and loaded.config.num_hidden_layers == 27
+    ids = tok2("The Python language", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-4)
+    cached = loaded.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(cached, loaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
+    full = perplexity(model, tok, "builtin:eval", 512, 2048)
+    cut = perplexity(loaded, tok2, "builtin:eval", 512, 2048)
+    assert full < cut < 20 * full  # three middle layers cost something, not everything
