@@ -246,6 +246,74 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device) ->
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 
 
+@app.command(context_settings={"allow_extra_args": False})
+def distill(
+    student: Annotated[str, typer.Argument(help="a checkpoint written by linearize prune")],
+    teacher: Annotated[
+        str | None, typer.Option(help="the original model (default: the one recorded in STUDENT)")
+    ] = None,
+    data: Annotated[str, typer.Option(help="training text source")] = "builtin:calib",
+    tokens: Annotated[int, typer.Option(help="training tokens, all processes together")] = 2_000_000,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per process per micro-step")] = 8,
+    grad_accum: Annotated[int, typer.Option(help="micro-steps per optimizer step")] = 1,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-4,
+    warmup: Annotated[float, typer.Option(help="share of steps spent warming up")] = 0.05,
+    w_hidden: Annotated[float, typer.Option(help="weight of the layer-wise hidden loss")] = 1.0,
+    w_kl: Annotated[float, typer.Option(help="weight of KL(teacher || student)")] = 1.0,
+    w_lm: Annotated[float, typer.Option(help="weight of the LM loss")] = 0.0,
+    hidden_loss: Annotated[str, typer.Option(help="mse | cosine | both")] = "mse",
+    temperature: Annotated[float, typer.Option(help="KL temperature")] = 1.0,
+    train: Annotated[
+        str, typer.Option(help="replacements | replacements+neighbors | lora | all")
+    ] = "replacements",
+    eval_data: Annotated[str, typer.Option("--eval", help="held-out source ('' to skip)")] = "builtin:eval",
+    eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 8192,
+    eval_every: Annotated[int, typer.Option(help="steps between held-out perplexities")] = 50,
+    save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/distilled"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Heal a pruned model: train its replacements against the original's hidden states."""
+    from linearize.distill import DistillConfig
+    from linearize.distill import distill as run_distill
+
+    _quiet_libraries()
+    try:
+        cfg = DistillConfig(teacher, data, tokens, seq_len, batch_size, grad_accum, lr, warmup,
+                            w_hidden=w_hidden, w_kl=w_kl, w_lm=w_lm, hidden_loss=hidden_loss,
+                            temperature=temperature, train=train, eval_data=eval_data,
+                            eval_tokens=eval_tokens, eval_every=eval_every,
+                            save_every=save_every, seed=seed)  # fmt: skip
+        with _step_progress() as on_step:
+            res = run_distill(student, cfg, out, resume, device, on_step)
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo(f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
+               f"held-out perplexity {res['perplexity_before']} -> {res['perplexity_after']}; "
+               f"wrote {out}/final")  # fmt: skip
+
+
+@contextmanager
+def _step_progress():
+    """A rich progress line on stderr showing the step and the latest losses."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as bar:  # fmt: skip
+        task = bar.add_task("starting")
+
+        def on_step(row: dict) -> None:
+            parts = " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                             if k not in ("step", "tokens") and isinstance(v, float))  # fmt: skip
+            bar.update(task, description=f"step {row['step']}: {parts}")
+
+        yield on_step
+
+
 @app.callback()
 def _root() -> None:
     """linearize: per-layer linearity of decoder LMs, and pruning, healing and pretraining."""

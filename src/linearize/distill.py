@@ -1,0 +1,384 @@
+"""Heal a pruned model: layer-wise distillation against the model it was cut from.
+
+The student is a checkpoint written by ``linearize prune``; ``config.linearize`` says which
+original layers it kept. Its residual stream at the input of each kept layer (after any
+replacement map) and at the input of the final norm is aligned with the teacher's stream at the
+input of the same original layer, and at its final norm. The loss is
+
+    w_hidden · Σ_b hidden(s_b, t_b) / B  +  w_kl · T² · KL(softmax(t/T) ‖ softmax(s/T))
+    + w_lm · cross-entropy,
+
+averaged over real tokens, where b runs over the B aligned boundaries and ``hidden`` is
+``mse``: ‖s − t‖² / ‖t‖² per token (relative, so boundaries of very different scale count
+alike), ``cosine``: 1 − cos(s, t), or ``both``. Teacher states come from a forward pass under
+``no_grad`` on the same batch.
+
+The loop runs on accelerate: one CPU process, or DDP under ``torchrun`` / ``accelerate
+launch``, bf16 autocast on GPUs, gradient accumulation, warmup + cosine schedule, clipping,
+checkpoints every ``save_every`` steps (``resume=True`` continues from the last one with the
+same data order), held-out perplexity every ``eval_every`` steps into ``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from linearize import arch, data, models
+from linearize._io import atomic_dir, check_writable_dir, write_json, write_text
+from linearize.errors import LinearizeError
+from linearize.prune import runs_of
+from linearize.replace import BRIDGE
+
+TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
+HIDDEN_LOSSES = ("mse", "cosine", "both")
+
+
+@dataclass
+class DistillConfig:
+    """One distillation run. Every field can be set from the command line."""
+
+    teacher: str | None = None  # default: the model recorded in the pruned checkpoint
+    data: str = "builtin:calib"  # training text
+    tokens: int = 2_000_000  # training tokens (all processes together)
+    seq_len: int = 512  # tokens per sequence
+    batch_size: int = 8  # sequences per process per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-4  # peak learning rate (the maps start at their least-squares optimum)
+    warmup: float = 0.05  # share of steps spent warming up
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    w_hidden: float = 1.0  # weight of the layer-wise hidden-state loss
+    w_kl: float = 1.0  # weight of KL(teacher ‖ student) on logits
+    w_lm: float = 0.0  # weight of the language-modelling loss
+    hidden_loss: str = "mse"  # mse | cosine | both
+    temperature: float = 1.0  # for the KL term
+    train: str = "replacements"  # replacements | replacements+neighbors | lora | all
+    lora_rank: int = 16  # with train=lora
+    eval_data: str = "builtin:eval"  # held-out perplexity source ('' to skip)
+    eval_tokens: int = 8192
+    eval_every: int = 50  # steps between held-out perplexity measurements
+    save_every: int = 100  # steps between checkpoints
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.train not in TRAIN_MODES:
+            raise LinearizeError(f"unknown --train '{self.train}' (choose from {', '.join(TRAIN_MODES)})")
+        if self.hidden_loss not in HIDDEN_LOSSES:
+            raise LinearizeError(f"unknown --hidden-loss '{self.hidden_loss}' (choose from {', '.join(HIDDEN_LOSSES)})")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise LinearizeError(f"--{name.replace('_', '-')} must be at least 1")
+        if min(self.w_hidden, self.w_kl, self.w_lm) < 0 or self.w_hidden + self.w_kl + self.w_lm == 0:
+            raise LinearizeError("loss weights must be >= 0 and not all 0")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise LinearizeError("--temperature and --lr must be positive")
+
+
+# -- alignment and what trains -------------------------------------------------------------------
+def kept_layers(student: nn.Module) -> list[int]:
+    """Original indices of the student's layers, from the pruning record (or 1:1)."""
+    rec = getattr(student.config, "linearize", None) or {}
+    n = arch.n_layers(student)
+    if not rec:
+        return list(range(n))
+    removed = set(rec["removed"])
+    kept = [i for i in range(rec["original_layers"]) if i not in removed]
+    if len(kept) != n:
+        raise LinearizeError(f"the pruning record keeps {len(kept)} layers but the model has {n}")
+    return kept
+
+
+def boundaries(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(student module, teacher module) pairs whose *inputs* are the aligned streams."""
+    kept = kept_layers(student)
+    _, s_layers = arch.get_layers(student)
+    _, t_layers = arch.get_layers(teacher)
+    if kept[-1] >= len(t_layers):
+        raise LinearizeError(f"the teacher has {len(t_layers)} layers; the student needs {kept[-1] + 1}")
+    pairs = [(s_layers[j], t_layers[i]) for j, i in enumerate(kept) if j > 0 or i > 0]
+    s_norm, t_norm = arch.get_final_norm(student), arch.get_final_norm(teacher)
+    if s_norm is not None and t_norm is not None:
+        pairs.append((s_norm, t_norm))
+    return pairs
+
+
+def select_trainable_(student: nn.Module, mode: str, lora_rank: int = 16) -> nn.Module:
+    """Set requires_grad for ``mode``; returns the model to train (a PEFT wrapper for lora)."""
+    rec = getattr(student.config, "linearize", None) or {}
+    kept = kept_layers(student)
+    _, layers = arch.get_layers(student)
+    runs = runs_of(rec.get("removed", []))
+    # positions of kept layers right before / after a removed run
+    before = [kept.index(lo - 1) for lo, _ in runs if lo - 1 in kept]
+    after = [kept.index(hi) for _, hi in runs if hi in kept]
+    for p in student.parameters():
+        p.requires_grad_(mode == "all")
+    if mode == "all":
+        return student
+    if mode == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules="all-linear")
+        student = get_peft_model(student, cfg)
+    for name, p in student.named_parameters():
+        if BRIDGE in name:
+            p.requires_grad_(True)
+    if rec.get("replace") == "fold":  # the maps live in these projections
+        for pos in before:
+            for p in arch.mlp_out_proj(student, pos).parameters():
+                p.requires_grad_(True)
+    if mode == "replacements+neighbors":
+        for pos in set(before) | set(after):
+            for p in layers[pos].parameters():
+                p.requires_grad_(True)
+    if not any(p.requires_grad for p in student.parameters()):
+        raise LinearizeError(f"--train {mode}: this student has no replacement to train "
+                             "(it was pruned with --replace none); use --train all or lora")  # fmt: skip
+    return student
+
+
+# -- the loss ------------------------------------------------------------------------------------
+class _Inputs:
+    """Pre-hooks that keep the input of each module of a list, for one forward pass."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.values: list[Tensor | None] = [None] * len(modules)
+        self.handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+                        for i, m in enumerate(modules)]  # fmt: skip
+
+    def _hook(self, i: int) -> Callable:
+        def hook(module, args, kwargs):
+            self.values[i] = args[0] if args else kwargs["hidden_states"]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def hidden_loss(s: Tensor, t: Tensor, mask: Tensor, kind: str) -> Tensor:
+    """Mean over real tokens of the chosen per-token loss between (B, T, d) streams."""
+    s, t = s.float(), t.float()
+    out = s.new_zeros(())
+    if kind in ("mse", "both"):
+        rel = (s - t).square().sum(-1) / t.square().sum(-1).clamp_min(1e-12)
+        out = out + rel[mask].mean()
+    if kind in ("cosine", "both"):
+        out = out + (1.0 - F.cosine_similarity(s, t, dim=-1))[mask].mean()
+    return out
+
+
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor, s_states: list[Tensor],
+                 t_states: list[Tensor], batch: dict[str, Tensor], c: DistillConfig) -> dict[str, Tensor]:  # fmt: skip
+    mask = batch["attention_mask"].bool()  # (B, T)
+    parts: dict[str, Tensor] = {}
+    if c.w_hidden:
+        losses = [hidden_loss(s, t.to(s.device), mask, c.hidden_loss) for s, t in zip(s_states, t_states)]
+        parts["hidden"] = torch.stack(losses).mean() if losses else student_logits.new_zeros(())
+    if c.w_kl:
+        tau = c.temperature
+        logp_s = F.log_softmax(student_logits[mask].float() / tau, -1)  # (N, V)
+        logp_t = F.log_softmax(teacher_logits[mask].float() / tau, -1)
+        parts["kl"] = F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean") * tau**2
+    if c.w_lm:
+        ids = batch["input_ids"]
+        keep = mask[:, 1:]
+        parts["lm"] = F.cross_entropy(student_logits[:, :-1][keep].float(), ids[:, 1:][keep])
+    total = (c.w_hidden * parts.get("hidden", 0.0) + c.w_kl * parts.get("kl", 0.0)
+             + c.w_lm * parts.get("lm", 0.0))  # fmt: skip
+    return {"loss": total, **parts}
+
+
+# -- the run --------------------------------------------------------------------------------------
+def _teacher_name(student_dir: str, student, teacher: str | None) -> str | None:
+    if teacher:
+        return teacher
+    rec = getattr(student.config, "linearize", None)
+    if not rec:
+        raise LinearizeError(f"'{student_dir}' is not a pruned checkpoint (no config.linearize): "
+                             "name the original model with --teacher")  # fmt: skip
+    base = rec["base_model"]
+    return None if base == models.EMBEDDED_NAME else base
+
+
+def _check_tokenizers(s_tok, t_tok, student, teacher) -> None:
+    if s_tok.get_vocab() != t_tok.get_vocab() or (
+        student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]
+    ):
+        raise LinearizeError("student and teacher have different tokenizers or vocabularies")
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    found = sorted(out.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return found[-1] if found else None
+
+
+def distill(
+    student_dir: str,
+    config: DistillConfig | None = None,
+    out: str | Path = "linearize-out/distilled",
+    resume: bool = False,
+    device: str = "auto",
+    on_step: Callable[[dict], None] | None = None,
+    max_steps: int | None = None,
+) -> dict:
+    """Distill ``student_dir`` against its teacher; writes ``out/final`` and returns a summary.
+
+    ``max_steps`` stops early (after saving a checkpoint), as a kill would; the schedule still
+    follows ``config.tokens``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
+    from linearize import __version__
+    from linearize.evaluate import perplexity
+    from linearize.replace import save
+
+    c = config or DistillConfig()
+    c.check()
+    out = Path(out)
+    check_writable_dir(out)
+    data.resolve_source(c.data)
+    if c.eval_data:
+        data.resolve_source(c.eval_data)
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    acc = Accelerator(gradient_accumulation_steps=c.grad_accum, cpu=cpu,
+                      mixed_precision="no" if cpu else "bf16")  # fmt: skip
+    world, rank = acc.num_processes, acc.process_index
+    per_step = c.seq_len * c.batch_size * c.grad_accum * world
+    if c.tokens < per_step:
+        raise LinearizeError(f"--tokens {c.tokens} is less than one optimizer step "
+                             f"({c.batch_size}×{c.seq_len}×{c.grad_accum}×{world} = {per_step} tokens)")  # fmt: skip
+    dev = "cpu" if cpu else str(acc.device)
+    student, s_tok = models.load(student_dir, dtype="float32", device=dev)
+    teacher_name = _teacher_name(student_dir, student, c.teacher)
+    teacher, t_tok = models.load(teacher_name, dtype="float32", device=dev)
+    _check_tokenizers(s_tok, t_tok, student, teacher)
+    teacher.requires_grad_(False)
+    pairs = boundaries(student, teacher)
+    set_seed(c.seed)
+    trainable = select_trainable_(student, c.train, c.lora_rank)
+
+    seqs = list(data.token_sequences(s_tok, c.data, c.seq_len, c.tokens, rank=rank, world_size=world))
+    micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(s_tok)))
+    total_steps = max(1, len(micro) // c.grad_accum)
+    micro = micro[: total_steps * c.grad_accum]
+    params = [p for p in trainable.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
+    model, opt, sched = acc.prepare(trainable, opt, sched)
+
+    rows: list[dict] = []
+    step = 0
+    if resume and (ckpt := _latest_checkpoint(out)) is not None:
+        acc.load_state(str(ckpt / "state"))
+        step = json.loads((ckpt / "trainer.json").read_text())["step"]
+        if (out / "metrics.csv").exists():
+            rows = [r for r in csv.DictReader(io.StringIO((out / "metrics.csv").read_text()))
+                    if int(r["step"]) <= step]  # fmt: skip
+
+    s_mods, t_mods = [p[0] for p in pairs], [p[1] for p in pairs]
+    unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
+    ppl_before = None
+    if c.eval_data and step == 0 and acc.is_main_process:
+        ppl_before = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
+    start = time.perf_counter()
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    model.train()
+    while step < stop_at:
+        logs: dict[str, float] = {}
+        for b in micro[step * c.grad_accum : (step + 1) * c.grad_accum]:
+            b = {k: v.to(acc.device) for k, v in b.items()}
+            with acc.accumulate(model):
+                t_in = _Inputs(t_mods)
+                with torch.no_grad():
+                    t_logits = teacher(**b, use_cache=False).logits
+                t_in.remove()
+                s_in = _Inputs(s_mods)
+                with acc.autocast():
+                    s_logits = model(**b, use_cache=False).logits
+                s_in.remove()
+                parts = distill_loss(s_logits, t_logits, s_in.values, t_in.values, b, c)
+                acc.backward(parts["loss"])
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(params, c.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            for k, v in parts.items():  # the mean over processes, for the log
+                logs[k] = logs.get(k, 0.0) + float(acc.reduce(v.detach(), "mean")) / c.grad_accum
+        step += 1
+        row = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
+        if c.eval_data and (step % c.eval_every == 0 or step == total_steps):
+            model.eval()
+            row["perplexity"] = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
+            model.train()
+        rows.append(row)
+        if on_step is not None and acc.is_main_process:
+            on_step(row)
+        if step % c.save_every == 0 or step == stop_at:
+            _save_checkpoint(acc, out, step, rows)
+    elapsed = time.perf_counter() - start
+    summary = {"student": student_dir, "teacher": teacher_name or models.EMBEDDED_NAME,
+               "config": asdict(c), "steps": step, "total_steps": total_steps,
+               "tokens_seen": step * per_step, "elapsed_s": round(elapsed, 2),
+               "perplexity_before": ppl_before,
+               "perplexity_after": next((float(r["perplexity"]) for r in reversed(rows)
+                                         if r.get("perplexity") not in (None, "")), None),
+               "world_size": world, "version": __version__}  # fmt: skip
+    if step < total_steps:
+        return summary  # stopped early: the checkpoint holds the state
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = unwrapped()
+        if c.train == "lora":
+            final = final.merge_and_unload()
+        final.eval()
+        rec = dict(getattr(final.config, "linearize", None) or {})
+        rec["distill"] = summary
+
+        def write(tmp: Path) -> None:
+            save(final, s_tok, tmp, rec)
+
+        atomic_dir(out / "final", write)
+        write_json(out / "distill.json", summary)
+    return summary
+
+
+def _save_checkpoint(acc, out: Path, step: int, rows: list[dict]) -> None:
+    """Every process writes its part of the state into a temporary directory; the main one
+    renames it into place, so a kill never leaves a half-written checkpoint behind."""
+    import os
+    import shutil
+
+    final = out / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(f".step-{step}.tmp")
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp / "state"))
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        write_json(tmp / "trainer.json", {"step": step})
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k != "tokens", k))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        write_text(out / "metrics.csv", buf.getvalue())
+    acc.wait_for_everyone()

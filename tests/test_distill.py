@@ -1,0 +1,117 @@
+"""Distillation of pruned tiny models against their originals: loss, resume, modes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from linearize import arch, load
+from linearize.distill import DistillConfig, distill
+from linearize.errors import LinearizeError
+from linearize.prune import PruneConfig, prune
+
+CAL = dict(tokens=600, seq_len=48, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("teacher")
+    make_tiny("llama", num_hidden_layers=5).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _pruned(teacher_dir, tmp_path, replace="linear"):
+    out = tmp_path / f"pruned-{replace}"
+    cfg = PruneConfig(strategy="layers", layers=[2, 3], replace=replace, **CAL)
+    prune(str(teacher_dir), cfg, eval_data=None, out=out, device="cpu")
+    return str(out)
+
+
+def _cfg(**kw):
+    base = dict(tokens=32 * 2 * 8, seq_len=32, batch_size=2, lr=3e-4, eval_tokens=256,
+                eval_every=4, save_every=4, w_kl=0.5)  # fmt: skip
+    return DistillConfig(**{**base, **kw})
+
+
+def _identity_bridge(student: str, tmp_path):
+    """The pruned student with its bridge reset to the identity: something left to learn."""
+    from linearize.replace import get_bridge, save
+
+    model, tok = load(student, device="cpu")
+    with torch.no_grad():
+        bridge = get_bridge(model, 2)
+        bridge.weight.copy_(torch.eye(bridge.weight.shape[0]))
+        bridge.bias.zero_()
+    save(model, tok, tmp_path / "reset", dict(model.config.linearize))
+    return str(tmp_path / "reset")
+
+
+def test_distill_lowers_the_loss_and_writes_a_loadable_checkpoint(teacher_dir, tmp_path):
+    student = _identity_bridge(_pruned(teacher_dir, tmp_path), tmp_path)
+    rows = []
+    res = distill(student, _cfg(lr=1e-2, tokens=32 * 2 * 16), tmp_path / "d", device="cpu",
+                  on_step=rows.append)  # fmt: skip
+    assert res["steps"] == 16 and len(rows) == 16
+    first = sum(r["hidden"] for r in rows[:3]) / 3
+    last = sum(r["hidden"] for r in rows[-3:]) / 3
+    assert last < 0.95 * first
+    assert res["perplexity_after"] < res["perplexity_before"]
+    model, _ = load(str(tmp_path / "d" / "final"), device="cpu")
+    assert arch.n_layers(model) == 3 and model.config.linearize["distill"]["steps"] == 16
+    assert (tmp_path / "d" / "metrics.csv").read_text().startswith("step,tokens")
+    # only the bridge trained: the kept layers are the teacher's
+    teacher, _ = load(str(teacher_dir), device="cpu")
+    assert torch.equal(model.model.layers[0].mlp.down_proj.weight,
+                       teacher.model.layers[0].mlp.down_proj.weight)  # fmt: skip
+
+
+def test_resume_after_a_kill_gives_the_same_next_loss(teacher_dir, tmp_path):
+    student = _pruned(teacher_dir, tmp_path)
+    full: list[dict] = []
+    distill(student, _cfg(eval_data=""), tmp_path / "a", device="cpu", on_step=full.append)
+    killed: list[dict] = []
+    distill(student, _cfg(eval_data=""), tmp_path / "b", device="cpu", on_step=killed.append,
+            max_steps=4)  # fmt: skip
+    assert not (tmp_path / "b" / "final").exists()
+    resumed: list[dict] = []
+    distill(student, _cfg(eval_data=""), tmp_path / "b", resume=True, device="cpu",
+            on_step=resumed.append)  # fmt: skip
+    assert resumed[0]["step"] == 5
+    assert resumed[0]["loss"] == pytest.approx(full[4]["loss"], rel=1e-6)
+    assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("replace, train", [("fold", "replacements"), ("linear", "lora"),
+                                            ("linear", "replacements+neighbors"),
+                                            ("none", "all")])  # fmt: skip
+def test_training_modes(replace, train, teacher_dir, tmp_path):
+    student = _pruned(teacher_dir, tmp_path, replace)
+    rows = []
+    distill(student, _cfg(train=train, hidden_loss="both", eval_data=""), tmp_path / "d",
+            device="cpu", on_step=rows.append)  # fmt: skip
+    assert len(rows) == 8 and all(r["loss"] > 0 for r in rows)
+    model, _ = load(str(tmp_path / "d" / "final"), device="cpu")
+    assert arch.n_layers(model) == 3
+    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
+                          pad_token_id=0).shape == (1, 6)  # fmt: skip
+
+
+def test_bad_distill_requests(teacher_dir, tmp_path, tokenizer):
+    student = _pruned(teacher_dir, tmp_path)
+    with pytest.raises(LinearizeError, match="not a pruned checkpoint"):
+        distill(str(teacher_dir), _cfg(), tmp_path / "x", device="cpu")
+    with pytest.raises(LinearizeError, match="less than one optimizer step"):
+        distill(student, _cfg(tokens=10), tmp_path / "x", device="cpu")
+    with pytest.raises(LinearizeError, match="unknown --train"):
+        distill(student, _cfg(train="some"), tmp_path / "x", device="cpu")
+    with pytest.raises(LinearizeError, match="no replacement to train"):
+        distill(_pruned(teacher_dir, tmp_path, "none"), _cfg(), tmp_path / "x", device="cpu")
+    other = tmp_path / "other"
+    make_tiny("llama", num_hidden_layers=5, vocab_size=300).save_pretrained(other)
+    tokenizer.add_tokens(["<extra-token>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(LinearizeError, match="different tokenizers"):
+        distill(student, _cfg(teacher=str(other)), tmp_path / "x", device="cpu")
+    assert not (tmp_path / "x" / "final").exists()
