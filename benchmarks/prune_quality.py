@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default="linearize-out/bench-prune")
     a = ap.parse_args()
     out = Path(a.out)
-    base = PruneConfig(tokens=a.tokens, ppl_tokens=a.ppl_tokens)
+    base = PruneConfig(tokens=a.tokens, ppl_tokens=a.ppl_tokens, score="replacement_error")
     show = lambda r: print(f"  {r['strategy']:15s} {r['replace']:6s} k={r['k']:2d} "  # noqa: E731
                            f"ppl={r['perplexity']}", flush=True)  # fmt: skip
     rows = sweep(None, base, a.ks, a.strategies, a.replace, "builtin:eval", a.eval_tokens,

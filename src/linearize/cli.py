@@ -177,8 +177,8 @@ def prune(
         str, typer.Option(help="none | linear | fold (with --sweep: a list)")
     ] = "linear",
     score: Annotated[
-        str, typer.Option(help="linear-*: replacement_error | linearity | linearity_no_residual")
-    ] = "replacement_error",
+        str, typer.Option(help="linear-*: linearity | linearity_no_residual | replacement_error")
+    ] = "linearity",
     layers: Annotated[str | None, typer.Option(help="with --strategy layers: e.g. 3,7,9")] = None,
     calib: Annotated[str, typer.Option(help="calibration data source")] = "builtin:calib",
     tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,

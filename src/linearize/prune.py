@@ -84,7 +84,7 @@ class PruneConfig:
     remove: str | int = 8  # layers to remove: a count (8) or a share ("25%")
     strategy: str = "linear-greedy"  # one of STRATEGIES
     replace: str = "linear"  # none | linear | fold
-    score: str = "replacement_error"  # linear-*: linearity | linearity_no_residual | replacement_error
+    score: str = "linearity"  # linear-*: linearity | linearity_no_residual | replacement_error
     layers: list[int] | None = None  # with strategy "layers": original 0-based indices
     calib: str = "builtin:calib"  # calibration data source
     tokens: int = 32768  # calibration tokens
