@@ -47,10 +47,7 @@ class LayerCapture:
 
     # -- hooks ----------------------------------------------------------------------------
     def _rows(self, h: Tensor) -> Tensor:
-        rows = h.reshape(-1, h.shape[-1])  # (B*T, d)
-        if self._mask is not None:
-            rows = rows[self._mask.to(rows.device)]
-        return rows.to(torch.float64)
+        return _masked_rows(h, self._mask)
 
     def _pre(self, i: int) -> Callable:
         def hook(module, args, kwargs):
