@@ -115,3 +115,48 @@ def test_bad_distill_requests(teacher_dir, tmp_path, tokenizer):
     with pytest.raises(LinearizeError, match="different tokenizers"):
         distill(student, _cfg(teacher=str(other)), tmp_path / "x", device="cpu")
     assert not (tmp_path / "x" / "final").exists()
+
+
+def test_cached_teacher_gives_the_same_losses(teacher_dir, tmp_path):
+    """Epoch 2 reads the teacher from disk; the losses equal a run that recomputes it."""
+    student = _pruned(teacher_dir, tmp_path)
+    plain: list[dict] = []
+    distill(student, _cfg(eval_data="", epochs=2), tmp_path / "a", device="cpu", on_step=plain.append)
+    cached: list[dict] = []
+    cfg = _cfg(eval_data="", epochs=2, cache_teacher=str(tmp_path / "cache"))
+    res = distill(student, cfg, tmp_path / "b", device="cpu", on_step=cached.append)
+    assert res["steps"] == 16 and len(list((tmp_path / "cache").glob("*.safetensors"))) == 8
+    for a, b in zip(plain, cached, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    with pytest.raises(LinearizeError, match="other settings"):
+        distill(student, _cfg(eval_data="", seq_len=16, cache_teacher=str(tmp_path / "cache")),
+                tmp_path / "c", device="cpu")  # fmt: skip
+
+
+def test_tensorboard_events_when_installed(teacher_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    distill(_pruned(teacher_dir, tmp_path), _cfg(eval_data=""), tmp_path / "d", device="cpu")
+    assert list((tmp_path / "d" / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_two_process_torchrun_distill(teacher_dir, tmp_path):
+    """DDP on CPU (gloo): two processes train and write a checkpoint that loads."""
+    import os
+    import subprocess
+    import sys
+
+    student = _pruned(teacher_dir, tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "linearize.cli", "distill", student, "--tokens", str(32 * 2 * 2 * 4),
+           "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "256", "--eval-every", "2",
+           "--save-every", "2", "--lr", "3e-4", "--device", "cpu", "--out", str(tmp_path / "d")]  # fmt: skip
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    summary = json.loads((tmp_path / "d" / "distill.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["tokens_seen"] == 32 * 2 * 2 * 4
+    model, _ = load(str(tmp_path / "d" / "final"), device="cpu")
+    assert arch.n_layers(model) == 3

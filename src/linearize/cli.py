@@ -272,6 +272,12 @@ def distill(
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexities")] = 50,
     save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    epochs: Annotated[int, typer.Option(help="passes over the --tokens training tokens")] = 1,
+    lora_rank: Annotated[int, typer.Option(help="LoRA rank with --train lora")] = 16,
+    teacher_dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
+    cache_teacher: Annotated[
+        str | None, typer.Option(help="directory for teacher states, reused by later epochs/runs")
+    ] = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/distilled"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
@@ -286,7 +292,9 @@ def distill(
                             w_hidden=w_hidden, w_kl=w_kl, w_lm=w_lm, hidden_loss=hidden_loss,
                             temperature=temperature, train=train, eval_data=eval_data,
                             eval_tokens=eval_tokens, eval_every=eval_every,
-                            save_every=save_every, seed=seed)  # fmt: skip
+                            save_every=save_every, seed=seed, epochs=epochs,
+                            lora_rank=lora_rank, teacher_dtype=teacher_dtype,
+                            cache_teacher=cache_teacher)  # fmt: skip
         with _step_progress() as on_step:
             res = run_distill(student, cfg, out, resume, device, on_step)
     except LinearizeError as e:

@@ -11,17 +11,20 @@ input of the same original layer, and at its final norm. The loss is
 averaged over real tokens, where b runs over the B aligned boundaries and ``hidden`` is
 ``mse``: ‖s − t‖² / ‖t‖² per token (relative, so boundaries of very different scale count
 alike), ``cosine``: 1 − cos(s, t), or ``both``. Teacher states come from a forward pass under
-``no_grad`` on the same batch.
+``no_grad`` on the same batch, or, with ``cache_teacher``, from safetensors shards written the
+first time each batch is seen (worth it with ``epochs`` > 1 or repeated runs).
 
 The loop runs on accelerate: one CPU process, or DDP under ``torchrun`` / ``accelerate
 launch``, bf16 autocast on GPUs, gradient accumulation, warmup + cosine schedule, clipping,
 checkpoints every ``save_every`` steps (``resume=True`` continues from the last one with the
-same data order), held-out perplexity every ``eval_every`` steps into ``metrics.csv``.
+same data order), held-out perplexity every ``eval_every`` steps into ``metrics.csv`` (and
+TensorBoard event files under ``out/tensorboard`` when tensorboard is installed).
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -70,13 +73,18 @@ class DistillConfig:
     eval_every: int = 50  # steps between held-out perplexity measurements
     save_every: int = 100  # steps between checkpoints
     seed: int = 0
+    epochs: int = 1  # passes over the ``tokens`` training tokens
+    teacher_dtype: str = "float32"  # float32 | bfloat16 | float16 (halves teacher memory)
+    cache_teacher: str | None = None  # directory of teacher states, reused across epochs/runs
 
     def check(self) -> None:
         if self.train not in TRAIN_MODES:
             raise LinearizeError(f"unknown --train '{self.train}' (choose from {', '.join(TRAIN_MODES)})")
         if self.hidden_loss not in HIDDEN_LOSSES:
             raise LinearizeError(f"unknown --hidden-loss '{self.hidden_loss}' (choose from {', '.join(HIDDEN_LOSSES)})")
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every"):
+        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise LinearizeError(f"unknown --teacher-dtype '{self.teacher_dtype}' (float32, bfloat16, float16)")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "epochs"):
             if getattr(self, name) < 1:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be at least 1")
         if min(self.w_hidden, self.w_kl, self.w_lm) < 0 or self.w_hidden + self.w_kl + self.w_lm == 0:
@@ -201,6 +209,58 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, s_states: list[
     return {"loss": total, **parts}
 
 
+# -- teacher states on disk ------------------------------------------------------------------------
+class TeacherCache:
+    """Teacher boundary states of each micro-batch as safetensors shards, one file per batch.
+
+    Only the boundary *inputs* are stored (the last one is the final norm's input); logits are
+    recomputed from it through the teacher's norm and LM head, a d×V product instead of V floats
+    per token on disk. ``manifest.json`` pins what the shards were computed from, so a cache is
+    never reused for other data, another teacher or another batch layout.
+    """
+
+    def __init__(self, root: str | Path, manifest: dict, rank: int) -> None:
+        self.root, self.rank = Path(root), rank
+        path = self.root / "manifest.json"
+        if path.exists():
+            found = json.loads(path.read_text())
+            if found != manifest:
+                diff = sorted(k for k in manifest if found.get(k) != manifest[k])
+                raise LinearizeError(f"--cache-teacher {root} was written for other settings "
+                                     f"({', '.join(diff)}); use another directory")  # fmt: skip
+        elif rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            write_json(path, manifest)
+
+    def _file(self, index: int) -> Path:
+        return self.root / f"rank{self.rank}-{index:06d}.safetensors"
+
+    def get(self, index: int, device) -> list[Tensor] | None:
+        from safetensors.torch import load_file
+
+        f = self._file(index)
+        if not f.exists():
+            return None
+        d = load_file(str(f), device=str(device))
+        return [d[f"b{i}"] for i in range(len(d))]
+
+    def put(self, index: int, states: list[Tensor]) -> None:
+        import os
+
+        from safetensors.torch import save_file
+
+        tmp = self._file(index).with_suffix(".tmp")
+        save_file({f"b{i}": s.detach().contiguous().cpu() for i, s in enumerate(states)}, str(tmp))
+        os.replace(tmp, self._file(index))
+
+
+def logits_from_final(teacher: nn.Module, x: Tensor) -> Tensor:
+    """The teacher's logits from the input of its final norm (Gemma's soft cap included)."""
+    logits = teacher.get_output_embeddings()(arch.get_final_norm(teacher)(x))
+    cap = getattr(teacher.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 # -- the run --------------------------------------------------------------------------------------
 def _teacher_name(student_dir: str, student, teacher: str | None) -> str | None:
     if teacher:
@@ -255,8 +315,10 @@ def distill(
     if c.eval_data:
         data.resolve_source(c.eval_data)
     cpu = device == "cpu" or not torch.cuda.is_available()
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     acc = Accelerator(gradient_accumulation_steps=c.grad_accum, cpu=cpu,
-                      mixed_precision="no" if cpu else "bf16")  # fmt: skip
+                      mixed_precision="no" if cpu else "bf16",
+                      log_with="tensorboard" if tensorboard else None, project_dir=str(out))  # fmt: skip
     world, rank = acc.num_processes, acc.process_index
     per_step = c.seq_len * c.batch_size * c.grad_accum * world
     if c.tokens < per_step:
@@ -265,7 +327,7 @@ def distill(
     dev = "cpu" if cpu else str(acc.device)
     student, s_tok = models.load(student_dir, dtype="float32", device=dev)
     teacher_name = _teacher_name(student_dir, student, c.teacher)
-    teacher, t_tok = models.load(teacher_name, dtype="float32", device=dev)
+    teacher, t_tok = models.load(teacher_name, dtype=c.teacher_dtype, device=dev)
     _check_tokenizers(s_tok, t_tok, student, teacher)
     teacher.requires_grad_(False)
     pairs = boundaries(student, teacher)
@@ -274,8 +336,18 @@ def distill(
 
     seqs = list(data.token_sequences(s_tok, c.data, c.seq_len, c.tokens, rank=rank, world_size=world))
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(s_tok)))
-    total_steps = max(1, len(micro) // c.grad_accum)
-    micro = micro[: total_steps * c.grad_accum]
+    per_epoch = max(1, len(micro) // c.grad_accum)
+    micro = micro[: per_epoch * c.grad_accum]
+    total_steps = per_epoch * c.epochs
+    cache = None
+    if c.cache_teacher:
+        if arch.get_final_norm(teacher) is None:
+            raise LinearizeError("--cache-teacher needs a model with a final norm in the architecture table")
+        manifest = {"teacher": teacher_name or models.EMBEDDED_NAME, "data": c.data,
+                    "tokens": c.tokens, "seq_len": c.seq_len, "batch_size": c.batch_size,
+                    "world_size": world, "boundaries": len(pairs), "dtype": c.teacher_dtype}  # fmt: skip
+        acc.wait_for_everyone()
+        cache = TeacherCache(c.cache_teacher, manifest, rank)
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
@@ -291,27 +363,42 @@ def distill(
                     if int(r["step"]) <= step]  # fmt: skip
 
     s_mods, t_mods = [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def teacher_pass(b: dict[str, Tensor], index: int) -> tuple[Tensor | None, list[Tensor]]:
+        """Teacher logits and boundary states for micro-batch ``index`` (from disk if cached)."""
+        states = cache.get(index, acc.device) if cache is not None else None
+        if states is not None:
+            with torch.no_grad():
+                return (logits_from_final(teacher, states[-1]) if c.w_kl else None), states
+        t_in = _Inputs(t_mods)
+        with torch.no_grad():
+            logits = teacher(**b, use_cache=False).logits
+        t_in.remove()
+        if cache is not None:
+            cache.put(index, t_in.values)
+        return logits, t_in.values
+
     unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
     ppl_before = None
     if c.eval_data and step == 0 and acc.is_main_process:
         ppl_before = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
     start = time.perf_counter()
     stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    if tensorboard:
+        acc.init_trackers("tensorboard")
     model.train()
     while step < stop_at:
         logs: dict[str, float] = {}
-        for b in micro[step * c.grad_accum : (step + 1) * c.grad_accum]:
-            b = {k: v.to(acc.device) for k, v in b.items()}
+        for j in range(c.grad_accum):
+            index = (step * c.grad_accum + j) % len(micro)  # the same batches every epoch
+            b = {k: v.to(acc.device) for k, v in micro[index].items()}
             with acc.accumulate(model):
-                t_in = _Inputs(t_mods)
-                with torch.no_grad():
-                    t_logits = teacher(**b, use_cache=False).logits
-                t_in.remove()
+                t_logits, t_states = teacher_pass(b, index)
                 s_in = _Inputs(s_mods)
                 with acc.autocast():
                     s_logits = model(**b, use_cache=False).logits
                 s_in.remove()
-                parts = distill_loss(s_logits, t_logits, s_in.values, t_in.values, b, c)
+                parts = distill_loss(s_logits, t_logits, s_in.values, t_states, b, c)
                 acc.backward(parts["loss"])
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, c.max_grad_norm)
@@ -327,6 +414,8 @@ def distill(
             row["perplexity"] = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
             model.train()
         rows.append(row)
+        if tensorboard:
+            acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
         if on_step is not None and acc.is_main_process:
             on_step(row)
         if step % c.save_every == 0 or step == stop_at:
@@ -339,6 +428,9 @@ def distill(
                "perplexity_after": next((float(r["perplexity"]) for r in reversed(rows)
                                          if r.get("perplexity") not in (None, "")), None),
                "world_size": world, "version": __version__}  # fmt: skip
+    if tensorboard:
+        for tracker in acc.trackers:  # not acc.end_training(): it ends the process group too
+            tracker.finish()
     if step < total_steps:
         return summary  # stopped early: the checkpoint holds the state
     acc.wait_for_everyone()

@@ -1,0 +1,72 @@
+"""Distillation step throughput ÷ a plain student forward+backward on the same batches.
+
+    python benchmarks/distill_speed.py [--steps 6] [--seq-len 512] [--batch-size 4]
+
+Prunes the embedded SmolLM2 by 8 layers (12–19, one affine map; the paper's choice on this
+model), then measures in one process:
+  * distill: seconds per optimizer step of ``linearize.distill`` itself (teacher forward, student
+    forward with the boundary hooks, losses, backward, AdamW), timed between ``on_step`` calls
+    with checkpoints and held-out evaluation switched off, first step excluded;
+  * plain: ``student(**batch, labels=ids).loss.backward()`` plus the same optimizer step, on the
+    same batches, with the same parameters trainable.
+Prints tokens/s of both and the ratio (goal ≥ 0.6: the teacher forward is the price).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from linearize import data, load
+from linearize.distill import DistillConfig, distill, select_trainable_
+from linearize.prune import PruneConfig, prune
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--train", default="replacements")
+    a = ap.parse_args()
+    per_step = a.seq_len * a.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        student_dir = Path(tmp) / "pruned"
+        cfg = PruneConfig(strategy="layers", layers=list(range(12, 20)), replace="linear",
+                          tokens=4096, seq_len=a.seq_len)  # fmt: skip
+        prune(None, cfg, eval_data=None, out=student_dir, device="cpu")
+
+        stamps: list[float] = []
+        dcfg = DistillConfig(tokens=per_step * a.steps, seq_len=a.seq_len, batch_size=a.batch_size,
+                             eval_data="", save_every=10**9, train=a.train)  # fmt: skip
+        distill(str(student_dir), dcfg, Path(tmp) / "d", device="cpu",
+                on_step=lambda r: stamps.append(time.perf_counter()))  # fmt: skip
+        distill_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+        student, tok = load(str(student_dir), dtype="float32", device="cpu")
+        trainable = select_trainable_(student, a.train)
+        opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=1e-4)
+        seqs = list(data.token_sequences(tok, "builtin:calib", a.seq_len, per_step * a.steps))
+        trainable.train()
+        times = []
+        for b in data.batches(seqs, a.batch_size, data.pad_id_of(tok)):
+            t0 = time.perf_counter()
+            labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+            trainable(**b, labels=labels, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            times.append(time.perf_counter() - t0)
+        plain_s = sum(times[1:]) / len(times[1:])
+    print(f"tokens per step: {per_step} (batch {a.batch_size} × seq {a.seq_len}), "
+          f"--train {a.train}, {a.steps} steps, first excluded")  # fmt: skip
+    print(f"distill step : {distill_s:.2f} s  ({per_step / distill_s:.0f} tok/s)")
+    print(f"plain fwd+bwd: {plain_s:.2f} s  ({per_step / plain_s:.0f} tok/s)")
+    print(f"ratio distill ÷ plain tok/s: {plain_s / distill_s:.2f}  (goal >= 0.6)")
+
+
+if __name__ == "__main__":
+    main()
