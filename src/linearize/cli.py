@@ -304,6 +304,75 @@ def distill(
                f"wrote {out}/final")  # fmt: skip
 
 
+def _csv(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+@app.command("eval")
+def eval_(
+    models_: Annotated[list[str], typer.Argument(metavar="MODEL...", help="models or checkpoint dirs; 'embedded' = SmolLM2")],
+    ppl: Annotated[str, typer.Option(help="perplexity source ('' to skip)")] = "builtin:eval",
+    ppl_tokens: Annotated[int, typer.Option(help="perplexity tokens")] = 32768,
+    seq_len: Annotated[int, typer.Option(help="window / max example length in tokens")] = 512,
+    stride: Annotated[int | None, typer.Option(help="sliding-window stride (default: non-overlapping)")] = None,
+    tasks: Annotated[str, typer.Option(help="lm-eval tasks, e.g. arc_easy,hellaswag")] = "",
+    task_include: Annotated[list[str] | None, typer.Option(help="directory of lm-eval task YAMLs")] = None,
+    task_limit: Annotated[int | None, typer.Option(help="examples per lm-eval task")] = None,
+    probe: Annotated[str, typer.Option(help="probing tasks: boolq,cb,rte,wic,copa,xstorycloze-en or FILE.jsonl")] = "",
+    probe_limit: Annotated[int, typer.Option(help="examples per probing split")] = 1000,
+    judge: Annotated[str, typer.Option(help="stories | tinystories | FILE of prompts ('' to skip)")] = "",
+    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (key: $LINEARIZE_JUDGE_KEY or $OPENAI_API_KEY)")] = None,
+    judge_model: Annotated[str | None, typer.Option(help="model name at --judge-url, or a local HF judge model")] = None,
+    judge_limit: Annotated[int | None, typer.Option(help="number of prompts")] = None,
+    judge_tokens: Annotated[int, typer.Option(help="new tokens per story")] = 128,
+    judge_timeout: Annotated[float, typer.Option(help="seconds per judge request")] = 60.0,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path, typer.Option(help="output directory (one subdirectory per model when several)")] = Path("linearize-out/eval"),
+) -> None:
+    """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
+    from linearize.suite import EvalConfig, evaluate_model
+
+    _quiet_libraries()
+    cfg = EvalConfig(ppl=ppl or None, ppl_tokens=ppl_tokens, seq_len=seq_len, stride=stride,
+                     tasks=_csv(tasks), task_include=task_include or [], task_limit=task_limit,
+                     probe=_csv(probe), probe_limit=probe_limit, judge=judge or None,
+                     judge_url=judge_url, judge_model=judge_model, judge_limit=judge_limit,
+                     judge_tokens=judge_tokens, judge_timeout=judge_timeout,
+                     batch_size=batch_size, dtype=dtype)  # fmt: skip
+    for name in models_:
+        where = out if len(models_) == 1 else out / Path(name).name
+        label = None if name == "embedded" else name
+        try:
+            res = evaluate_model(label, cfg, where, device,
+                                 on_part=lambda p: typer.echo(f"  {p} done", err=True))  # fmt: skip
+        except LinearizeError as e:
+            _fail(f"{name}: {e} (finished parts are in {where}/results.json)")
+        summary = [f"perplexity {res['perplexity']:.3f}"] if "perplexity" in res else []
+        summary += [f"{t} {m}" for t, m in res.get("lm_eval", {}).items()]
+        summary += [f"probe {t} best {max(r['accuracy'] for r in v):.3f}" for t, v in res.get("probe", {}).items()]
+        if "judge" in res:
+            summary.append(f"judge overall {res['judge']['mean']['overall']:.2f}")
+        typer.echo(f"{name}: " + "; ".join(summary) + f" -> {where}/results.json")
+
+
+@app.command()
+def compare(
+    dirs: Annotated[list[str], typer.Argument(metavar="DIR...", help="linearize eval output directories")],
+    labels: Annotated[str, typer.Option(help="comma-separated labels (default: directory names)")] = "",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compare"),
+) -> None:
+    """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
+    from linearize.compare import compare as run_compare
+
+    try:
+        run_compare(dirs, out, _csv(labels) or None)
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo((out / "compare.md").read_text() + f"wrote {out}/compare.csv, .md, .png, .html")
+
+
 @contextmanager
 def _step_progress():
     """A rich progress line on stderr showing the step and the latest losses."""

@@ -125,3 +125,65 @@ def sweep_png(rows: list[dict], path: Path, model: str) -> None:
 def sweep_html(rows: list[dict], path: Path, model: str) -> None:
     curves_html(_sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
                 "layers removed", "perplexity", logy=True)  # fmt: skip
+
+
+def _probe_curve(layers: list[dict]) -> tuple[list[float], list[float]]:
+    depth = max(r["layer"] for r in layers) or 1
+    return [r["layer"] / depth for r in layers], [r["accuracy"] for r in layers]
+
+
+def compare_png(rows: list[dict], metrics: list[str], probes: dict[str, dict], path: Path) -> None:
+    """Bars per scalar metric and per-layer probing curves, one panel each, models side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [m for m in metrics if not m.endswith("best layer")]
+    tasks = sorted({t for p in probes.values() for t in p})
+    n = max(1, len(metrics) + len(tasks))
+    cols = min(3, n)
+    nrows = -(-n // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), dpi=110, squeeze=False)
+    labels = [r["label"] for r in rows]
+    for ax, m in zip(axes.flat, metrics):
+        vals = [r.get(m, float("nan")) for r in rows]
+        ax.bar(range(len(rows)), vals, color=[f"C{i}" for i in range(len(rows))])
+        ax.set_xticks(range(len(rows)), labels, rotation=20, fontsize=7)
+        ax.set_title(m, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    for ax, t in zip(axes.flat[len(metrics) :], tasks):
+        for i, lab in enumerate(labels):
+            if t in probes.get(lab, {}):
+                ax.plot(*_probe_curve(probes[lab][t]), marker="o", markersize=2, color=f"C{i}", label=lab)
+        ax.set_title(f"probe {t}: accuracy by depth", fontsize=9)
+        ax.set_xlabel("layer / last layer", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in axes.flat[len(metrics) + len(tasks) :]:
+        ax.axis("off")
+    _save_png(fig, path)
+
+
+def compare_html(rows: list[dict], metrics: list[str], probes: dict[str, dict], path: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    metrics = [m for m in metrics if not m.endswith("best layer")]
+    tasks = sorted({t for p in probes.values() for t in p})
+    titles = metrics + [f"probe {t}" for t in tasks]
+    n = max(1, len(titles))
+    cols = min(3, n)
+    fig = make_subplots(rows=-(-n // cols), cols=cols, subplot_titles=titles or None)
+    labels = [r["label"] for r in rows]
+    for i, m in enumerate(metrics):
+        fig.add_trace(go.Bar(x=labels, y=[r.get(m) for r in rows], name=m, showlegend=False),
+                      row=i // cols + 1, col=i % cols + 1)  # fmt: skip
+    for j, t in enumerate(tasks, start=len(metrics)):
+        for lab in labels:
+            if t in probes.get(lab, {}):
+                x, y = _probe_curve(probes[lab][t])
+                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{lab} · {t}"),
+                              row=j // cols + 1, col=j % cols + 1)  # fmt: skip
+    fig.update_layout(template="plotly_white", title="linearize compare")
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))

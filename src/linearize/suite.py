@@ -1,0 +1,120 @@
+"""``linearize eval``: perplexity, lm-eval tasks, linear probing and an LLM judge, one model
+load, one ``results.json``.
+
+``results.json`` is the contract ``linearize compare`` reads::
+
+    {"model": NAME, "perplexity": FLOAT, "perplexity_protocol": {...},
+     "lm_eval": {TASK: {METRIC: FLOAT}}, "probe": {TASK: [{"layer", "accuracy", ...}]},
+     "judge": {"n", "mean": {ASPECT: FLOAT}, "stories": [...]}, "config": {...}}
+
+It is rewritten atomically after every part, so when a later part fails (an unreachable judge,
+an unknown task), the parts already finished stay on disk and the error is one line.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from linearize import models
+from linearize._io import check_writable_dir, write_json
+from linearize.errors import LinearizeError
+
+
+@dataclass
+class EvalConfig:
+    ppl: str | None = "builtin:eval"  # perplexity source (None: skip)
+    ppl_tokens: int | None = 32768
+    seq_len: int = 512
+    stride: int | None = None  # sliding windows (see linearize.evaluate)
+    tasks: list[str] = field(default_factory=list)  # lm-eval task names
+    task_include: list[str] = field(default_factory=list)  # directories of task YAMLs
+    task_limit: int | None = None  # examples per lm-eval task
+    probe: list[str] = field(default_factory=list)  # probing task names or .jsonl files
+    probe_limit: int | None = 1000  # examples per probing split
+    judge: str | None = None  # stories | tinystories | FILE
+    judge_url: str | None = None  # OpenAI-compatible endpoint
+    judge_model: str | None = None  # model name at the endpoint, or a local HF model
+    judge_limit: int | None = None
+    judge_tokens: int = 128  # new tokens per story
+    judge_timeout: float = 60.0
+    judge_retries: int = 3
+    batch_size: int = 8
+    dtype: str = "float32"
+    seed: int = 0
+
+    def check(self) -> None:
+        if not (self.ppl or self.tasks or self.probe or self.judge):
+            raise LinearizeError("nothing to evaluate: give --ppl, --tasks, --probe or --judge")
+        if self.judge and not (self.judge_url or self.judge_model):
+            raise LinearizeError("--judge needs --judge-url (an OpenAI-compatible server) or "
+                                 "--judge-model (a local model)")  # fmt: skip
+        if self.judge_retries < 1 or self.judge_timeout <= 0:
+            raise LinearizeError("--judge-retries must be >= 1 and --judge-timeout positive")
+
+
+def evaluate_model(
+    name: str | None,
+    config: EvalConfig,
+    out: str | Path,
+    device: str = "auto",
+    on_part: Callable[[str], None] | None = None,
+) -> dict:
+    """Run every requested part on ``name`` and write ``out/results.json``; returns it."""
+    import torch
+
+    from linearize import judge, probe
+    from linearize.evaluate import perplexity
+
+    c = config
+    c.check()
+    out = Path(out)
+    check_writable_dir(out)
+    # cheap checks first, so a bad file fails before minutes of work
+    probe_tasks = [probe.load_task(p, c.probe_limit) for p in c.probe]
+    prompts = judge.load_prompts(c.judge, c.judge_limit) if c.judge else []
+    model, tok = models.load(name, dtype=c.dtype, device=device)
+    result: dict = {"model": name or models.EMBEDDED_NAME, "config": asdict(c)}
+    path = out / "results.json"
+
+    def part(label: str) -> None:
+        write_json(path, result)
+        if on_part is not None:
+            on_part(label)
+
+    write_json(path, result)
+    if c.ppl:
+        torch.manual_seed(c.seed)
+        result["perplexity"] = perplexity(model, tok, c.ppl, c.seq_len, c.ppl_tokens, c.batch_size,
+                                          stride=c.stride)  # fmt: skip
+        result["perplexity_protocol"] = {"source": c.ppl, "tokens": c.ppl_tokens,
+                                         "seq_len": c.seq_len, "stride": c.stride}  # fmt: skip
+        part("perplexity")
+    if c.tasks:
+        from linearize.harness import run_tasks
+
+        result["lm_eval"] = run_tasks(model, tok, c.tasks, c.task_include, c.task_limit,
+                                      c.batch_size, seed=c.seed)  # fmt: skip
+        part("lm_eval")
+    if probe_tasks:
+        result["probe"] = {}
+        for t in probe_tasks:
+            result["probe"][t.name] = probe.probe(model, tok, t, c.seq_len, c.batch_size)
+            part(f"probe {t.name}")
+    if c.judge:
+        stories = judge.generate_stories(model, tok, prompts, c.judge_tokens)
+        if c.judge_url:
+            ask = judge.http_judge(c.judge_url, c.judge_model or "default", c.judge_timeout)
+            where = f"judge at {c.judge_url}"
+        else:
+            j_model, j_tok = models.load(c.judge_model, dtype=c.dtype, device=device)
+            ask, where = judge.local_judge(j_model, j_tok), f"judge model '{c.judge_model}'"
+        try:
+            result["judge"] = judge.score_stories(ask, prompts, stories, c.judge_retries, where=where)
+        except LinearizeError:
+            result["judge_stories"] = [{"prompt": p, "story": s} for p, s in zip(prompts, stories)]
+            write_json(path, result)
+            raise
+        part("judge")
+    return result
