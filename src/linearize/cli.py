@@ -373,6 +373,96 @@ def compare(
     typer.echo((out / "compare.md").read_text() + f"wrote {out}/compare.csv, .md, .png, .html")
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def pretrain(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Option(help="tiny | 150m | 650m | FILE.yaml")] = "tiny",
+    data: Annotated[str | None, typer.Option(help="training sources, comma-separated (e.g. roneneldan/TinyStories)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="tokenizer name or dir (default: the embedded SmolLM2's)")] = None,
+    reg: Annotated[str | None, typer.Option(help="cosine | mse | none")] = None,
+    reg_weight: Annotated[float | None, typer.Option(help="λ, the regulariser's weight")] = None,
+    tokens: Annotated[int | None, typer.Option(help="training tokens")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    probe_every: Annotated[int | None, typer.Option(help="steps between linearity probes")] = None,
+    save_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/pretrain"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Pretrain a Mistral model with the linearity regulariser. Extra KEY=VALUE arguments
+    override the config (model.hidden_size=256 lr=1e-3 ...)."""
+    from linearize.pretrain import load_config
+    from linearize.pretrain import pretrain as run_pretrain
+
+    _quiet_libraries()
+    try:
+        cfg = load_config(config, list(ctx.args), data=data, tokenizer=tokenizer, reg=reg,
+                          reg_weight=reg_weight, tokens=tokens, seed=seed,
+                          probe_every=probe_every, save_every=save_every)  # fmt: skip
+        with _step_progress() as on_step:
+            res = run_pretrain(cfg, out, resume, device, on_step)
+    except LinearizeError as e:
+        _fail(str(e))
+    last = res["final"] or {}
+    typer.echo(f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
+               f"held-out perplexity {last.get('perplexity', float('nan')):.2f}, mean linearity "
+               f"{last.get('mean_linearity', float('nan')):.4f} (w/o residual "
+               f"{last.get('mean_linearity_no_residual', float('nan')):.4f}); wrote {out}/final")  # fmt: skip
+
+
+@app.command()
+def dynamics(
+    checkpoints: Annotated[list[str], typer.Argument(metavar="CKPT...", help="dirs, training output dirs, or hub ids with @revision")],
+    data: Annotated[str, typer.Option(help="text source")] = "builtin:eval",
+    tokens: Annotated[int, typer.Option(help="tokens per checkpoint")] = 16384,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
+    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float64 | auto")] = "float32",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/dynamics"),
+) -> None:
+    """Linearity across a series of checkpoints: dynamics.json/.csv/.md/.png/.html."""
+    from linearize.dynamics import dynamics as run_dynamics
+    from linearize.dynamics import table_markdown
+
+    _quiet_libraries()
+    try:
+        rows = run_dynamics(checkpoints, data, tokens, seq_len, batch_size, out, dtype, device,
+                            on_row=lambda r: typer.echo(f"  step {r['step']}: {r['mean_linearity']:.4f}", err=True))  # fmt: skip
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo(table_markdown(rows) + f"wrote {out}/dynamics.json, .csv, .md, .png, .html")
+
+
+@app.command()
+def finetune(
+    model: Annotated[str, typer.Argument(help="model to fine-tune ('embedded' = SmolLM2)")],
+    task: Annotated[str, typer.Option(help="a .jsonl task (boolq/cb/rte/wic fields or text/label)")],
+    epochs: Annotated[float, typer.Option(help="passes over the train split")] = 1.0,
+    lr: Annotated[float, typer.Option(help="learning rate")] = 2e-5,
+    batch_size: Annotated[int, typer.Option(help="examples per step")] = 8,
+    max_len: Annotated[int, typer.Option(help="tokens per example")] = 256,
+    save_steps: Annotated[int, typer.Option(help="steps between checkpoints")] = 50,
+    limit: Annotated[int, typer.Option(help="examples per split")] = 2000,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/finetune"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Fine-tune on a classification task (HF Trainer); compare with `linearize dynamics BASE OUT`."""
+    from linearize.finetune import FinetuneConfig
+    from linearize.finetune import finetune as run_finetune
+
+    _quiet_libraries()
+    try:
+        cfg = FinetuneConfig(epochs, lr, batch_size, max_len, save_steps=save_steps, limit=limit, seed=seed)
+        res = run_finetune(None if model == "embedded" else model, task, cfg, out, resume, device)
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo(f"{res['steps']} steps on {res['task']}: held-out accuracy {res['accuracy_before']:.3f} "
+               f"-> {res['accuracy_after']:.3f}; wrote {out}/final")  # fmt: skip
+
+
 @contextmanager
 def _step_progress():
     """A rich progress line on stderr showing the step and the latest losses."""

@@ -23,9 +23,7 @@ TensorBoard event files under ``out/tensorboard`` when tensorboard is installed)
 
 from __future__ import annotations
 
-import csv
 import importlib.util
-import io
 import json
 import math
 import time
@@ -38,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
-from linearize._io import atomic_dir, check_writable_dir, write_json, write_text
+from linearize._io import atomic_dir, check_writable_dir, write_json
 from linearize.errors import LinearizeError
 from linearize.prune import runs_of
 from linearize.replace import BRIDGE
+from linearize.training import read_metrics, resume_step, save_checkpoint
 
 TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
 HIDDEN_LOSSES = ("mse", "cosine", "both")
@@ -280,11 +279,6 @@ def _check_tokenizers(s_tok, t_tok, student, teacher) -> None:
         raise LinearizeError("student and teacher have different tokenizers or vocabularies")
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    found = sorted(out.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return found[-1] if found else None
-
-
 def distill(
     student_dir: str,
     config: DistillConfig | None = None,
@@ -355,12 +349,9 @@ def distill(
 
     rows: list[dict] = []
     step = 0
-    if resume and (ckpt := _latest_checkpoint(out)) is not None:
-        acc.load_state(str(ckpt / "state"))
-        step = json.loads((ckpt / "trainer.json").read_text())["step"]
-        if (out / "metrics.csv").exists():
-            rows = [r for r in csv.DictReader(io.StringIO((out / "metrics.csv").read_text()))
-                    if int(r["step"]) <= step]  # fmt: skip
+    if resume:
+        step = resume_step(acc, out)
+        rows = read_metrics(out, step)
 
     s_mods, t_mods = [p[0] for p in pairs], [p[1] for p in pairs]
 
@@ -419,7 +410,7 @@ def distill(
         if on_step is not None and acc.is_main_process:
             on_step(row)
         if step % c.save_every == 0 or step == stop_at:
-            _save_checkpoint(acc, out, step, rows)
+            save_checkpoint(acc, out, step, rows)
     elapsed = time.perf_counter() - start
     summary = {"student": student_dir, "teacher": teacher_name or models.EMBEDDED_NAME,
                "config": asdict(c), "steps": step, "total_steps": total_steps,
@@ -448,29 +439,3 @@ def distill(
         atomic_dir(out / "final", write)
         write_json(out / "distill.json", summary)
     return summary
-
-
-def _save_checkpoint(acc, out: Path, step: int, rows: list[dict]) -> None:
-    """Every process writes its part of the state into a temporary directory; the main one
-    renames it into place, so a kill never leaves a half-written checkpoint behind."""
-    import os
-    import shutil
-
-    final = out / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(f".step-{step}.tmp")
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp / "state"))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        write_json(tmp / "trainer.json", {"step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "step", k != "tokens", k))
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-        write_text(out / "metrics.csv", buf.getvalue())
-    acc.wait_for_everyone()

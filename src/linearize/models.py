@@ -87,6 +87,9 @@ def resolve_model(name: str | None) -> tuple[str, dict]:
         return str(path), {}
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise LinearizeError(f"model path '{name}' not found")
+    repo, at, revision = name.partition("@")  # Pythia's "EleutherAI/pythia-160m@step1000"
+    if at and repo and revision:
+        return repo, {"revision": revision}
     return name, {}  # a Hub id
 
 

@@ -187,3 +187,51 @@ def compare_html(rows: list[dict], metrics: list[str], probes: dict[str, dict], 
                               row=j // cols + 1, col=j % cols + 1)  # fmt: skip
     fig.update_layout(template="plotly_white", title="linearize compare")
     write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+
+
+def dynamics_png(rows: list[dict], path: Path) -> None:
+    """Left: mean linearity (with and without residual) against step. Right: per-layer linearity
+    without residual, one curve per checkpoint, darker = later."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    steps = [r["step"] for r in rows]
+    a.plot(steps, [r["mean_linearity"] for r in rows], marker="o", label="mean linearity")
+    a2 = a.twinx()
+    a2.plot(steps, [r["mean_linearity_no_residual"] for r in rows], marker="s", color="C1",
+            label="mean linearity without residual")  # fmt: skip
+    a.set_xlabel("step")
+    a.set_ylabel("mean linearity", color="C0")
+    a2.set_ylabel("mean linearity without residual", color="C1")
+    a.grid(alpha=0.3)
+    cmap = plt.get_cmap("viridis")
+    for i, r in enumerate(rows):
+        x = [layer["layer"] for layer in r["layers"]]
+        b.plot(x, [layer["linearity_no_residual"] for layer in r["layers"]], marker="o", markersize=2,
+               color=cmap(i / max(1, len(rows) - 1)), label=f"step {r['step']}")  # fmt: skip
+    b.set_xlabel("layer")
+    b.set_ylabel("linearity without residual")
+    b.grid(alpha=0.3)
+    if len(rows) <= 12:
+        b.legend(fontsize=6)
+    _save_png(fig, path)
+
+
+def dynamics_html(rows: list[dict], path: Path) -> None:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean against step", "per layer (w/o residual)"))
+    steps = [r["step"] for r in rows]
+    for key in ("mean_linearity", "mean_linearity_no_residual"):
+        fig.add_trace(go.Scatter(x=steps, y=[r[key] for r in rows], mode="lines+markers", name=key),
+                      row=1, col=1)  # fmt: skip
+    for r in rows:
+        fig.add_trace(go.Scatter(x=[layer["layer"] for layer in r["layers"]],
+                                 y=[layer["linearity_no_residual"] for layer in r["layers"]],
+                                 mode="lines+markers", name=f"step {r['step']}"), row=1, col=2)  # fmt: skip
+    fig.update_layout(template="plotly_white", title="linearity dynamics")
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))

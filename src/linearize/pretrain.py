@@ -1,0 +1,366 @@
+"""Pretrain a Mistral-architecture model with the paper's linearity regulariser.
+
+The objective is ``LM loss + reg_weight · R``. With h_0 the input of the first decoder layer and
+h_i the output of layer i (captured by hooks in the same forward, before the final norm), over
+the L layer pairs (h_{i-1}, h_i), i = 1..L, and the N real (non-padding) tokens:
+
+* ``cosine``: R = Σ_i (1/N) Σ_t (1 − cos(h_{i-1,t}, h_{i,t}))
+* ``mse``:    R = Σ_i (1/N) Σ_t ‖h_{i,t} − h_{i-1,t}‖²  (divided by the hidden size when
+  ``reg_normalize``, so the weight means the same at any width)
+* ``none``:   R = 0 (still logged, so the two runs are compared on the same number)
+
+Razzhigaev et al. (2024) report that the cosine term (λ = 0.5) lowers per-layer linearity and
+improves the model; they give no configs, so the presets below are ours (see ``PRESETS``).
+Every ``probe_every`` steps the analysis core (``linearize.analyze_model``) scores each layer on
+a fixed held-out set, and held-out perplexity is measured; both go to ``probe.jsonl`` and
+``metrics.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from linearize import arch, data, models
+from linearize._io import atomic_dir, check_writable_dir, write_json, write_text
+from linearize.errors import LinearizeError
+
+REGS = ("cosine", "mse", "none")
+
+# Mistral configs. Sizes follow the paper's two scales (≈150M and ≈650M parameters with the
+# 49,152-token SmolLM2 tokenizer, embeddings tied); the shapes are the usual ones for those sizes
+# (head dim 64/96, GQA, MLP ≈ 2.7× hidden). `tiny` (7.5M) exists to train on a CPU in minutes.
+PRESETS: dict[str, dict] = {
+    "tiny": {"model": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=384),
+             "seq_len": 128, "batch_size": 8, "lr": 2e-3, "tokens": 400_000, "warmup": 0.05,
+             "probe_every": 50, "probe_tokens": 4096, "save_every": 100},
+    "150m": {"model": dict(hidden_size=768, num_hidden_layers=18, num_attention_heads=12,
+                           num_key_value_heads=4, intermediate_size=2048),
+             "seq_len": 1024, "batch_size": 16, "grad_accum": 4, "lr": 6e-4,
+             "tokens": 3_000_000_000, "warmup": 0.01, "probe_every": 1000, "save_every": 2000},
+    "650m": {"model": dict(hidden_size=1536, num_hidden_layers=22, num_attention_heads=16,
+                           num_key_value_heads=8, intermediate_size=4096),
+             "seq_len": 1024, "batch_size": 16, "grad_accum": 8, "lr": 3e-4,
+             "tokens": 10_000_000_000, "warmup": 0.01, "probe_every": 1000, "save_every": 2000},
+}  # fmt: skip
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run; a YAML file or ``key=value`` overrides set any field
+    (``model.KEY`` sets a MistralConfig argument)."""
+
+    model: dict = field(default_factory=lambda: dict(PRESETS["tiny"]["model"]))
+    data: str = "builtin:calib"  # comma-separated sources, interleaved by sequence
+    tokenizer: str | None = None  # default: the embedded SmolLM2's
+    tokens: int = 400_000  # training tokens, all processes together
+    seq_len: int = 128
+    batch_size: int = 8  # sequences per process per micro-step
+    grad_accum: int = 1
+    lr: float = 2e-3
+    warmup: float = 0.05
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    reg: str = "cosine"
+    reg_weight: float = 0.5
+    reg_normalize: bool = True  # mse only: divide by the hidden size
+    probe_data: str = "builtin:eval"
+    probe_tokens: int = 4096
+    probe_every: int = 50
+    save_every: int = 100
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.reg not in REGS:
+            raise LinearizeError(f"unknown --reg '{self.reg}' (choose from {', '.join(REGS)})")
+        if self.reg_weight < 0:
+            raise LinearizeError(f"--reg-weight must be >= 0, got {self.reg_weight}")
+        for name in ("tokens", "seq_len", "batch_size", "grad_accum", "probe_every", "save_every"):
+            if getattr(self, name) < 1:
+                raise LinearizeError(f"{name} must be at least 1")
+        if self.lr <= 0:
+            raise LinearizeError("lr must be positive")
+        from transformers import MistralConfig
+
+        known = MistralConfig()
+        for k in self.model:
+            if not hasattr(known, k):
+                raise LinearizeError(f"unknown model key 'model.{k}' (not a MistralConfig field)")
+
+
+def _parse_value(text: str):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def load_config(name: str = "tiny", overrides: list[str] | None = None, **options) -> PretrainConfig:
+    """A preset name or a YAML file, then ``key=value`` overrides, then keyword options."""
+    import yaml
+
+    keys = {f.name for f in fields(PretrainConfig)}
+    if name in PRESETS:
+        raw = json.loads(json.dumps(PRESETS[name]))
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise LinearizeError(f"unknown config '{name}' (presets: {', '.join(PRESETS)}; or a YAML file)")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise LinearizeError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(raw, dict):
+            raise LinearizeError(f"{path}: expected a mapping of settings")
+        base = raw.pop("preset", "tiny")
+        if base not in PRESETS:
+            raise LinearizeError(f"{path}: unknown preset '{base}'")
+        merged = json.loads(json.dumps(PRESETS[base]))
+        merged["model"].update(raw.pop("model", None) or {})
+        merged.update(raw)
+        raw = merged
+    for item in overrides or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise LinearizeError(f"override '{item}' is not KEY=VALUE")
+        if key.startswith("model."):
+            raw.setdefault("model", {})[key[6:]] = _parse_value(value)
+        else:
+            raw[key] = _parse_value(value)
+    raw.update({k: v for k, v in options.items() if v is not None})
+    unknown = sorted(set(raw) - keys)
+    if unknown:
+        raise LinearizeError(f"unknown config key '{unknown[0]}' (known: {', '.join(sorted(keys))})")
+    defaults = PretrainConfig()
+    for k, v in raw.items():
+        raw[k] = _coerce(k, v, getattr(defaults, k))
+    cfg = PretrainConfig(**raw)
+    cfg.check()
+    return cfg
+
+
+def _coerce(key: str, value, default):
+    """YAML reads ``3e-4`` as a string; make each value the type of its field, or say why not."""
+    if isinstance(default, bool) or default is None or isinstance(default, (str, dict)):
+        ok = default is None or isinstance(value, type(default))
+        if not ok:
+            raise LinearizeError(f"config key '{key}' must be a {type(default).__name__}, got {value!r}")
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LinearizeError(f"config key '{key}' must be a number, got {value!r}") from None
+    if isinstance(default, int):
+        if number != int(number):
+            raise LinearizeError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+def regulariser(states: list[Tensor], mask: Tensor, kind: str, normalize: bool = True) -> Tensor:
+    """R over consecutive states (see the module docstring); ``states`` = [h_0, …, h_L]."""
+    m = mask.bool()
+    total = states[0].new_zeros((), dtype=torch.float32)
+    if kind == "none":
+        return total
+    for a, b in zip(states[:-1], states[1:]):
+        a, b = a.float()[m], b.float()[m]  # (N, d)
+        if kind == "cosine":
+            total = total + (1.0 - F.cosine_similarity(a, b, dim=-1)).mean()
+        else:
+            sq = (b - a).square().sum(-1)
+            total = total + (sq / a.shape[-1] if normalize else sq).mean()
+    return total
+
+
+class _States:
+    """Hooks that keep h_0 (first layer's input) and every layer's output, with their graph."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.values: list[Tensor] = []
+        self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
+        self.handles += [layer.register_forward_hook(self._post) for layer in layers]
+
+    def _pre(self, module, args, kwargs):
+        self.values = [args[0] if args else kwargs["hidden_states"]]
+
+    def _post(self, module, args, output):
+        self.values.append(output[0] if isinstance(output, tuple) else output)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def build_model(cfg: PretrainConfig, tokenizer) -> nn.Module:
+    from transformers import AutoModelForCausalLM, MistralConfig
+
+    kw = dict(vocab_size=len(tokenizer), max_position_embeddings=max(cfg.seq_len, 2048),
+              tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+              eos_token_id=tokenizer.eos_token_id, pad_token_id=data.pad_id_of(tokenizer))  # fmt: skip
+    kw.update(cfg.model)
+    return AutoModelForCausalLM.from_config(MistralConfig(**kw))
+
+
+def training_sequences(tokenizer, specs: str, seq_len: int, rank: int, world: int,
+                       skip: int = 0) -> Iterator[list[int]]:  # fmt: skip
+    """Full-length packed sequences, sources interleaved one sequence at a time, repeating the
+    data when it runs out; global sequence j goes to rank j mod world, after ``skip`` of them."""
+    sources = [s.strip() for s in specs.split(",") if s.strip()]
+    for s in sources:
+        data.resolve_source(s)
+    j = 0
+    while True:
+        streams = [data.token_sequences(tokenizer, s, seq_len) for s in sources]
+        produced = 0
+        while streams:
+            for st in list(streams):
+                seq = next(st, None)
+                if seq is None or len(seq) < seq_len:
+                    streams.remove(st)
+                    continue
+                produced += 1
+                if j >= skip and j % world == rank:
+                    yield seq
+                j += 1
+        if produced == 0:
+            raise LinearizeError(f"data '{specs}' is shorter than one sequence of {seq_len} tokens")
+
+
+def pretrain(
+    config: PretrainConfig | None = None,
+    out: str | Path = "linearize-out/pretrain",
+    resume: bool = False,
+    device: str = "auto",
+    on_step: Callable[[dict], None] | None = None,
+    max_steps: int | None = None,
+) -> dict:
+    """Train from scratch; checkpoints (with a loadable model) every ``save_every`` steps,
+    ``out/final`` (a stock HF checkpoint), ``metrics.csv``, ``probe.jsonl``, ``pretrain.json``."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+    from linearize import __version__
+    from linearize.analyze import analyze_model
+    from linearize.evaluate import perplexity
+    from linearize.training import read_metrics, resume_step, save_checkpoint
+
+    c = config or PretrainConfig()
+    c.check()
+    out = Path(out)
+    check_writable_dir(out)
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    acc = Accelerator(gradient_accumulation_steps=c.grad_accum, cpu=cpu,
+                      mixed_precision="no" if cpu else "bf16")  # fmt: skip
+    world, rank = acc.num_processes, acc.process_index
+    per_step = c.seq_len * c.batch_size * c.grad_accum * world
+    total_steps = c.tokens // per_step
+    if total_steps < 1:
+        raise LinearizeError(f"--tokens {c.tokens} is less than one optimizer step ({per_step} tokens)")
+    where, kw = models.resolve_model(c.tokenizer)
+    try:
+        tok = AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as e:
+        raise LinearizeError(f"cannot load tokenizer '{c.tokenizer}': {str(e).splitlines()[0]}") from None
+    first = next(training_sequences(tok, c.data, c.seq_len, 0, 1), None)  # fails early if too short
+    assert first is not None
+    set_seed(c.seed)
+    model = build_model(c, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
+    sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
+    model, opt, sched = acc.prepare(model, opt, sched)
+    step = resume_step(acc, out) if resume else 0
+    rows = read_metrics(out, step) if resume else []
+    probes_path = out / "probe.jsonl"
+    probes = []
+    if resume and probes_path.exists():
+        probes = [p for p in map(json.loads, probes_path.read_text().splitlines()) if p["step"] <= step]
+    unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
+    seqs = training_sequences(tok, c.data, c.seq_len, rank, world,
+                              skip=step * c.batch_size * c.grad_accum * world)  # fmt: skip
+    pad = data.pad_id_of(tok)
+
+    def probe(step: int) -> dict:
+        m = unwrapped()
+        m.eval()
+        with torch.no_grad():
+            rep = analyze_model(m, tok, c.probe_data, c.probe_tokens, c.seq_len, c.batch_size)
+            ppl = perplexity(m, tok, c.probe_data, c.seq_len, c.probe_tokens, c.batch_size)
+        m.train()
+        lin = [r["linearity"] for r in rep.layers]
+        nores = [r["linearity_no_residual"] for r in rep.layers]
+        return {"step": step, "tokens": step * per_step, "perplexity": ppl,
+                "mean_linearity": sum(lin) / len(lin), "mean_linearity_no_residual": sum(nores) / len(nores),
+                "linearity": lin, "linearity_no_residual": nores}  # fmt: skip
+
+    def save_model(tmp: Path) -> None:
+        unwrapped().save_pretrained(tmp / "model")
+        tok.save_pretrained(tmp / "model")
+        write_text(probes_path, "".join(json.dumps(p) + "\n" for p in probes))
+
+    _, layers = arch.get_layers(unwrapped())
+    start = time.perf_counter()
+    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
+    model.train()
+    if step == 0:
+        probes.append(probe(0))
+    while step < stop_at:
+        logs: dict[str, float] = {}
+        for _ in range(c.grad_accum):
+            b = data.pad_batch([next(seqs) for _ in range(c.batch_size)], pad)
+            b = {k: v.to(acc.device) for k, v in b.items()}
+            with acc.accumulate(model):
+                cap = _States(layers)
+                with acc.autocast():
+                    lm = model(**b, labels=b["input_ids"], use_cache=False).loss
+                cap.remove()
+                reg = regulariser(cap.values, b["attention_mask"], c.reg, c.reg_normalize)
+                loss = lm + c.reg_weight * reg
+                acc.backward(loss)
+                if acc.sync_gradients:
+                    acc.clip_grad_norm_(model.parameters(), c.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+            for k, v in (("loss", loss), ("lm_loss", lm), ("reg", reg)):
+                logs[k] = logs.get(k, 0.0) + float(acc.reduce(v.detach().float(), "mean")) / c.grad_accum
+        step += 1
+        row: dict = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
+        if step % c.probe_every == 0 or step == total_steps:
+            p = probe(step)
+            probes.append(p)
+            row.update(perplexity=p["perplexity"], mean_linearity=p["mean_linearity"],
+                       mean_linearity_no_residual=p["mean_linearity_no_residual"])  # fmt: skip
+        rows.append(row)
+        if on_step is not None and acc.is_main_process:
+            on_step(row)
+        if step % c.save_every == 0 or step == stop_at:
+            save_checkpoint(acc, out, step, rows, extra=save_model)
+    summary = {"config": asdict(c), "steps": step, "total_steps": total_steps,
+               "tokens_seen": step * per_step, "elapsed_s": round(time.perf_counter() - start, 2),
+               "parameters": sum(p.numel() for p in unwrapped().parameters()),
+               "final": probes[-1] if probes else None, "world_size": world,
+               "version": __version__}  # fmt: skip
+    if step < total_steps:
+        return summary
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        final = unwrapped()
+
+        def write(tmp: Path) -> None:
+            final.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+
+        atomic_dir(out / "final", write)
+        write_text(probes_path, "".join(json.dumps(p) + "\n" for p in probes))
+        write_json(out / "pretrain.json", summary)
+    return summary
