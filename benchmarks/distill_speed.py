@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--train", default="replacements")
+    ap.add_argument("--w-kl", type=float, default=1.0, help="0 = the paper's hidden-only loss")
     a = ap.parse_args()
     per_step = a.seq_len * a.batch_size
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,7 +43,8 @@ def main() -> None:
 
         stamps: list[float] = []
         dcfg = DistillConfig(tokens=per_step * a.steps, seq_len=a.seq_len, batch_size=a.batch_size,
-                             eval_data="", save_every=10**9, train=a.train)  # fmt: skip
+                             eval_data="", save_every=10**9, train=a.train,
+                             w_kl=a.w_kl)  # fmt: skip
         distill(str(student_dir), dcfg, Path(tmp) / "d", device="cpu",
                 on_step=lambda r: stamps.append(time.perf_counter()))  # fmt: skip
         distill_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
@@ -62,7 +64,7 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         plain_s = sum(times[1:]) / len(times[1:])
     print(f"tokens per step: {per_step} (batch {a.batch_size} × seq {a.seq_len}), "
-          f"--train {a.train}, {a.steps} steps, first excluded")  # fmt: skip
+          f"--train {a.train}, --w-kl {a.w_kl}, {a.steps} steps, first excluded")  # fmt: skip
     print(f"distill step : {distill_s:.2f} s  ({per_step / distill_s:.0f} tok/s)")
     print(f"plain fwd+bwd: {plain_s:.2f} s  ({per_step / plain_s:.0f} tok/s)")
     print(f"ratio distill ÷ plain tok/s: {plain_s / distill_s:.2f}  (goal >= 0.6)")

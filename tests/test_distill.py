@@ -160,3 +160,14 @@ def test_two_process_torchrun_distill(teacher_dir, tmp_path):
     assert summary["tokens_seen"] == 32 * 2 * 2 * 4
     model, _ = load(str(tmp_path / "d" / "final"), device="cpu")
     assert arch.n_layers(model) == 3
+
+
+def test_hidden_only_loss_skips_the_lm_heads_and_matches(teacher_dir, tmp_path):
+    """With w_kl = w_lm = 0 neither LM head runs; the first hidden loss is unchanged."""
+    student = _pruned(teacher_dir, tmp_path)
+    full: list[dict] = []
+    distill(student, _cfg(eval_data=""), tmp_path / "a", device="cpu", on_step=full.append)
+    hidden: list[dict] = []
+    distill(student, _cfg(eval_data="", w_kl=0.0), tmp_path / "b", device="cpu", on_step=hidden.append)
+    assert "kl" not in hidden[0] and hidden[0]["loss"] == pytest.approx(hidden[0]["hidden"])
+    assert hidden[0]["hidden"] == pytest.approx(full[0]["hidden"], rel=1e-6)

@@ -24,6 +24,7 @@ TensorBoard event files under ``out/tensorboard`` when tensorboard is installed)
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import math
 import time
@@ -193,7 +194,7 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, s_states: list[
     parts: dict[str, Tensor] = {}
     if c.w_hidden:
         losses = [hidden_loss(s, t.to(s.device), mask, c.hidden_loss) for s, t in zip(s_states, t_states)]
-        parts["hidden"] = torch.stack(losses).mean() if losses else student_logits.new_zeros(())
+        parts["hidden"] = torch.stack(losses).mean() if losses else s_states[0].new_zeros(())
     if c.w_kl:
         tau = c.temperature
         logp_s = F.log_softmax(student_logits[mask].float() / tau, -1)  # (N, V)
@@ -363,13 +364,21 @@ def distill(
                 return (logits_from_final(teacher, states[-1]) if c.w_kl else None), states
         t_in = _Inputs(t_mods)
         with torch.no_grad():
-            logits = teacher(**b, use_cache=False).logits
+            if c.w_kl:
+                logits = teacher(**b, use_cache=False).logits
+            else:  # only the states are needed: the body alone, no LM head
+                teacher.base_model(**b, use_cache=False)
+                logits = None
         t_in.remove()
         if cache is not None:
             cache.put(index, t_in.values)
         return logits, t_in.values
 
     unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
+    # hidden-only losses need no student logits: ask for one position instead of all
+    head_kw = {}
+    if not (c.w_kl or c.w_lm) and "logits_to_keep" in inspect.signature(unwrapped().forward).parameters:
+        head_kw = {"logits_to_keep": 1}
     ppl_before = None
     if c.eval_data and step == 0 and acc.is_main_process:
         ppl_before = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
@@ -387,7 +396,7 @@ def distill(
                 t_logits, t_states = teacher_pass(b, index)
                 s_in = _Inputs(s_mods)
                 with acc.autocast():
-                    s_logits = model(**b, use_cache=False).logits
+                    s_logits = model(**b, use_cache=False, **head_kw).logits
                 s_in.remove()
                 parts = distill_loss(s_logits, t_logits, s_in.values, t_states, b, c)
                 acc.backward(parts["loss"])
