@@ -230,3 +230,12 @@ def test_compare_refuses_a_broken_results_file(tmp_path):
     (tmp_path / "r" / "results.json").write_text("{broken")
     res = runner.invoke(app, ["compare", str(tmp_path / "r"), "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "not a valid results.json" in res.stderr
+
+
+def test_local_judge_model_runs_and_garbage_is_one_line(tiny_dir, tmp_path):
+    """A local HF judge goes through the same parsing; a random model answers garbage."""
+    cfg = EvalConfig(ppl=None, judge="stories", judge_model=str(tiny_dir), judge_limit=1,
+                     judge_tokens=4, judge_retries=1)  # fmt: skip
+    with pytest.raises(LinearizeError, match=r"judge model '.*' gave no usable scores for story 1"):
+        evaluate_model(str(tiny_dir), cfg, tmp_path / "e", "cpu")
+    assert len(json.loads((tmp_path / "e" / "results.json").read_text())["judge_stories"]) == 1
