@@ -197,8 +197,14 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, s_states: list[
         parts["hidden"] = torch.stack(losses).mean() if losses else s_states[0].new_zeros(())
     if c.w_kl:
         tau = c.temperature
-        logp_s = F.log_softmax(student_logits[mask].float() / tau, -1)  # (N, V)
-        logp_t = F.log_softmax(teacher_logits[mask].float() / tau, -1)
+
+        def rows(x: Tensor) -> Tensor:  # (N, V) real-token rows; no copies when nothing is padded
+            x = (x.flatten(0, 1) if full else x[mask]).float()
+            return x / tau if tau != 1.0 else x
+
+        full = bool(mask.all())
+        logp_s = F.log_softmax(rows(student_logits), -1)
+        logp_t = F.log_softmax(rows(teacher_logits), -1)
         parts["kl"] = F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean") * tau**2
     if c.w_lm:
         ids = batch["input_ids"]
