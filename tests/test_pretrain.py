@@ -77,6 +77,17 @@ def test_pretrain_writes_a_stock_checkpoint_and_logs_linearity(tiny_dir, tmp_pat
     assert (tmp_path / "p" / "checkpoints" / "step-4" / "model" / "config.json").exists()
 
 
+def test_reg_none_logs_the_cosine_term_without_training_on_it(tiny_dir, tmp_path):
+    none: list[dict] = []
+    pretrain(_cfg(tiny_dir, reg="none", probe_every=100), tmp_path / "n", device="cpu", on_step=none.append)
+    cos: list[dict] = []
+    pretrain(_cfg(tiny_dir, reg="cosine", probe_every=100), tmp_path / "c", device="cpu", on_step=cos.append)
+    assert none[0]["loss"] == none[0]["lm_loss"] and none[0]["reg"] > 0
+    assert none[0]["reg"] == pytest.approx(cos[0]["reg"], rel=1e-5)  # same init, same batch
+    assert none[0]["lm_loss"] == pytest.approx(cos[0]["lm_loss"], rel=1e-5)
+    assert none[-1]["lm_loss"] != pytest.approx(cos[-1]["lm_loss"], rel=1e-4)
+
+
 def test_resume_after_a_kill_gives_the_same_next_loss(tiny_dir, tmp_path):
     full: list[dict] = []
     pretrain(_cfg(tiny_dir), tmp_path / "a", device="cpu", on_step=full.append)

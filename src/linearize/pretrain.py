@@ -7,7 +7,8 @@ the L layer pairs (h_{i-1}, h_i), i = 1..L, and the N real (non-padding) tokens:
 * ``cosine``: R = Σ_i (1/N) Σ_t (1 − cos(h_{i-1,t}, h_{i,t}))
 * ``mse``:    R = Σ_i (1/N) Σ_t ‖h_{i,t} − h_{i-1,t}‖²  (divided by the hidden size when
   ``reg_normalize``, so the weight means the same at any width)
-* ``none``:   R = 0 (still logged, so the two runs are compared on the same number)
+* ``none``:   no term; the ``cosine`` R is still computed (without gradient) and logged, so
+  runs with and without the regulariser compare on the same number
 
 Razzhigaev et al. (2024) report that the cosine term (λ = 0.5) lowers per-layer linearity and
 improves the model; they give no configs, so the presets below are ours (see ``PRESETS``).
@@ -323,8 +324,13 @@ def pretrain(
                 with acc.autocast():
                     lm = model(**b, labels=b["input_ids"], use_cache=False).loss
                 cap.remove()
-                reg = regulariser(cap.values, b["attention_mask"], c.reg, c.reg_normalize)
-                loss = lm + c.reg_weight * reg
+                if c.reg == "none":  # log what the cosine term would be, without training on it
+                    with torch.no_grad():
+                        reg = regulariser(cap.values, b["attention_mask"], "cosine")
+                    loss = lm
+                else:
+                    reg = regulariser(cap.values, b["attention_mask"], c.reg, c.reg_normalize)
+                    loss = lm + c.reg_weight * reg
                 acc.backward(loss)
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(model.parameters(), c.max_grad_norm)
