@@ -139,11 +139,15 @@ def load(
     Checkpoints written by ``linearize prune`` come back with their linear replacements.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    load_config(name)
+    ours = getattr(load_config(name), "linearize", None)
     where, kw = resolve_model(name)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
+    level = hf_logging.get_verbosity()
+    if ours:  # the bridges are restored below; transformers' "unexpected keys" report would mislead
+        hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         model = AutoModelForCausalLM.from_pretrained(
@@ -153,6 +157,8 @@ def load(
         raise
     except Exception as e:
         raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
+    finally:
+        hf_logging.set_verbosity(level)
     if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
         from linearize.replace import restore_bridges_
 
