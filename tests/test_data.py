@@ -85,3 +85,14 @@ def test_unknown_sources_are_refused(tmp_path):
     with pytest.raises(LinearizeError, match="no .txt"):
         data.resolve_source(str(tmp_path / "empty"))
     assert data.resolve_source("wikitext:wikitext-2-raw-v1:test").kind == "hf"
+
+
+def test_hub_style_source_reads_a_named_field(tmp_path):
+    """NAME:CONFIG:SPLIT:FIELD (a local dataset directory stands in for a Hub name)."""
+    pytest.importorskip("datasets")
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    (ds / "train.jsonl").write_text('{"textbook": "chapter one", "text": "x"}\n{"textbook": "two"}\n')
+    assert list(data._hf_documents(f"{ds}:::textbook")) == ["chapter one", "two"]
+    with pytest.raises(LinearizeError, match="has no 'body' field"):
+        list(data._hf_documents(f"{ds}:::body"))

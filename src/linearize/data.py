@@ -119,13 +119,15 @@ def _hf_documents(spec: str) -> Iterator[str]:
             f"data source '{spec}' is neither a file nor a directory; to read it as a Hugging "
             "Face dataset install the 'datasets' package (pip install 'linearize[datasets]')"
         ) from None
-    name, config, split = (spec.split(":") + [None, None])[:3]
+    # NAME[:CONFIG[:SPLIT[:FIELD]]], e.g. "nampdn-ai/tiny-textbooks:::textbook"
+    name, config, split, field = (spec.split(":") + [None, None, None])[:4]
+    field = field or "text"
     try:
         ds = datasets.load_dataset(name, config or None, split=split or "train", streaming=True)
         for rec in ds:
-            if "text" not in rec:
-                raise LinearizeError(f"dataset '{spec}' has no 'text' field")
-            yield rec["text"]
+            if field not in rec:
+                raise LinearizeError(f"dataset '{spec}' has no '{field}' field")
+            yield rec[field]
     except LinearizeError:
         raise
     except Exception as e:  # datasets raises many kinds; the user needs one line
