@@ -54,5 +54,5 @@ def run_tasks(model: nn.Module, tokenizer, tasks: list[str], include: list[str] 
     out: dict[str, dict] = {}
     for task, metrics in (res or {}).get("results", {}).items():
         out[task] = {k.split(",")[0]: v for k, v in metrics.items()
-                     if isinstance(v, (int, float)) and "_stderr" not in k}  # fmt: skip
+                     if isinstance(v, (int, float)) and "_stderr" not in k and k != "sample_len"}  # fmt: skip
     return out
