@@ -2,7 +2,7 @@
 
 import pytest
 
-from linearize._io import atomic_dir
+from linearize._io import atomic_dir, write_text
 
 
 def _writer(text):
@@ -30,3 +30,17 @@ def test_atomic_dir_failure_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_dir(tmp_path / "out", broken)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temporary files are private (0600/0700); what lands in place follows the umask."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_text(tmp_path / "a.txt", "x")
+        atomic_dir(tmp_path / "d", lambda t: (t / "f").write_text("y"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
