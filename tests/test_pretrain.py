@@ -151,3 +151,13 @@ def test_two_process_torchrun_pretrain(tiny_dir, tmp_path):
     summary = json.loads((tmp_path / "p" / "pretrain.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert (tmp_path / "p" / "final" / "config.json").exists()
+
+
+def test_hub_revisions_name_their_step():
+    from linearize.models import resolve_model
+
+    assert resolve_model("EleutherAI/pythia-160m@step1000") == ("EleutherAI/pythia-160m", {"revision": "step1000"})
+    assert step_of("EleutherAI/pythia-160m@step1000", 7) == 1000
+    assert step_of("bigscience/bloom-560m-intermediate@global_step4000", 7) == 4000
+    assert step_of("some/model", 7) == 7
+    assert expand(["EleutherAI/pythia-160m@step1000"]) == ["EleutherAI/pythia-160m@step1000"]
