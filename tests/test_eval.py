@@ -68,6 +68,21 @@ def test_parse_scores_is_lenient_but_strict_about_range():
     assert parse_scores('{"grammar": 70, "creativity": 5, "consistency": 8, "plot": 6}') is None
 
 
+def test_judge_prompt_files(tmp_path):
+    from linearize.judge import load_prompts
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "Once upon a time"}\n\n{"prompt": "Tom ran"}\n')
+    assert load_prompts(str(tmp_path / "p.jsonl")) == ["Once upon a time", "Tom ran"]
+    (tmp_path / "q.txt").write_text("first\n\nsecond\n")
+    assert load_prompts(str(tmp_path / "q.txt"), limit=1) == ["first"]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    with pytest.raises(LinearizeError, match=r"bad.jsonl:2: record has no 'prompt' string"):
+        load_prompts(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "list.jsonl").write_text('["a list"]\n')
+    with pytest.raises(LinearizeError, match=r"list.jsonl:1: not a JSON object"):
+        load_task(str(tmp_path / "list.jsonl"))
+
+
 def test_judge_over_http_and_its_failures(good_judge, garbage_judge, monkeypatch):
     from linearize.judge import http_judge
 

@@ -117,6 +117,10 @@ def test_dynamics_over_a_training_run(tiny_dir, tmp_path):
     again = dynamics([str(tmp_path / "p")], "builtin:eval", 512, 32, 4, tmp_path / "d", device="cpu",
                      on_row=seen.append)  # fmt: skip
     assert len(seen) == 2 and again == json.loads(json.dumps(rows))  # resumed: nothing recomputed
+    (tmp_path / "d" / "dynamics.json").write_text("{broken")  # a killed writer's leftovers: redo
+    redone = dynamics([str(tmp_path / "p")], "builtin:eval", 512, 32, 4, tmp_path / "d", device="cpu",
+                      on_row=seen.append)  # fmt: skip
+    assert len(seen) == 4 and [r["step"] for r in redone] == [4, 8]
     res = runner.invoke(app, ["dynamics", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "e")])
     assert res.exit_code == 2 and "error:" in res.stderr
 

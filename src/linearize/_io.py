@@ -65,6 +65,20 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
 
 
+def previous_rows(path: Path, settings: dict) -> list[dict]:
+    """Rows of an earlier run's ``{"settings", "rows"}`` JSON, if it used the same settings:
+    what a resumed sweep or series may skip. A missing or broken file means none."""
+    if not path.exists():
+        return []
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return []
+    if not isinstance(old, dict) or old.get("settings") != settings:
+        return []
+    return list(old.get("rows", []))
+
+
 def check_writable_dir(out: Path) -> None:
     """Fail early, before any work, if ``out`` cannot become a writable directory."""
     out = Path(out).absolute()

@@ -56,6 +56,12 @@ class LinearityReport:
     def column(self, key: str) -> list[float]:
         return [row[key] for row in self.layers]
 
+    def means(self) -> dict[str, float]:
+        """Mean linearity with and without residual over the scored layers: the one-number
+        summary that pretraining probes and dynamics plot against step."""
+        return {f"mean_{k}": sum(self.column(k)) / len(self.layers)
+                for k in ("linearity", "linearity_no_residual")}  # fmt: skip
+
     def to_csv(self) -> str:
         keys = list(self.layers[0].keys()) if self.layers else ["layer", *SCORE_KEYS]
         buf = io.StringIO()

@@ -150,19 +150,28 @@ def iter_documents(source: Source) -> Iterator[str]:
         raise ValueError(f"{source.kind} sources are records, not documents")
 
 
-def iter_records(source: Source) -> Iterator[str]:
-    """Texts of a .jsonl source, one per record; a broken line is a one-line error."""
-    with source.path.open("r", encoding="utf-8") as f:
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not a
+    JSON object is a one-line error naming it."""
+    with Path(path).open("r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
-                raise LinearizeError(f"{source.path}:{lineno}: not valid JSON") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise LinearizeError(f"{source.path}:{lineno}: record has no 'text' string")
-            yield rec["text"]
+                raise LinearizeError(f"{path}:{lineno}: not valid JSON") from None
+            if not isinstance(rec, dict):
+                raise LinearizeError(f"{path}:{lineno}: not a JSON object")
+            yield lineno, rec
+
+
+def iter_records(source: Source) -> Iterator[str]:
+    """Texts of a .jsonl source, one per record; a broken line is a one-line error."""
+    for lineno, rec in jsonl_records(source.path):
+        if not isinstance(rec.get("text"), str):
+            raise LinearizeError(f"{source.path}:{lineno}: record has no 'text' string")
+        yield rec["text"]
 
 
 def bos_prefix(tokenizer) -> list[int]:

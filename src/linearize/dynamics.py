@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from linearize._io import check_writable_dir, write_json, write_text
+from linearize._io import check_writable_dir, previous_rows, write_json, write_text
 from linearize.errors import LinearizeError
 
 _STEP = re.compile(r"(?:global_step|step-?|checkpoint-)(\d+)")
@@ -80,12 +80,7 @@ def dynamics(
     out = Path(out)
     check_writable_dir(out)
     settings = {"data": data_source, "tokens": tokens, "seq_len": seq_len, "dtype": dtype}
-    done: dict[str, dict] = {}
-    prev = out / "dynamics.json"
-    if prev.exists():
-        old = json.loads(prev.read_text())
-        if old.get("settings") == settings:
-            done = {r["checkpoint"]: r for r in old["rows"]}
+    done = {r["checkpoint"]: r for r in previous_rows(out / "dynamics.json", settings)}
     rows = []
     for i, spec in enumerate(series):
         if spec in done:
@@ -94,11 +89,8 @@ def dynamics(
         model, tok = load(spec, dtype=dtype, device=device)
         rep = analyze_model(model, tok, data_source, tokens, seq_len, batch_size, model_name=spec)
         del model
-        lin = [r["linearity"] for r in rep.layers]
-        nores = [r["linearity_no_residual"] for r in rep.layers]
-        row = {"checkpoint": spec, "step": step_of(spec, i), "tokens": rep.tokens,
-               "mean_linearity": sum(lin) / len(lin),
-               "mean_linearity_no_residual": sum(nores) / len(nores), "layers": rep.layers}  # fmt: skip
+        row = {"checkpoint": spec, "step": step_of(spec, i), "tokens": rep.tokens, **rep.means(),
+               "layers": rep.layers}  # fmt: skip
         rows.append(row)
         _write(out, settings, rows)
         if on_row is not None:

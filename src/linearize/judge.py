@@ -69,14 +69,14 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
         path = Path(spec)
         if not path.is_file():
             raise LinearizeError(f"unknown judge prompt set '{spec}' (stories, tinystories or a file)")
-        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if path.suffix == ".jsonl":
-            try:
-                prompts = [json.loads(ln)["prompt"] for ln in lines]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise LinearizeError(f"{path}: every line must be a JSON object with 'prompt'") from None
+            prompts = []
+            for lineno, rec in data.jsonl_records(path):
+                if not isinstance(rec.get("prompt"), str):
+                    raise LinearizeError(f"{path}:{lineno}: record has no 'prompt' string")
+                prompts.append(rec["prompt"])
         else:
-            prompts = lines
+            prompts = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not prompts:
             raise LinearizeError(f"judge prompt file '{path}' is empty")
     return prompts[:limit] if limit else prompts

@@ -272,8 +272,7 @@ def pretrain(
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except Exception as e:
         raise LinearizeError(f"cannot load tokenizer '{c.tokenizer}': {str(e).splitlines()[0]}") from None
-    first = next(training_sequences(tok, c.data, c.seq_len, 0, 1), None)  # fails early if too short
-    assert first is not None
+    next(training_sequences(tok, c.data, c.seq_len, 0, 1))  # data shorter than a sequence: fail now
     set_seed(c.seed)
     model = build_model(c, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
@@ -297,11 +296,9 @@ def pretrain(
             rep = analyze_model(m, tok, c.probe_data, c.probe_tokens, c.seq_len, c.batch_size)
             ppl = perplexity(m, tok, c.probe_data, c.seq_len, c.probe_tokens, c.batch_size)
         m.train()
-        lin = [r["linearity"] for r in rep.layers]
-        nores = [r["linearity_no_residual"] for r in rep.layers]
-        return {"step": step, "tokens": step * per_step, "perplexity": ppl,
-                "mean_linearity": sum(lin) / len(lin), "mean_linearity_no_residual": sum(nores) / len(nores),
-                "linearity": lin, "linearity_no_residual": nores}  # fmt: skip
+        return {"step": step, "tokens": step * per_step, "perplexity": ppl, **rep.means(),
+                "linearity": rep.column("linearity"),
+                "linearity_no_residual": rep.column("linearity_no_residual")}  # fmt: skip
 
     def save_model(tmp: Path) -> None:
         unwrapped().save_pretrained(tmp / "model")

@@ -13,7 +13,6 @@ same fields), plus xstorycloze and a generic ``text``/``label`` format.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +71,7 @@ class ProbeTask:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise LinearizeError(f"{path}:{n}: not valid JSON") from None
+    rows = [rec for _, rec in data.jsonl_records(path)]
     if not rows:
         raise LinearizeError(f"probing file '{path}' has no records")
     return rows

@@ -15,14 +15,13 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from linearize import arch, data
-from linearize._io import check_writable_dir, write_json, write_text
+from linearize._io import check_writable_dir, previous_rows, write_json, write_text
 from linearize.errors import LinearizeError
 from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 
@@ -50,16 +49,6 @@ def parse_ks(text: str, n_layers: int) -> list[int]:
     if not ks or ks[0] < 0 or ks[-1] >= n_layers:
         raise LinearizeError(f"--sweep counts must be in 0..{n_layers - 1}, got '{text}'")
     return ks
-
-
-def _cells_done(path: Path, settings: dict) -> list[dict]:
-    if not path.exists():
-        return []
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return []
-    return old.get("rows", []) if old.get("settings") == settings else []
 
 
 def sweep(
@@ -96,7 +85,7 @@ def sweep(
     data.resolve_source(eval_data)
     settings = {"model": model or models.EMBEDDED_NAME, "config": asdict(base), "ks": ks,
                 "eval_data": eval_data, "eval_tokens": eval_tokens}  # fmt: skip
-    rows = _cells_done(out / "sweep.json", settings)
+    rows = previous_rows(out / "sweep.json", settings)
     done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
     lm, tok = models.load(model, dtype=dtype, device=device)
 
