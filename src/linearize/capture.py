@@ -35,9 +35,12 @@ class LayerCapture:
     moments of layer i−1 instead of computing its own (see PairStats.x_source).
     """
 
-    def __init__(self, layers: nn.ModuleList, indices: Sequence[int]) -> None:
+    def __init__(
+        self, layers: nn.ModuleList, indices: Sequence[int], stop_at_last: bool = True
+    ) -> None:
         self.layers = layers
         self.indices = sorted(set(indices))
+        self.stop_at_last = stop_at_last
         self.stats: dict[int, PairStats] = {}
         self._mask: Tensor | None = None  # (B*T,) bool, None when every token counts
         self._inputs: dict[int, Tensor] = {}
@@ -82,7 +85,9 @@ class LayerCapture:
             layer = self.layers[i]
             self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
             self._handles.append(
-                layer.register_forward_hook(self._post(i, i == last), with_kwargs=True)
+                layer.register_forward_hook(
+                    self._post(i, i == last and self.stop_at_last), with_kwargs=True
+                )
             )
         return self
 
@@ -99,15 +104,23 @@ class LayerCapture:
         """One forward of ``body`` on a batch; returns the number of real tokens."""
         ids = batch["input_ids"].to(device)
         mask = batch["attention_mask"].to(device)
-        self._mask = None if bool(mask.all()) else mask.reshape(-1).bool()
+        self.begin_batch(mask)
         try:
             body(input_ids=ids, attention_mask=mask, use_cache=False)
         except _StopForward:
             pass
         finally:
-            self._last_out = None
-            self._inputs.clear()
+            self.end_batch()
         return int(mask.sum())
+
+    def begin_batch(self, mask: Tensor) -> None:
+        """Set the padding mask of the batch about to run (when the caller drives the pass)."""
+        self.end_batch()
+        self._mask = None if bool(mask.all()) else mask.reshape(-1).bool()
+
+    def end_batch(self) -> None:
+        self._last_out = None
+        self._inputs.clear()
 
 
 def _distributed() -> bool:

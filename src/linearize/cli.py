@@ -188,9 +188,25 @@ def prune(
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     ridge: Annotated[float, typer.Option(help="relative ridge for the linear fits")] = 0.0,
+    fit_target: Annotated[
+        str, typer.Option(help="local (the removed layers' own output) | original (the "
+                          "original model's state, from the pruned model's actual input)")
+    ] = "local",  # fmt: skip
+    prior: Annotated[str, typer.Option(help="what --ridge pulls a map towards: zero | identity")] = "zero",
+    rank: Annotated[int | None, typer.Option(help="keep only a rank-r update W − I")] = None,
+    refit: Annotated[
+        bool, typer.Option(help="--fit-target original: refit every map once more at the end")
+    ] = False,
+    cache_gb: Annotated[
+        float, typer.Option(help="RAM for stored calibration states (the rest spills to disk)")
+    ] = 4.0,
     eval_data: Annotated[
         str, typer.Option("--eval", help="held-out perplexity source ('' to skip)")
     ] = "builtin:eval",
+    eval_ood: Annotated[
+        str, typer.Option(help="out-of-domain perplexity source ('' to skip; default: "
+                          "'fortunes' when Debian's fortunes package is installed)")
+    ] = "default",  # fmt: skip
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 16384,
     sweep: Annotated[
         str | None,
@@ -214,22 +230,30 @@ def prune(
         typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
 
     try:
-        config = PruneConfig(remove, strategy, replace, score, chosen, calib, tokens, seq_len,
-                             batch_size, ridge, ppl_tokens)  # fmt: skip
+        config = PruneConfig(remove=remove, strategy=strategy, replace=replace, score=score,
+                             layers=chosen, calib=calib, tokens=tokens, seq_len=seq_len,
+                             batch_size=batch_size, ridge=ridge, ppl_tokens=ppl_tokens,
+                             fit_target=fit_target, prior=prior, rank=rank, refit=refit,
+                             cache_gb=cache_gb)  # fmt: skip
         if sweep is not None:
-            _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device)
+            _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
             return
         out = out or Path("linearize-out/pruned")
-        rep = run_prune(model, config, eval_data or None, eval_tokens, out, dtype, device, on_step)
+        rep = run_prune(model, config, eval_data or None, eval_tokens, out, dtype, device, on_step,
+                        eval_ood)  # fmt: skip
     except LinearizeError as e:
         _fail(str(e))
+    ood = ""
+    if rep.get("perplexity_before_ood"):
+        ood = (f"; out of domain ({rep['ood_data']}) {rep['perplexity_before_ood']} -> "
+               f"{rep['perplexity_after_ood']}")  # fmt: skip
     typer.echo(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
-        f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}; wrote {out}"
+        f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{ood}; wrote {out}"
     )
 
 
-def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device) -> None:
+def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, ood) -> None:
     from linearize.sweep import sweep, table_markdown
 
     if not eval_data:
@@ -241,7 +265,7 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device) ->
                    f"{r['perplexity'] or r['note']}", err=True)  # fmt: skip
 
     rows = sweep(model, config, ks, config.strategy, config.replace, eval_data, eval_tokens, out,
-                 dtype, device, on_row)  # fmt: skip
+                 dtype, device, on_row, ood)  # fmt: skip
     typer.echo(table_markdown(rows))
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 

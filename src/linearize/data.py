@@ -4,6 +4,9 @@ A source is one string, as on the command line:
 
 - ``builtin``: Python's own pydoc topics (~460k characters of English, always installed);
   ``builtin:calib`` and ``builtin:eval`` are disjoint 90% / 10% splits of it by topic;
+- ``fortunes``: English that is not code documentation, for out-of-domain evaluation: the
+  non-technical files of Debian's ``fortunes`` package (literature, wisdom, people, law,
+  science, …; BSD-licensed quotations and short prose), ~520k characters;
 - a text file, or a directory of ``.txt`` files (read in sorted order);
 - a ``.jsonl`` file whose records have a ``text`` field;
 - a Hugging Face dataset ``name[:config[:split]]`` (needs the ``datasets`` package; streamed).
@@ -17,6 +20,7 @@ token to ordinary text, every sequence starts with it, as the model saw text in 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,11 +32,18 @@ from linearize.errors import LinearizeError, first_line
 
 _CHUNK_CHARS = 1 << 20  # tokenise plain text a megabyte at a time, so huge files stream
 _EVAL_EVERY = 10  # builtin:eval takes every 10th pydoc topic
+FORTUNES_DIR = Path("/usr/share/games/fortunes")
+# The files of Debian's `fortunes` that are prose about the world, not about computers (no
+# computers/linux/perl/debian, no ASCII art, no one-author collections).
+FORTUNE_FILES = ("art", "education", "food", "humorists", "kids", "law", "literature", "love",
+                 "medicine", "men-women", "miscellaneous", "news", "people", "pets",
+                 "platitudes", "politics", "riddles", "science", "songs-poems", "sports",
+                 "wisdom", "work")  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Source:
-    """A resolved data source: ``kind`` is builtin | text | dir | jsonl | hf."""
+    """A resolved data source: ``kind`` is builtin | fortunes | text | dir | jsonl | hf."""
 
     spec: str
     kind: str
@@ -50,6 +61,13 @@ def resolve_source(spec: str) -> Source:
     if spec in ("builtin", "builtin:calib", "builtin:eval"):
         split = spec.partition(":")[2] or None
         return Source(spec, "builtin", split=split)
+    if spec == "fortunes" and not Path(spec).exists():
+        if not (FORTUNES_DIR / FORTUNE_FILES[0]).is_file():
+            raise LinearizeError(
+                f"data source 'fortunes' needs Debian's fortunes package ({FORTUNES_DIR} is "
+                "missing): apt-get install fortunes"
+            )
+        return Source(spec, "fortunes", FORTUNES_DIR)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not any(path.rglob("*.txt")):
@@ -67,6 +85,12 @@ def resolve_source(spec: str) -> Source:
     if looks_like_path or not spec:
         raise LinearizeError(f"data source '{spec}' not found")
     return Source(spec, "hf")
+
+
+def default_ood() -> str | None:
+    """The out-of-domain evaluation source used by default: 'fortunes' when Debian's package
+    is installed, else None (the report then says it was not measured)."""
+    return "fortunes" if (FORTUNES_DIR / FORTUNE_FILES[0]).is_file() else None
 
 
 def _check_text_file(path: Path) -> None:
@@ -90,6 +114,19 @@ def _builtin_documents(split: str | None) -> Iterator[str]:
         is_eval = i % _EVAL_EVERY == _EVAL_EVERY - 1
         if split is None or (split == "eval") == is_eval:
             yield topics[key]
+
+
+def _fortune_documents(root: Path) -> Iterator[str]:
+    """One document per fortune file: its entries (separated by '%' lines) as paragraphs,
+    indentation and attribution tabs flattened to ordinary prose layout."""
+    for name in FORTUNE_FILES:
+        path = root / name
+        if not path.is_file():
+            continue
+        text = path.read_text(encoding="utf-8", errors="replace")
+        entries = (e.strip() for e in re.split(r"^%$", text, flags=re.MULTILINE))
+        paras = ["\n".join(line.strip() for line in e.splitlines()) for e in entries if e]
+        yield "\n\n".join(paras) + "\n\n"
 
 
 def _read_chunks(path: Path) -> Iterator[str]:
@@ -138,6 +175,8 @@ def iter_documents(source: Source) -> Iterator[str]:
     """The source's plain-text pieces, in a fixed order."""
     if source.kind == "builtin":
         yield from _builtin_documents(source.split)
+    elif source.kind == "fortunes":
+        yield from _fortune_documents(source.path)
     elif source.kind == "text":
         yield from _read_chunks(source.path)
     elif source.kind == "dir":

@@ -38,15 +38,33 @@ import torch
 from torch import Tensor, nn
 
 from linearize import arch, data
-from linearize.capture import block_distances, collect_stats, fold_stats, span_stats
+from linearize.capture import (
+    LayerCapture,
+    _masked_rows,
+    block_distances,
+    collect_stats,
+    fold_stats,
+    span_stats,
+)
 from linearize.errors import LinearizeError
-from linearize.replace import fold_span_, proj_has_bias, replace_span_
-from linearize.stats import PairStats, fit_affine, relative_error
+from linearize.replace import (
+    bridge_positions as replace_bridge_positions,
+)
+from linearize.replace import (
+    fold_span_,
+    get_bridge,
+    proj_has_bias,
+    replace_span_,
+    set_span_map_,
+)
+from linearize.restart import BoundaryStore, run_from
+from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
 
 STRATEGIES = ("linear-greedy", "linear-oneshot", "block-influence", "angular-block",
               "lstsq-block", "ppl-greedy", "layers")  # fmt: skip
 REPLACEMENTS = ("none", "linear", "fold")
 SCORES = ("linearity", "linearity_no_residual", "replacement_error")
+FIT_TARGETS = ("local", "original")
 
 
 def replacement_error(stats: PairStats, ridge: float = 0.0) -> float:
@@ -92,6 +110,12 @@ class PruneConfig:
     batch_size: int = 8  # sequences per forward pass
     ridge: float = 0.0  # ridge for the linear fits, relative to tr(XᵀX)/d
     ppl_tokens: int = 4096  # ppl-greedy: calibration tokens scored per candidate removal
+    fit_target: str = "local"  # local: the removed layers' own output | original: the original model's state
+    prior: str = "zero"  # what --ridge pulls the map towards: zero | identity
+    rank: int | None = None  # keep only a rank-r update W − I (None: full)
+    refit: bool = False  # original target: refit every map once more at the end
+    restart: bool = True  # greedy: re-run only the layers after each cut (False: full passes)
+    cache_gb: float = 4.0  # RAM for stored boundary states; the rest spills to disk
 
     def check(self, n: int, hf_config=None) -> int:
         """Validate against a model of ``n`` layers (and its config, for ``fold``); returns k.
@@ -99,6 +123,12 @@ class PruneConfig:
         _one_of(self.strategy, STRATEGIES, "strategy")
         _one_of(self.replace, REPLACEMENTS, "replacement")
         _one_of(self.score, SCORES, "score")
+        _one_of(self.fit_target, FIT_TARGETS, "fit target")
+        _one_of(self.prior, PRIORS, "prior")
+        if self.rank is not None and self.rank < 0:
+            raise LinearizeError(f"--rank must be at least 0, got {self.rank}")
+        if self.ridge < 0:
+            raise LinearizeError(f"--ridge must be at least 0, got {self.ridge}")
         if self.strategy == "layers":
             if not self.layers:
                 raise LinearizeError("--strategy layers needs --layers, e.g. --layers 3,7,9")
@@ -129,7 +159,10 @@ class PruneResult:
     chosen_by: str  # the criterion's name, or "user"
     removed: list[int]
     steps: list[dict] = field(default_factory=list)
-    forward_passes: int = 0  # calibration forward passes (batches) spent
+    forward_passes: int = 0  # calibration forward passes (batches) spent, whole or partial
+    calibration_passes: float = 0.0  # layer forwards spent ÷ one full pass of the original
+    state_cache_mb: float = 0.0  # peak RAM of the stored boundary states
+    state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget)
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict:
@@ -167,52 +200,177 @@ def runs_of(indices: list[int]) -> list[tuple[int, int]]:
 
 
 class _Pruner:
-    """The state of one pruning run: the model, its calibration batches, and the record."""
+    """The state of one pruning run: the model, its calibration batches, and the record.
+
+    Boundary states (see linearize.restart) let every pass after the first start at the first
+    layer that a cut changed. Keys in the store: ("o", j, b) is the original model's stream
+    entering original layer j on batch b (j = n: after the last layer); ("c", p, b) the
+    pruned model's raw stream entering position p, kept only for p > ``clean``, the last
+    position whose input still equals the original's.
+    """
 
     def __init__(self, model: nn.Module, tokenizer, c: PruneConfig, on_step) -> None:
         self.model, self.c, self.on_step = model, c, on_step
         n = arch.n_layers(model)
+        self.n_orig = n
         self.k = c.check(n, model.config)
         seqs = list(data.token_sequences(tokenizer, c.calib, c.seq_len, c.tokens))
         if not seqs:
             raise LinearizeError(f"calibration source '{c.calib}' gave no tokens")
         pad = data.pad_id_of(tokenizer)
         self.batches = list(data.batches(seqs, c.batch_size, pad))
+        self.masks = [None if bool(b["attention_mask"].all())
+                      else b["attention_mask"].reshape(-1).bool() for b in self.batches]  # fmt: skip
         if c.strategy == "ppl-greedy":
             few = data.token_sequences(tokenizer, c.calib, c.seq_len, min(c.ppl_tokens, c.tokens))
             self.ppl_batches = list(data.batches(few, c.batch_size, pad))
         self.alive = list(range(n))  # alive[p] = original index of the layer now at position p
         self.result = PruneResult(CHOSEN_BY.get(c.strategy, c.score), [])
+        self.store = BoundaryStore(int(c.cache_gb * (1 << 30)))
+        self.recorded = False  # original boundaries stored
+        self.clean = n  # positions ≤ clean take their input from the original's boundaries
+        self.valid = -1  # pruned boundaries are stored and current for positions ≤ valid
+        self._layer_passes = 0  # layer forwards × batches, for calibration_passes
 
     def _allowed(self, p: int) -> bool:
         return p >= 1 or self.c.replace != "fold"  # fold needs an MLP before the run
 
     def pass_over(self, batches: list) -> list:
         self.result.forward_passes += len(batches)
+        self._layer_passes += len(batches) * arch.n_layers(self.model)
         return batches
+
+    # -- boundary states ----------------------------------------------------------------------
+    def _key(self, p: int) -> tuple:
+        return ("o", p) if p <= self.clean else ("c", p)
+
+    def _record(self, start: int):
+        def on_boundary(b: int, j: int, h: Tensor) -> None:
+            if j != start or not self.recorded:
+                self.store.put(self._key(j) + (b,), h.clone())
+
+        return on_boundary
+
+    def _run(self, start: int, stop: int, hooks=None, before_batch=None) -> None:
+        """Layers [start, stop) on every batch from the stored state at ``start``; records the
+        boundaries start..stop and marks them current."""
+        state = None if start == 0 else (lambda b: self.store.get(self._key(start) + (b,)))
+        run_from(self.model, self.batches, start, stop, state, self._record(start), hooks,
+                 before_batch)  # fmt: skip
+        self.recorded = True
+        self.valid = max(self.valid, stop)
+        self.result.forward_passes += len(self.batches)
+        self._layer_passes += len(self.batches) * (stop - start)
+
+    def ensure_valid(self, p: int) -> None:
+        """Make the stored stream entering position ``p`` current (runs only what is stale)."""
+        if not self.recorded:  # first pass: the whole (still unpruned) model, every boundary
+            self._run(0, arch.n_layers(self.model))
+        if p > self.valid:
+            self._run(self.valid, p)
+
+    def score_from(self, p: int) -> dict[int, PairStats]:
+        """Statistics of every layer from position ``p`` on, recording the boundaries."""
+        _, layers = arch.get_layers(self.model)
+        n = len(layers)
+        if p >= n:
+            return {}
+        if p > 0:
+            self.ensure_valid(p)
+        cap = LayerCapture(layers, range(p, n), stop_at_last=False)
+        with cap:
+            self._run(p, n, before_batch=lambda b, batch: cap.begin_batch(batch["attention_mask"]))
+        return cap.stats
+
+    def _target(self, end: int) -> int:
+        """Original boundary that a run ending before position ``end`` must reproduce."""
+        return self.alive[end] if end < len(self.alive) else self.n_orig
+
+    def _stored_pairs(self, x: Callable[[int], Tensor], y: Callable[[int], Tensor]) -> PairStats:
+        stats = PairStats()
+        for b in range(len(self.batches)):
+            stats.update(_masked_rows(x(b), self.masks[b]), _masked_rows(y(b), self.masks[b]))
+        return stats
+
+    def _changed(self, p: int) -> None:
+        """Boundaries after position p are no longer current (p itself still is)."""
+        self.store.drop_where(lambda key: key[0] == "c" and key[1] > p)
+        self.valid = min(self.valid, p)
+        self.clean = min(self.clean, p)  # inputs after p now differ from the original's
+
+    # -- fits ---------------------------------------------------------------------------------
+    def _fit(self, stats: PairStats, bias: bool = True) -> AffineMap:
+        return fit_affine(stats, self.c.ridge, bias=bias, prior=self.c.prior, rank=self.c.rank)
+
+    def _original_linear_stats(self, start: int, end: int) -> PairStats:
+        """X: the pruned model's raw stream entering position ``start``; Y: the original's
+        stream at the boundary the run [start, end) ends on."""
+        self.ensure_valid(start)
+        xk, yk = self._key(start), ("o", self._target(end))
+        return self._stored_pairs(lambda b: self.store.get(xk + (b,)),
+                                  lambda b: self.store.get(yk + (b,)))  # fmt: skip
+
+    def _original_fold_stats(self, start: int, end: int) -> PairStats:
+        """Folding into layer start−1's MLP output m: x = m, y = Y_orig − h + m, with h that
+        layer's output in the pruned model and Y_orig as in _original_linear_stats."""
+        self.ensure_valid(start - 1)
+        proj = arch.mlp_out_proj(self.model, start - 1)
+        yk = ("o", self._target(end))
+        stats, held = PairStats(), {}
+
+        def hooks(running):
+            def keep(m, args, kwargs, out):
+                held["m"] = out
+
+            return [proj.register_forward_hook(keep, with_kwargs=True)]
+
+        def on_boundary(b: int, j: int, h: Tensor) -> None:
+            if j == start:
+                m = held.pop("m").reshape(h.shape)  # OPT's fc2 works on (B*T, d) rows
+                y = self.store.get(yk + (b,)).to(h) - h + m
+                stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
+
+        key = self._key(start - 1)
+        run_from(self.model, self.batches, start - 1, start,
+                 lambda b: self.store.get(key + (b,)), on_boundary, hooks)  # fmt: skip
+        self.result.forward_passes += len(self.batches)
+        self._layer_passes += len(self.batches)
+        return stats
 
     # -- removal ------------------------------------------------------------------------------
     def remove_run(self, start: int, end: int, score: float | None,
-                   stats: PairStats | None = None) -> None:  # fmt: skip
-        """Remove positions [start, end) with the configured replacement."""
+                   stats: PairStats | None = None) -> int:  # fmt: skip
+        """Remove positions [start, end) with the configured replacement; returns the first
+        position whose input changed (where the next pass must start)."""
         c, model = self.c, self.model
-        fit_error = None
-        if c.replace == "linear":
+        original = c.fit_target == "original"
+        fit_error, changed = None, start
+        if c.replace == "linear" and original:
+            fs = self._original_linear_stats(start, end)
+            fit = self._fit(fs)
+            fit_error = relative_error(fs, fit)
+            set_span_map_(model, start, end, fit)
+        elif c.replace == "linear":
             if stats is None:
                 stats = span_stats(model, self.pass_over(self.batches), start, end)
-            fit = fit_affine(stats, c.ridge)
+            fit = self._fit(stats)
             fit_error = relative_error(stats, fit)
             replace_span_(model, start, end, fit)
         elif c.replace == "fold":
-            fs = fold_stats(model, self.pass_over(self.batches), start, end)
+            if original:
+                fs = self._original_fold_stats(start, end)
+            else:
+                fs = fold_stats(model, self.pass_over(self.batches), start, end)
             proj = arch.mlp_out_proj(model, start - 1)
-            fit = fit_affine(fs, c.ridge, bias=proj_has_bias(proj))
+            fit = self._fit(fs, bias=proj_has_bias(proj))
             fit_error = relative_error(fs, fit)
             fold_span_(model, start, end, fit)
+            changed = start - 1
         else:
             replace_span_(model, start, end, None)
         originals = self.alive[start:end]
         del self.alive[start:end]
+        self._changed(changed)
         for orig in originals:
             step = {"step": len(self.result.removed), "layer": orig, "score": score,
                     "fit_error": fit_error}  # fmt: skip
@@ -220,15 +378,34 @@ class _Pruner:
             self.result.steps.append(step)
             if self.on_step is not None:
                 self.on_step(step)
+        return changed
+
+    def refit(self) -> None:
+        """Refit every bridge once more, in order, from the pruned model's final upstream
+        stream to the original's state: maps fitted early saw inputs that later upstream cuts
+        changed."""
+        for p in replace_bridge_positions(self.model):
+            fs = self._original_linear_stats(p, p)
+            fit = self._fit(fs)
+            bridge = get_bridge(self.model, p)
+            with torch.no_grad():
+                bridge.weight.copy_(fit.weight)
+                bridge.bias.copy_(fit.bias)
+            self._changed(p)
 
     # -- strategies ---------------------------------------------------------------------------
     def greedy_linear(self) -> None:
-        for _ in range(self.k):
-            stats = collect_stats(self.model, self.pass_over(self.batches))
+        stats = self.score_from(0)
+        for step in range(self.k):
             scored = {p: _score(s, self.c.score, self.c.ridge) for p, s in stats.items()
                       if self._allowed(p)}  # fmt: skip
             best = max(scored, key=scored.get)
-            self.remove_run(best, best + 1, _natural(self.c.score, scored[best]), stats[best])
+            changed = self.remove_run(best, best + 1, _natural(self.c.score, scored[best]),
+                                      stats[best])  # fmt: skip
+            if step + 1 < self.k:
+                restart = changed if self.c.restart else 0
+                kept = {p: s for p, s in stats.items() if p < restart}
+                stats = kept | self.score_from(restart)
 
     def greedy_ppl(self) -> None:
         for _ in range(self.k):
@@ -251,7 +428,8 @@ class _Pruner:
             starts = [s for s in range(len(dist[key])) if self._allowed(s)]
             best = min(starts, key=lambda s: dist[key][s])
             return {i: dist[key][best] for i in range(best, best + k)}
-        stats = collect_stats(model, self.pass_over(self.batches))
+        stats = self.score_from(0) if c.fit_target == "original" else \
+            collect_stats(model, self.pass_over(self.batches))  # fmt: skip
         scored = {p: _score(s, self.result.chosen_by, c.ridge) for p, s in stats.items()
                   if self._allowed(p)}  # fmt: skip
         top = sorted(scored, key=scored.get, reverse=True)[:k]
@@ -259,15 +437,25 @@ class _Pruner:
 
     def run(self) -> PruneResult:
         start = time.perf_counter()
-        if self.c.strategy == "linear-greedy":
-            self.greedy_linear()
-        elif self.c.strategy == "ppl-greedy":
-            self.greedy_ppl()
-        else:
-            chosen = self.choose_once()
-            for lo, hi in runs_of(list(chosen)):
-                p = self.alive.index(lo)
-                self.remove_run(p, p + (hi - lo), chosen[lo])
+        try:
+            if self.c.strategy == "linear-greedy":
+                self.greedy_linear()
+            elif self.c.strategy == "ppl-greedy":
+                self.greedy_ppl()
+            else:
+                chosen = self.choose_once()
+                for lo, hi in runs_of(list(chosen)):
+                    p = self.alive.index(lo)
+                    self.remove_run(p, p + (hi - lo), chosen[lo])
+            if self.c.refit and self.c.replace == "linear" and self.c.fit_target == "original":
+                self.refit()
+        finally:
+            self.result.state_cache_mb = round(self.store.peak_ram / 2**20, 1)
+            self.result.state_spilled_mb = round(self.store.spilled / 2**20, 1)
+            self.store.close()
+        self.result.calibration_passes = round(
+            self._layer_passes / max(len(self.batches) * self.n_orig, 1), 2
+        )
         self.result.elapsed_s = round(time.perf_counter() - start, 2)
         return self.result
 
@@ -303,12 +491,15 @@ def prune(
     dtype: str = "auto",
     device: str = "auto",
     on_step: Callable[[dict], None] | None = None,
+    ood_data: str | None = "default",
 ) -> dict:
     """Load, prune, evaluate before/after, and write a loadable checkpoint to ``out``.
 
-    Everything that can be checked is checked before the model is loaded: the output
-    directory, the data sources, the layer count against ``remove`` / ``layers``, whether
-    ``fold`` is possible for the architecture.
+    Perplexity is taken on ``eval_data`` and on ``ood_data``, English of another kind than the
+    calibration text ("default": ``data.default_ood()``, None to skip), because maps fitted on
+    one domain can look much better there than elsewhere. Everything that can be checked is
+    checked before the model is loaded: the output directory, the data sources, the layer
+    count against ``remove`` / ``layers``, whether ``fold`` is possible for the architecture.
     """
     from linearize import __version__, models
     from linearize._io import atomic_dir, check_writable_dir, write_json
@@ -322,22 +513,31 @@ def prune(
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     c.check(n, hf_config)
     data.resolve_source(c.calib)
-    if eval_data:
-        data.resolve_source(eval_data)
+    ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
+    for src in (eval_data, ood_data):
+        if src:
+            data.resolve_source(src)
     lm, tok = models.load(model, dtype=dtype, device=device)
 
-    def held_out_ppl() -> float | None:
-        if not eval_data:
+    def held_out_ppl(src: str | None) -> float | None:
+        if not src:
             return None
-        return perplexity(lm, tok, eval_data, c.seq_len, eval_tokens, c.batch_size)
+        return perplexity(lm, tok, src, c.seq_len, eval_tokens, c.batch_size)
 
-    ppl_before = held_out_ppl()
+    def n_params() -> int:
+        return sum(p.numel() for p in lm.parameters())
+
+    before = {"perplexity_before": held_out_ppl(eval_data),
+              "perplexity_before_ood": held_out_ppl(ood_data), "params_before": n_params()}  # fmt: skip
     res = prune_model_(lm, tok, c, on_step)
-    ppl_after = held_out_ppl()
+    after = {"perplexity_after": held_out_ppl(eval_data),
+             "perplexity_after_ood": held_out_ppl(ood_data), "params_after": n_params()}  # fmt: skip
     record = {"base_model": model or models.EMBEDDED_NAME, "original_layers": n,
               **asdict(c), **res.to_dict(), "version": __version__}  # fmt: skip
-    report = {**record, "eval_data": eval_data, "eval_tokens": eval_tokens,
-              "perplexity_before": ppl_before, "perplexity_after": ppl_after}  # fmt: skip
+    ratios = {f"ratio{sfx}": after[f"perplexity_after{sfx}"] / before[f"perplexity_before{sfx}"]
+              for sfx in ("", "_ood") if before[f"perplexity_before{sfx}"]}  # fmt: skip
+    report = {**record, "eval_data": eval_data, "ood_data": ood_data, "eval_tokens": eval_tokens,
+              **before, **after, **ratios}  # fmt: skip
 
     def write(tmp: Path) -> None:
         save(lm, tok, tmp, record)

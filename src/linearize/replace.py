@@ -88,6 +88,19 @@ def replace_span_(model: nn.Module, start: int, end: int, fit: AffineMap | None)
             bridge.bias.copy_(composed.bias)
 
 
+def set_span_map_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
+    """Remove layers [start, end) and make ``fit`` the whole bridge at the next kept module.
+
+    For maps fitted end to end, from the stream entering the run (before any bridge there) to
+    the original model's state after it: the bridges on either side are already accounted
+    for, so they are replaced, not composed."""
+    arch.remove_layers_(model, range(start, end))  # the input bridge goes with its layer
+    with torch.no_grad():
+        bridge = ensure_bridge(model, start)
+        bridge.weight.copy_(fit.weight)
+        bridge.bias.copy_(fit.bias)
+
+
 def replace_layer_(model: nn.Module, position: int, fit: AffineMap | None) -> None:
     """One layer: ``replace_span_(model, position, position + 1, fit)``."""
     replace_span_(model, position, position + 1, fit)

@@ -183,24 +183,54 @@ class AffineMap:
         return AffineMap(weight=self.weight @ w2, bias=self.bias @ w2 + b2)
 
 
-def fit_affine(stats: PairStats, ridge: float = 0.0, bias: bool = True) -> AffineMap:
+PRIORS = ("zero", "identity")
+
+
+def fit_affine(
+    stats: PairStats,
+    ridge: float = 0.0,
+    bias: bool = True,
+    prior: str = "zero",
+    rank: int | None = None,
+) -> AffineMap:
     """Least-squares affine map from X to Y using the accumulated moments.
 
     Solving on centred moments and recovering the bias from the means is the same problem as
     regressing on [X, 1], but better conditioned. ``ridge`` is relative: λ = ridge · tr(C)/d,
-    so one value means the same thing for layers of very different scale. With ``bias`` False
-    the map is linear (y ≈ x W, fitted on raw moments), for targets that cannot take a bias,
-    such as a bias-free projection the map is folded into.
+    so one value means the same thing for layers of very different scale; ``ridge=inf`` is the
+    prior itself. ``prior`` is what the ridge pulls W towards: ``zero`` (classic ridge) or
+    ``identity``, the natural prior for a residual stream that passes a removed layer almost
+    unchanged: it penalises ‖W − I‖², i.e. fits the update B = W − I with a ridge. ``rank``
+    keeps only the best rank-r update W − I (reduced-rank regression: the fitted update
+    projected on the top-r principal directions of its own output), fewer parameters per map.
+    With ``bias`` False the map is linear (y ≈ x W, fitted on raw moments), for targets that
+    cannot take a bias, such as a bias-free projection the map is folded into.
     """
+    if prior not in PRIORS:
+        raise ValueError(f"unknown prior '{prior}' (choose from {', '.join(PRIORS)})")
     if bias:
         cxx, cxy, _, mx, my = stats.centered()
     else:
         cxx, cxy = stats.xx, stats.xy
     d = cxx.shape[0]
-    if ridge > 0.0:
-        lam = ridge * float(torch.trace(cxx)) / d
-        cxx = cxx + lam * torch.eye(d, dtype=_F64, device=cxx.device)
-    weight = SymmetricPinv(cxx).solve(cxy)  # (d_in, d_out)
+    eye = torch.eye(d, dtype=_F64, device=cxx.device)
+    identity = prior == "identity" or rank is not None
+    if math.isinf(ridge):
+        weight = eye.clone() if prior == "identity" else torch.zeros_like(cxy)
+    else:
+        rhs = cxy - cxx if identity else cxy  # identity: fit the update B = W − I
+        if ridge > 0.0:
+            lam = ridge * float(torch.trace(cxx)) / d
+            if identity and prior == "zero":  # ridge on W itself while fitting B: pull B to −I
+                rhs = rhs - lam * eye
+            cxx = cxx + lam * eye
+        update = SymmetricPinv(cxx).solve(rhs)  # (d_in, d_out)
+        if rank is not None and rank < d:
+            fitted = update.T @ cxx @ update  # covariance of X·B, the fitted update
+            _, vecs = torch.linalg.eigh(fitted)
+            top = vecs[:, -rank:] if rank > 0 else vecs[:, :0]
+            update = update @ top @ top.T
+        weight = eye + update if identity else update
     if not bias:
         return AffineMap(weight=weight, bias=torch.zeros_like(weight[0]))
     return AffineMap(weight=weight, bias=my - mx @ weight)  # bias: (d_out,)

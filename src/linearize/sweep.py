@@ -26,8 +26,8 @@ from linearize.errors import LinearizeError
 from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 
 SEQUENTIAL = ("linear-greedy", "ppl-greedy")
-COLUMNS = ("strategy", "replace", "k", "perplexity", "ratio", "removed", "elapsed_s",
-           "forward_passes", "note")  # fmt: skip
+COLUMNS = ("strategy", "replace", "k", "perplexity", "ratio", "perplexity_ood", "ratio_ood",
+           "removed", "elapsed_s", "forward_passes", "note")  # fmt: skip
 
 
 def parse_list(text: str, choices: tuple[str, ...], what: str) -> list[str]:
@@ -63,8 +63,13 @@ def sweep(
     dtype: str = "auto",
     device: str = "auto",
     on_row: Callable[[dict], None] | None = None,
+    ood_data: str | None = "default",
 ) -> list[dict]:
-    """Run the sweep and write its table and plot into ``out``; returns the rows."""
+    """Run the sweep and write its table and plot into ``out``; returns the rows.
+
+    Every row has two perplexities: ``eval_data`` (in-domain for the built-in calibration
+    text) and ``ood_data``, English of another kind ("default": ``data.default_ood()``), so
+    that a method that only fits its calibration domain shows it."""
     from linearize import __version__, models
     from linearize.evaluate import perplexity
 
@@ -83,14 +88,23 @@ def sweep(
         replace(base, strategy=s, replace=replacements[0], remove=max(max(ks), 1)).check(n)
     data.resolve_source(base.calib)
     data.resolve_source(eval_data)
+    ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
+    if ood_data:
+        data.resolve_source(ood_data)
     settings = {"model": model or models.EMBEDDED_NAME, "config": asdict(base), "ks": ks,
-                "eval_data": eval_data, "eval_tokens": eval_tokens}  # fmt: skip
+                "eval_data": eval_data, "ood_data": ood_data,
+                "eval_tokens": eval_tokens}  # fmt: skip
     rows = previous_rows(out / "sweep.json", settings)
     done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
     lm, tok = models.load(model, dtype=dtype, device=device)
 
-    def ppl(m) -> float:
-        return perplexity(m, tok, eval_data, base.seq_len, eval_tokens, base.batch_size)
+    def ppl(m) -> tuple[float, float | None]:
+        def on(src: str | None) -> float | None:
+            if not src:
+                return None
+            return perplexity(m, tok, src, base.seq_len, eval_tokens, base.batch_size)
+
+        return on(eval_data), on(ood_data)
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -100,8 +114,7 @@ def sweep(
             on_row(row)
 
     if 0 in ks and ("original", "none", 0) not in done:
-        add({"strategy": "original", "replace": "none", "k": 0, "perplexity": ppl(lm),
-             "removed": [], "elapsed_s": 0.0, "forward_passes": 0, "note": ""})  # fmt: skip
+        add(_row("original", "none", 0, ppl(lm), [], 0.0, 0))
     pos = [k for k in ks if k > 0]
     for s in strategies:
         for r in replacements:
@@ -141,29 +154,39 @@ def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add) -> None:
     prune_model_(m, tok, cfg, on_step)
 
 
-def _row(s, r, k, ppl, removed, elapsed, passes) -> dict:
-    return {"strategy": s, "replace": r, "k": k, "perplexity": ppl, "removed": removed,
-            "elapsed_s": elapsed, "forward_passes": passes, "note": ""}  # fmt: skip
+def _row(s, r, k, ppl: tuple[float | None, float | None], removed, elapsed, passes) -> dict:
+    return {"strategy": s, "replace": r, "k": k, "perplexity": ppl[0], "perplexity_ood": ppl[1],
+            "removed": removed, "elapsed_s": elapsed, "forward_passes": passes, "note": ""}  # fmt: skip
 
 
 def _na(s, r, k, why) -> dict:
-    return {**_row(s, r, k, None, [], 0.0, 0), "note": why}
+    return {**_row(s, r, k, (None, None), [], 0.0, 0), "note": why}
 
 
 def _with_ratio(rows: list[dict]) -> list[dict]:
-    base = next((r["perplexity"] for r in rows if r["strategy"] == "original"), None)
-    return [dict(r, ratio=(r["perplexity"] / base if base and r["perplexity"] else None))
+    orig = next((r for r in rows if r["strategy"] == "original"), {})
+
+    def ratio(r: dict, key: str) -> float | None:
+        base, value = orig.get(key), r.get(key)
+        return value / base if base and value else None
+
+    return [dict(r, ratio=ratio(r, "perplexity"), ratio_ood=ratio(r, "perplexity_ood"))
             for r in rows]  # fmt: skip
 
 
+def _num(x: float | None, fmt: str = ".2f") -> str:
+    return format(x, fmt) if x else ""
+
+
 def table_markdown(rows: list[dict]) -> str:
-    head = "| strategy | replace | k | perplexity | × original | removed (original numbering) | time (s) |\n"
-    head += "|---|---|---|---|---|---|---|\n"
+    head = ("| strategy | replace | k | perplexity | × original | out-of-domain perplexity | "
+            "× original (ood) | removed (original numbering) | time (s) |\n")  # fmt: skip
+    head += "|---|---|---|---|---|---|---|---|---|\n"
     body = ""
     for r in _with_ratio(rows):
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else (r["note"] or "n/a")
-        ratio = f"{r['ratio']:.2f}" if r["ratio"] else ""
-        body += (f"| {r['strategy']} | {r['replace']} | {r['k']} | {ppl} | {ratio} | "
+        body += (f"| {r['strategy']} | {r['replace']} | {r['k']} | {ppl} | {_num(r['ratio'])} | "
+                 f"{_num(r.get('perplexity_ood'))} | {_num(r['ratio_ood'])} | "
                  f"{','.join(map(str, r['removed']))} | {r['elapsed_s']} |\n")  # fmt: skip
     return head + body
 

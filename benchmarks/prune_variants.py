@@ -1,0 +1,84 @@
+"""Which fit generalises: the paper's greedy method under every fit variant, in and out of domain.
+
+    python benchmarks/prune_variants.py [--ks 4,8,12] [--tokens 8192] [--eval-tokens 8192]
+                                        [--only NAME,NAME] [--out DIR]
+
+Each variant is one ``linearize.sweep`` run (greedy up to the largest k, perplexity taken as
+the loop passes each k) on SmolLM2, calibrated on ``builtin:calib``. Perplexity is measured on
+``builtin:eval`` (Python documentation, the calibration domain) and on ``fortunes`` (English of
+another kind, never used for calibration or for choosing anything but the default). Ratios are
+to the unpruned model measured in the same run. Resumable: rerun the same command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from linearize.prune import PruneConfig
+from linearize.sweep import sweep
+
+# name → (replacement, PruneConfig overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "none": ("none", {}),
+    "paper (local fit)": ("linear", {}),
+    "local, identity ridge 0.1": ("linear", {"prior": "identity", "ridge": 0.1}),
+    "original": ("linear", {"fit_target": "original"}),
+    "original + refit": ("linear", {"fit_target": "original", "refit": True}),
+    "original, identity ridge 0.01": ("linear", {"fit_target": "original", "prior": "identity",
+                                                  "ridge": 0.01}),  # fmt: skip
+    "original, identity ridge 0.1": ("linear", {"fit_target": "original", "prior": "identity",
+                                                 "ridge": 0.1}),  # fmt: skip
+    "original, identity ridge 1": ("linear", {"fit_target": "original", "prior": "identity",
+                                               "ridge": 1.0}),  # fmt: skip
+    "original, zero ridge 0.1": ("linear", {"fit_target": "original", "ridge": 0.1}),
+    "original, rank 64": ("linear", {"fit_target": "original", "rank": 64}),
+    "original, rank 16": ("linear", {"fit_target": "original", "rank": 16}),
+    "fold (local fit)": ("fold", {}),
+    "fold original": ("fold", {"fit_target": "original"}),
+    "fold original, identity ridge 0.1": ("fold", {"fit_target": "original", "prior": "identity",
+                                                    "ridge": 0.1}),  # fmt: skip
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ks", default="4,8,12")
+    ap.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--ood", default="fortunes")
+    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--out", default="linearize-out/bench-variants")
+    a = ap.parse_args()
+    out = Path(a.out)
+    names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
+    ks = [int(k) for k in a.ks.split(",")]
+    base_rows = sweep(None, PruneConfig(tokens=a.tokens), [0], "linear-greedy", "none",
+                      "builtin:eval", a.eval_tokens, out / "original", device="cpu",
+                      ood_data=a.ood)  # fmt: skip
+    b_in, b_ood = base_rows[0]["perplexity"], base_rows[0]["perplexity_ood"]
+    print(f"original: in-domain {b_in:.2f}, out of domain {b_ood:.2f}", flush=True)
+    table = []
+    for name in names:
+        rep, over = VARIANTS[name]
+        cfg = replace(PruneConfig(tokens=a.tokens), **over)
+        slug = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
+        rows = sweep(None, cfg, ks, "linear-greedy", rep, "builtin:eval", a.eval_tokens,
+                     out / slug, device="cpu", ood_data=a.ood)  # fmt: skip
+        for r in sorted(rows, key=lambda r: r["k"]):
+            line = {"variant": name, "k": r["k"], "ratio": r["perplexity"] / b_in,
+                    "ratio_ood": r["perplexity_ood"] / b_ood, "elapsed_s": r["elapsed_s"],
+                    "removed": r["removed"]}  # fmt: skip
+            table.append(line)
+            print(json.dumps(line), flush=True)
+    print("\n| variant | k | × original, in-domain | × original, out of domain | time (s) | removed |")
+    print("|---|---|---|---|---|---|")
+    for r in table:
+        print(f"| {r['variant']} | {r['k']} | {r['ratio']:.2f} | {r['ratio_ood']:.2f} | "
+              f"{r['elapsed_s']} | {','.join(map(str, r['removed']))} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,170 @@
+"""Restarting a forward pass in the middle of the decoder stack, from stored boundary states.
+
+Greedy pruning changes nothing upstream of a cut, so after a removal at position p only layers
+p, p+1, … need to run again. ``BoundaryStore`` keeps, for every calibration batch, the residual
+stream at chosen layer boundaries (boundary j = the input of layer j before any replacement
+bridge there; boundary n = the output of the last layer), in RAM up to a budget and spilled to
+disk as safetensors beyond it. ``run_from`` runs the body from boundary ``start`` on: the layers
+before it are taken out for the duration (``arch.layers_removed``, which keeps masks and
+per-layer config consistent) and the stored state replaces whatever the embedding produced,
+before any bridge at ``start`` sees it, so the result is the very forward a full pass would
+have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from linearize import arch
+from linearize.capture import _StopForward
+
+
+class BoundaryStore:
+    """Tensors keyed by (name, batch index): RAM up to ``ram_bytes``, then safetensors files."""
+
+    def __init__(self, ram_bytes: int = 4 << 30, spill_dir: str | Path | None = None) -> None:
+        self.ram_bytes = ram_bytes
+        self._spill_root = Path(spill_dir) if spill_dir is not None else None
+        self._spill: Path | None = None
+        self._ram: dict[tuple, Tensor] = {}
+        self._disk: dict[tuple, Path] = {}
+        self.in_ram = 0  # bytes held in RAM now
+        self.peak_ram = 0
+        self.spilled = 0  # bytes written to disk, in all
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._ram or key in self._disk
+
+    def put(self, key: tuple, t: Tensor) -> None:
+        self.drop(key)
+        t = t.detach()
+        size = t.numel() * t.element_size()
+        if self.in_ram + size <= self.ram_bytes:
+            self._ram[key] = t
+            self.in_ram += size
+            self.peak_ram = max(self.peak_ram, self.in_ram)
+            return
+        if self._spill is None:
+            self._spill = Path(tempfile.mkdtemp(prefix="linearize-states-", dir=self._spill_root))
+        path = self._spill / ("_".join(map(str, key)) + ".safetensors")
+        save_file({"h": t.contiguous().cpu()}, str(path))
+        self._disk[key] = path
+        self.spilled += size
+
+    def get(self, key: tuple, device: torch.device | None = None) -> Tensor:
+        if key in self._ram:
+            t = self._ram[key]
+        else:
+            t = load_file(str(self._disk[key]))["h"]
+        return t if device is None else t.to(device)
+
+    def drop(self, key: tuple) -> None:
+        t = self._ram.pop(key, None)
+        if t is not None:
+            self.in_ram -= t.numel() * t.element_size()
+        path = self._disk.pop(key, None)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def drop_where(self, pred: Callable[[tuple], bool]) -> None:
+        for key in [k for k in (*self._ram, *self._disk) if pred(k)]:
+            self.drop(key)
+
+    def close(self) -> None:
+        self._ram.clear()
+        self._disk.clear()
+        self.in_ram = 0
+        if self._spill is not None:
+            shutil.rmtree(self._spill, ignore_errors=True)
+            self._spill = None
+
+
+def _hidden_arg(args: tuple, kwargs: dict) -> Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (h, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": h}
+
+
+@torch.no_grad()
+def run_from(
+    model: nn.Module,
+    batches: Iterable[dict[str, Tensor]],
+    start: int,
+    stop: int,
+    state_at_start: Callable[[int], Tensor] | None,
+    on_boundary: Callable[[int, int, Tensor], None] | None = None,
+    hooks: Callable[[list[nn.Module]], list] | None = None,
+    before_batch: Callable[[int, dict[str, Tensor]], None] | None = None,
+) -> None:
+    """Run layers [start, stop) (current numbering) on every batch.
+
+    ``state_at_start(b)`` gives batch b's stream entering layer ``start`` (None: start must be
+    0, and the embedding's output is used). ``on_boundary(b, j, h)`` receives the raw stream at
+    boundary j for start ≤ j ≤ stop (j = start is the state fed in; j > start is layer j−1's
+    output). ``hooks(layers)`` may register more hooks on the running layers and returns their
+    handles; every hook is removed on exit. The pass stops after layer stop−1: the final norm
+    and the LM head never run.
+    """
+    _, layers = arch.get_layers(model)
+    if not 0 <= start < stop <= len(layers):
+        raise ValueError(f"bad layer range [{start}, {stop}) for {len(layers)} layers")
+    if start > 0 and state_at_start is None:
+        raise ValueError("a restart after layer 0 needs the state at its boundary")
+    running = [layers[i] for i in range(start, stop)]
+    body = arch.get_body(model)
+    device = model.get_input_embeddings().weight.device
+    current = {"b": 0}
+    handles = []
+
+    def feed(module, args, kwargs):
+        h = _hidden_arg(args, kwargs)
+        if state_at_start is not None:
+            h = state_at_start(current["b"]).to(device=h.device, dtype=h.dtype).clone()
+        if on_boundary is not None:
+            on_boundary(current["b"], start, h)
+        return _with_hidden(args, kwargs, h) if state_at_start is not None else None
+
+    def out_hook(j: int):
+        def hook(module, args, kwargs, out):
+            if on_boundary is not None:
+                on_boundary(current["b"], j, out if isinstance(out, Tensor) else out[0])
+            if j == stop:
+                raise _StopForward
+
+        return hook
+
+    was_training = model.training
+    model.eval()
+    try:
+        with arch.layers_removed(model, range(start)) if start > 0 else contextlib.nullcontext():
+            handles.append(running[0].register_forward_pre_hook(feed, with_kwargs=True, prepend=True))
+            if hooks is not None:
+                handles.extend(hooks(running))
+            for i, layer in enumerate(running):
+                handles.append(layer.register_forward_hook(out_hook(start + i + 1), with_kwargs=True))
+            for b, batch in enumerate(batches):
+                current["b"] = b
+                if before_batch is not None:
+                    before_batch(b, batch)
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                try:
+                    body(input_ids=ids, attention_mask=mask, use_cache=False)
+                except _StopForward:
+                    pass
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+

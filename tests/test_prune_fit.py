@@ -1,0 +1,221 @@
+"""Fit targets, priors and the cached greedy restart (issue: pruning that generalises)."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from linearize import arch, data
+from linearize.capture import _masked_rows
+from linearize.prune import PruneConfig, prune_model_
+from linearize.replace import bridge_positions, get_bridge
+from linearize.restart import BoundaryStore
+from linearize.stats import PairStats, fit_affine
+
+KW = dict(tokens=1200, seq_len=48, batch_size=4, calib="builtin:calib")
+
+
+class _AffineLayer(torch.nn.Module):
+    def __init__(self, d, dtype, seed):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Linear(d, d, dtype=dtype)
+        with torch.no_grad():  # near the identity, as a residual layer is
+            self.proj.weight.copy_(torch.eye(d, dtype=dtype) + 0.2 * torch.randn(d, d, generator=g, dtype=dtype))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return self.proj(hidden_states)
+
+
+def _linear_model(n=5):
+    model = make_tiny("llama", torch.float64, num_hidden_layers=n)
+    for i in range(1, n - 1):
+        model.model.layers[i] = _AffineLayer(model.config.hidden_size, torch.float64, seed=i)
+    return model
+
+
+def _ids():
+    return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _final_states(model, batches):
+    """The last decoder layer's output (before the final norm) on each batch, masked rows."""
+    out = []
+    norm = arch.get_final_norm(model)
+    keep = {}
+    h = norm.register_forward_pre_hook(lambda m, args: keep.__setitem__("x", args[0]))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+                mask = b["attention_mask"].reshape(-1).bool()
+                out.append(_masked_rows(keep["x"], mask))
+    finally:
+        h.remove()
+    return torch.cat(out)
+
+
+def _calib_batches(tokenizer):
+    seqs = list(data.token_sequences(tokenizer, KW["calib"], KW["seq_len"], KW["tokens"]))
+    return list(data.batches(seqs, KW["batch_size"], data.pad_id_of(tokenizer)))
+
+
+def test_original_and_local_agree_when_layers_are_exactly_linear(tokenizer):
+    base = _linear_model()
+    logits, removed = [], []
+    for target in ("local", "original"):
+        m = copy.deepcopy(base)
+        res = prune_model_(m, tokenizer, PruneConfig(2, fit_target=target, **KW))
+        removed.append(res.removed)
+        with torch.no_grad():
+            logits.append(m(_ids()).logits)
+    with torch.no_grad():
+        reference = base(_ids()).logits
+    assert removed[0] == removed[1] and len(removed[0]) == 2
+    assert (logits[0] - logits[1]).abs().max() <= 1e-6
+    assert (logits[1] - reference).abs().max() <= 1e-6  # exact layers: nothing is lost
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("replace", ["linear", "fold"])
+def test_original_target_gives_lower_downstream_error_than_local(tokenizer, k, replace):
+    base = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=3)
+    batches = _calib_batches(tokenizer)
+    want = _final_states(base, batches)
+    errors = {}
+    for target in ("local", "original"):
+        m = copy.deepcopy(base)
+        cfg = PruneConfig(k, replace=replace, strategy="layers", layers={2: [1, 3], 3: [1, 3, 5]}[k],
+                          fit_target=target, **KW)  # fmt: skip
+        prune_model_(m, tokenizer, cfg)
+        errors[target] = float((_final_states(m, batches) - want).square().sum() / want.square().sum())
+    assert errors["original"] < errors["local"], errors
+
+
+@pytest.mark.parametrize("replace", ["linear", "fold", "none"])
+@pytest.mark.parametrize("target", ["local", "original"])
+def test_cached_restart_equals_full_rerun(tokenizer, replace, target):
+    base = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=1)
+    runs = []
+    for restart in (True, False):
+        m = copy.deepcopy(base)
+        cfg = PruneConfig(3, replace=replace, fit_target=target, restart=restart, **KW)
+        res = prune_model_(m, tokenizer, cfg)
+        runs.append((m, res))
+    (fast, r_fast), (full, r_full) = runs
+    assert r_fast.removed == r_full.removed
+    for a, b in zip(r_fast.steps, r_full.steps, strict=True):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-9)
+    assert bridge_positions(fast) == bridge_positions(full)
+    for p_fast, p_full in zip(fast.parameters(), full.parameters(), strict=True):
+        assert (p_fast - p_full).abs().max() <= 1e-6
+    assert r_fast.calibration_passes < r_full.calibration_passes
+
+
+def test_spilled_states_give_the_same_result(tokenizer):
+    base = make_tiny("llama", torch.float64, num_hidden_layers=5, seed=2)
+    outs = []
+    for cache_gb in (4.0, 0.0):  # 0: every state goes through a safetensors file
+        m = copy.deepcopy(base)
+        res = prune_model_(m, tokenizer, PruneConfig(2, fit_target="original", cache_gb=cache_gb, **KW))
+        with torch.no_grad():
+            outs.append(m(_ids()).logits)
+        spilled = res.state_spilled_mb
+    assert spilled > 0
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_refit_keeps_the_removals_and_lowers_the_final_error(tokenizer):
+    base = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=3)
+    batches = _calib_batches(tokenizer)
+    want = _final_states(base, batches)
+    errs = []
+    for refit in (False, True):
+        m = copy.deepcopy(base)
+        res = prune_model_(m, tokenizer, PruneConfig(3, fit_target="original", refit=refit, **KW))
+        errs.append(float((_final_states(m, batches) - want).square().sum()))
+        assert len(res.removed) == 3
+    assert errs[1] <= errs[0] * (1 + 1e-9)
+
+
+def _random_stats(d=6, n=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = x @ (torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)) + 1.5
+    s = PairStats()
+    s.update(x, y)
+    return s
+
+
+def test_identity_prior_with_infinite_weight_is_the_identity_map():
+    s = _random_stats()
+    fit = fit_affine(s, ridge=math.inf, prior="identity")
+    assert torch.equal(fit.weight, torch.eye(6, dtype=torch.float64))
+    assert torch.allclose(fit.bias, (s.sy - s.sx) / s.n)  # only the mean shift is kept
+    zero = fit_affine(s, ridge=math.inf, prior="zero")
+    assert torch.equal(zero.weight, torch.zeros(6, 6, dtype=torch.float64))
+
+
+def test_identity_prior_moves_from_least_squares_to_identity():
+    s = _random_stats()
+    ols = fit_affine(s).weight
+    eye = torch.eye(6, dtype=torch.float64)
+    dists = [float((fit_affine(s, ridge=r, prior="identity").weight - eye).norm())
+             for r in (0.0, 0.1, 1.0, 100.0)]  # fmt: skip
+    assert dists[0] == pytest.approx(float((ols - eye).norm()), rel=1e-9)
+    assert dists == sorted(dists, reverse=True) and dists[-1] < 0.05 * dists[0]
+
+
+@pytest.mark.parametrize("rank", [0, 1, 3])
+def test_rank_limits_the_update_to_the_identity(rank):
+    s = _random_stats()
+    fit = fit_affine(s, rank=rank)
+    update = fit.weight - torch.eye(6, dtype=torch.float64)
+    assert int(torch.linalg.matrix_rank(update)) == rank
+    full = fit_affine(s, rank=6)
+    assert torch.allclose(full.weight, fit_affine(s).weight, atol=1e-10)
+
+
+def test_boundary_store_spills_and_reads_back(tmp_path):
+    store = BoundaryStore(ram_bytes=100, spill_dir=tmp_path)
+    small, big = torch.ones(4), torch.arange(100.0)
+    store.put(("a", 0), small)
+    store.put(("b", 0), big)  # over the budget: to disk
+    assert store.in_ram == 16 and store.spilled == 400
+    assert torch.equal(store.get(("b", 0)), big) and torch.equal(store.get(("a", 0)), small)
+    store.drop_where(lambda k: k[0] == "b")
+    assert ("b", 0) not in store and ("a", 0) in store
+    store.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_fortunes_source_is_prose_not_code():
+    if data.default_ood() is None:
+        pytest.skip("Debian's fortunes package is not installed")
+    docs = list(data.iter_documents(data.resolve_source("fortunes")))
+    assert len(docs) == len(data.FORTUNE_FILES)
+    text = "".join(docs)
+    assert len(text) > 500_000 and "\n%\n" not in text and "def " not in text[:20000]
+
+
+def test_unknown_fit_target_and_prior_are_one_line_errors(tokenizer):
+    from linearize.errors import LinearizeError
+
+    m = make_tiny("llama", num_hidden_layers=3)
+    with pytest.raises(LinearizeError, match="fit target"):
+        prune_model_(m, tokenizer, PruneConfig(1, fit_target="global", **KW))
+    with pytest.raises(LinearizeError, match="prior"):
+        prune_model_(m, tokenizer, PruneConfig(1, prior="one", **KW))
+    with pytest.raises(LinearizeError, match="rank"):
+        prune_model_(m, tokenizer, PruneConfig(1, rank=-1, **KW))
+
+
+def test_bridges_fitted_to_the_original_replace_rather_than_compose(tokenizer):
+    m = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=4)
+    prune_model_(m, tokenizer, PruneConfig(2, strategy="layers", layers=[2, 3],
+                                           fit_target="original", **KW))  # fmt: skip
+    assert bridge_positions(m) == [2] and get_bridge(m, 2) is not None
