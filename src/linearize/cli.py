@@ -270,6 +270,58 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 
 
+@app.command("bench")
+def bench_(
+    models: Annotated[
+        list[str] | None, typer.Argument(help="models to compare; the first is the reference")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/bench"),
+    labels: Annotated[str | None, typer.Option(help="comma-separated names for the table")] = None,
+    batch_size: Annotated[int, typer.Option(help="sequences per prefill and batched decode")] = 4,
+    seq_len: Annotated[int, typer.Option(help="prefill tokens per sequence")] = 256,
+    new_tokens: Annotated[int, typer.Option(help="greedy tokens generated")] = 128,
+    repeats: Annotated[int, typer.Option(help="interleaved rounds (median reported)")] = 3,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Prefill and decode speed, time to first token, memory, parameters and size on disk of
+    each model, measured interleaved in one process, with ratios to the first."""
+    from linearize.bench import BenchConfig, bench, table_markdown
+
+    _quiet_libraries()
+    specs: list[str | None] = [None if m in ("embedded", "smollm2") else m for m in (models or ["embedded"])]
+    try:
+        cfg = BenchConfig(batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens,
+                          repeats=repeats)  # fmt: skip
+        cfg.check()
+        rows = bench(specs, cfg, out, _csv(labels) or None, dtype, device,
+                     lambda r: typer.echo(f"round {r}/{repeats} done", err=True))  # fmt: skip
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo(table_markdown(rows))
+    typer.echo(f"wrote {out}/bench.json, bench.csv, bench.md, bench.png, bench.html")
+
+
+@app.command()
+def export(
+    model: Annotated[
+        str | None, typer.Argument(help="stock checkpoint directory (default: embedded SmolLM2)")
+    ] = None,
+    gguf: Annotated[Path, typer.Option(help="GGUF file to write")] = Path("linearize-out/model.gguf"),
+    outtype: Annotated[str, typer.Option(help="f32 | f16 | bf16 | q8_0")] = "f16",
+) -> None:
+    """Write a checkpoint (original, pruned with --replace none|fold, distilled) as a GGUF file
+    for llama.cpp and Ollama, with llama.cpp's own converter."""
+    from linearize.export import export_gguf
+
+    try:
+        rep = export_gguf(model, gguf, outtype)
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo(f"wrote {rep['gguf']} ({rep['outtype']}, {rep['layers']} layers, "
+               f"{rep['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
+
+
 @app.command(context_settings={"allow_extra_args": False})
 def distill(
     student: Annotated[str, typer.Argument(help="a checkpoint written by linearize prune")],

@@ -61,13 +61,13 @@ def resolve_source(spec: str) -> Source:
     if spec in ("builtin", "builtin:calib", "builtin:eval"):
         split = spec.partition(":")[2] or None
         return Source(spec, "builtin", split=split)
-    if spec == "fortunes" and not Path(spec).exists():
+    if spec in ("fortunes", "fortunes:calib", "fortunes:eval") and not Path(spec).exists():
         if not (FORTUNES_DIR / FORTUNE_FILES[0]).is_file():
             raise LinearizeError(
-                f"data source 'fortunes' needs Debian's fortunes package ({FORTUNES_DIR} is "
+                f"data source '{spec}' needs Debian's fortunes package ({FORTUNES_DIR} is "
                 "missing): apt-get install fortunes"
             )
-        return Source(spec, "fortunes", FORTUNES_DIR)
+        return Source(spec, "fortunes", FORTUNES_DIR, split=spec.partition(":")[2] or None)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not any(path.rglob("*.txt")):
@@ -116,10 +116,13 @@ def _builtin_documents(split: str | None) -> Iterator[str]:
             yield topics[key]
 
 
-def _fortune_documents(root: Path) -> Iterator[str]:
+def _fortune_documents(root: Path, split: str | None) -> Iterator[str]:
     """One document per fortune file: its entries (separated by '%' lines) as paragraphs,
-    indentation and attribution tabs flattened to ordinary prose layout."""
-    for name in FORTUNE_FILES:
+    indentation and attribution tabs flattened to ordinary prose layout. ``calib`` and
+    ``eval`` are disjoint halves by file (so by topic): alternate files of the list."""
+    for i, name in enumerate(FORTUNE_FILES):
+        if split is not None and (split == "eval") != (i % 2 == 1):
+            continue
         path = root / name
         if not path.is_file():
             continue
@@ -176,7 +179,7 @@ def iter_documents(source: Source) -> Iterator[str]:
     if source.kind == "builtin":
         yield from _builtin_documents(source.split)
     elif source.kind == "fortunes":
-        yield from _fortune_documents(source.path)
+        yield from _fortune_documents(source.path, source.split)
     elif source.kind == "text":
         yield from _read_chunks(source.path)
     elif source.kind == "dir":

@@ -235,3 +235,40 @@ def dynamics_html(rows: list[dict], path: Path) -> None:
                                  mode="lines+markers", name=f"step {r['step']}"), row=1, col=2)  # fmt: skip
     fig.update_layout(template="plotly_white", title="linearity dynamics")
     write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
+
+
+_BENCH_BARS = (("prefill_tok_s_ratio", "prefill"), ("decode_tok_s_b1_ratio", "decode, batch 1"),
+               ("decode_tok_s_batch_ratio", "decode, batched"))  # fmt: skip
+
+
+def bench_png(rows: list[dict], path: Path) -> None:
+    """Throughput of each model as a ratio to the first, one group of bars per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    width = 0.8 / len(_BENCH_BARS)
+    for j, (key, label) in enumerate(_BENCH_BARS):
+        xs = [i + (j - 1) * width for i in range(len(rows))]
+        ax.bar(xs, [r.get(key) or 0.0 for r in rows], width, label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), [r["model"] for r in rows], rotation=20, ha="right", fontsize=7)
+    ax.set_ylabel(f"throughput ÷ {rows[0]['model']}")
+    ax.set_title("speed relative to the first model (median of interleaved runs)", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    _save_png(fig, path)
+
+
+def bench_html(rows: list[dict], path: Path) -> None:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for key, label in _BENCH_BARS:
+        fig.add_trace(go.Bar(x=[r["model"] for r in rows], y=[r.get(key) for r in rows], name=label))
+    fig.update_layout(title="speed relative to the first model (median of interleaved runs)",
+                      yaxis_title=f"throughput ÷ {rows[0]['model']}", barmode="group",
+                      template="plotly_white")  # fmt: skip
+    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))

