@@ -6,7 +6,8 @@
 Each variant is one ``linearize.sweep`` run (greedy up to the largest k, perplexity taken as
 the loop passes each k) on SmolLM2, calibrated on ``builtin:calib``. Perplexity is measured on
 ``builtin:eval`` (Python documentation, the calibration domain) and on ``fortunes`` (English of
-another kind, never used for calibration or for choosing anything but the default). Ratios are
+another kind, never used for calibration). ``calib + self`` variants calibrate on half
+``builtin:calib`` and half text sampled from the model itself (linearize.selfgen). Ratios are
 to the unpruned model measured in the same run. Resumable: rerun the same command.
 """
 
@@ -21,25 +22,21 @@ from linearize.prune import PruneConfig
 from linearize.sweep import sweep
 
 # name → (replacement, PruneConfig overrides)
+MIX = {"calib": "builtin:calib+self"}
+PAPER = {"calib": "builtin:calib", "fit_target": "local"}  # explicit: the defaults changed
 VARIANTS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "paper (local fit)": ("linear", {}),
-    "local, identity ridge 0.1": ("linear", {"prior": "identity", "ridge": 0.1}),
     "original": ("linear", {"fit_target": "original"}),
-    "original + refit": ("linear", {"fit_target": "original", "refit": True}),
-    "original, identity ridge 0.01": ("linear", {"fit_target": "original", "prior": "identity",
-                                                  "ridge": 0.01}),  # fmt: skip
-    "original, identity ridge 0.1": ("linear", {"fit_target": "original", "prior": "identity",
-                                                 "ridge": 0.1}),  # fmt: skip
-    "original, identity ridge 1": ("linear", {"fit_target": "original", "prior": "identity",
-                                               "ridge": 1.0}),  # fmt: skip
-    "original, zero ridge 0.1": ("linear", {"fit_target": "original", "ridge": 0.1}),
+    "original, identity ridge 1e-4": ("linear", {"fit_target": "original", "prior": "identity",
+                                                  "ridge": 1e-4}),  # fmt: skip
     "original, rank 64": ("linear", {"fit_target": "original", "rank": 64}),
-    "original, rank 16": ("linear", {"fit_target": "original", "rank": 16}),
+    "local, calib + self": ("linear", MIX),
+    "original, calib + self": ("linear", {"fit_target": "original", **MIX}),
+    "original + refit, calib + self": ("linear", {"fit_target": "original", "refit": True, **MIX}),
     "fold (local fit)": ("fold", {}),
-    "fold original": ("fold", {"fit_target": "original"}),
-    "fold original, identity ridge 0.1": ("fold", {"fit_target": "original", "prior": "identity",
-                                                    "ridge": 0.1}),  # fmt: skip
+    "fold original, calib + self": ("fold", {"fit_target": "original", **MIX}),
+    "fold local, calib + self": ("fold", MIX),
 }
 
 
@@ -55,7 +52,7 @@ def main() -> None:
     out = Path(a.out)
     names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
     ks = [int(k) for k in a.ks.split(",")]
-    base_rows = sweep(None, PruneConfig(tokens=a.tokens), [0], "linear-greedy", "none",
+    base_rows = sweep(None, PruneConfig(tokens=a.tokens, **PAPER), [0], "linear-greedy", "none",
                       "builtin:eval", a.eval_tokens, out / "original", device="cpu",
                       ood_data=a.ood)  # fmt: skip
     b_in, b_ood = base_rows[0]["perplexity"], base_rows[0]["perplexity_ood"]
@@ -63,7 +60,7 @@ def main() -> None:
     table = []
     for name in names:
         rep, over = VARIANTS[name]
-        cfg = replace(PruneConfig(tokens=a.tokens), **over)
+        cfg = replace(PruneConfig(tokens=a.tokens), **{**PAPER, **over})
         slug = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         rows = sweep(None, cfg, ks, "linear-greedy", rep, "builtin:eval", a.eval_tokens,
                      out / slug, device="cpu", ood_data=a.ood)  # fmt: skip

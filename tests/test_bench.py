@@ -67,3 +67,16 @@ def test_psutil_free_timing_still_works(monkeypatch, tokenizer):
     rows = bench_loaded([("m", m, tokenizer, None)], BenchConfig(**dict(FAST, repeats=1)))
     assert rows[0]["prefill_tok_s"] > 0 and rows[0]["peak_mem_mb"] != rows[0]["peak_mem_mb"]
     assert torch.is_tensor(next(m.parameters()))
+
+
+def test_eval_speed_goes_to_results_and_compare(tmp_path, tiny_dir):
+    from linearize.compare import compare
+
+    res = CliRunner().invoke(app, ["eval", str(tiny_dir), "--ppl", "", "--speed",
+                                   "--out", str(tmp_path / "e")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    got = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert got["speed"]["prefill_tok_s"] > 0 and got["speed"]["layers"] == 3
+    rows = compare([str(tmp_path / "e")], tmp_path / "c")
+    assert rows[0]["speed/prefill tok/s"] == got["speed"]["prefill_tok_s"]
+    assert "speed/decode tok/s (b=1)" in (tmp_path / "c" / "compare.md").read_text()

@@ -219,3 +219,31 @@ def test_bridges_fitted_to_the_original_replace_rather_than_compose(tokenizer):
     prune_model_(m, tokenizer, PruneConfig(2, strategy="layers", layers=[2, 3],
                                            fit_target="original", **KW))  # fmt: skip
     assert bridge_positions(m) == [2] and get_bridge(m, 2) is not None
+
+
+def test_self_text_mixes_in_is_cached_and_reproducible(tokenizer, tmp_path, monkeypatch):
+    from linearize.selfgen import calibration_sequences
+
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    m = make_tiny("llama", num_hidden_layers=2)
+    seqs = calibration_sequences(m, tokenizer, "builtin:calib+self", 48, 1000)
+    assert sum(map(len, seqs)) == 1000
+    calib = list(data.token_sequences(tokenizer, "builtin:calib", 48, 500))
+    assert seqs[0::2][: len(calib)] == calib  # interleaved: part 1, part 2, part 1, …
+    cached = list((tmp_path / "self-text").glob("*.json"))
+    assert len(cached) == 1
+    assert calibration_sequences(m, tokenizer, "builtin:calib+self", 48, 1000) == seqs
+    with torch.no_grad():  # other weights: another cache entry, other text
+        next(m.parameters()).add_(0.1)
+    assert calibration_sequences(m, tokenizer, "builtin:calib+self", 48, 1000) != seqs
+    assert len(list((tmp_path / "self-text").glob("*.json"))) == 2
+
+
+def test_bad_calibration_part_is_one_line_error():
+    from linearize.errors import LinearizeError
+
+    with pytest.raises(LinearizeError, match="not found"):
+        data.calib_parts("builtin:calib+./missing.txt")
+    with pytest.raises(LinearizeError, match="empty part"):
+        data.calib_parts("builtin:calib+")
+    assert data.calib_parts("builtin:calib+self") == ["builtin:calib", "self"]

@@ -180,7 +180,10 @@ def prune(
         str, typer.Option(help="linear-*: linearity | linearity_no_residual | replacement_error")
     ] = "linearity",
     layers: Annotated[str | None, typer.Option(help="with --strategy layers: e.g. 3,7,9")] = None,
-    calib: Annotated[str, typer.Option(help="calibration data source")] = "builtin:calib",
+    calib: Annotated[
+        str, typer.Option(help="calibration sources joined by '+'; 'self' is text sampled from "
+                          "the model itself (generated once, cached)")
+    ] = "builtin:calib+self",  # fmt: skip
     tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
     ppl_tokens: Annotated[
         int, typer.Option(help="ppl-greedy: calibration tokens scored per candidate")
@@ -191,7 +194,7 @@ def prune(
     fit_target: Annotated[
         str, typer.Option(help="local (the removed layers' own output) | original (the "
                           "original model's state, from the pruned model's actual input)")
-    ] = "local",  # fmt: skip
+    ] = "original",  # fmt: skip
     prior: Annotated[str, typer.Option(help="what --ridge pulls a map towards: zero | identity")] = "zero",
     rank: Annotated[int | None, typer.Option(help="keep only a rank-r update W − I")] = None,
     refit: Annotated[
@@ -405,6 +408,7 @@ def eval_(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    speed: Annotated[bool, typer.Option(help="also measure prefill/decode speed and memory (as linearize bench)")] = False,
     out: Annotated[Path, typer.Option(help="output directory (one subdirectory per model when several)")] = Path("linearize-out/eval"),
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
@@ -416,7 +420,7 @@ def eval_(
                      probe=_csv(probe), probe_limit=probe_limit, judge=judge or None,
                      judge_url=judge_url, judge_model=judge_model, judge_limit=judge_limit,
                      judge_tokens=judge_tokens, judge_timeout=judge_timeout,
-                     batch_size=batch_size, dtype=dtype)  # fmt: skip
+                     batch_size=batch_size, dtype=dtype, speed=speed)  # fmt: skip
     for name in models_:
         where = out if len(models_) == 1 else out / Path(name).name
         label = None if name == "embedded" else name
@@ -430,6 +434,9 @@ def eval_(
         summary += [f"probe {t} best {max(r['accuracy'] for r in v):.3f}" for t, v in res.get("probe", {}).items()]
         if "judge" in res:
             summary.append(f"judge overall {res['judge']['mean']['overall']:.2f}")
+        if "speed" in res:
+            summary.append(f"prefill {res['speed']['prefill_tok_s']:.0f} tok/s, decode "
+                           f"{res['speed']['decode_tok_s_b1']:.1f} tok/s")  # fmt: skip
         typer.echo(f"{name}: " + "; ".join(summary) + f" -> {where}/results.json")
 
 

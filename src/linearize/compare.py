@@ -2,7 +2,9 @@
 
 Each model becomes a row of scalar metrics: perplexity, each lm-eval task's headline metric
 (``acc_norm`` if the task reports it, else ``acc``, else its first metric), each probing task's
-best layer accuracy (mean pooling) and the judge's mean scores. The figure has one bar panel per
+best layer accuracy (mean pooling), the judge's mean scores, and, when ``eval --speed`` ran,
+parameters and prefill/decode throughput, so a pruning sweep reads as a speed/quality
+trade-off. The figure has one bar panel per
 scalar metric and one per-layer accuracy panel per probing task (layers as a share of depth,
 so pruned and unpruned models line up).
 """
@@ -51,7 +53,16 @@ def metrics_row(res: dict) -> dict[str, float]:
         row[f"probe {task}/best layer"] = best["layer"]
     for aspect, v in res.get("judge", {}).get("mean", {}).items():
         row[f"judge/{aspect}"] = v
+    speed = res.get("speed") or {}
+    for key, name in _SPEED:
+        if isinstance(speed.get(key), (int, float)):
+            row[name] = speed[key]
     return row
+
+
+_SPEED = (("params_m", "params (M)"), ("prefill_tok_s", "speed/prefill tok/s"),
+          ("decode_tok_s_b1", "speed/decode tok/s (b=1)"),
+          ("decode_tok_s_batch", "speed/decode tok/s (batch)"))  # fmt: skip
 
 
 def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) -> list[dict]:

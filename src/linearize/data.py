@@ -87,6 +87,22 @@ def resolve_source(spec: str) -> Source:
     return Source(spec, "hf")
 
 
+SELF = "self"  # calibration only: text sampled from the model itself (linearize.selfgen)
+
+
+def calib_parts(spec: str) -> list[str]:
+    """A calibration spec is one source or several joined by '+' (``builtin:calib+self``);
+    checks every part and returns them."""
+    spec = str(spec).strip()
+    parts = [spec] if Path(spec).expanduser().exists() else [p.strip() for p in spec.split("+")]
+    if not all(parts):
+        raise LinearizeError(f"empty part in calibration source '{spec}'")
+    for p in parts:
+        if p != SELF:
+            resolve_source(p)
+    return parts
+
+
 def default_ood() -> str | None:
     """The out-of-domain evaluation source used by default: 'fortunes' when Debian's package
     is installed, else None (the report then says it was not measured)."""

@@ -58,6 +58,7 @@ from linearize.replace import (
     set_span_map_,
 )
 from linearize.restart import BoundaryStore, run_from
+from linearize.selfgen import calibration_sequences
 from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
 
 STRATEGIES = ("linear-greedy", "linear-oneshot", "block-influence", "angular-block",
@@ -104,13 +105,13 @@ class PruneConfig:
     replace: str = "linear"  # none | linear | fold
     score: str = "linearity"  # linear-*: linearity | linearity_no_residual | replacement_error
     layers: list[int] | None = None  # with strategy "layers": original 0-based indices
-    calib: str = "builtin:calib"  # calibration data source
+    calib: str = "builtin:calib+self"  # calibration sources joined by '+' ('self': sampled from the model)
     tokens: int = 32768  # calibration tokens
     seq_len: int = 512  # tokens per calibration sequence
     batch_size: int = 8  # sequences per forward pass
     ridge: float = 0.0  # ridge for the linear fits, relative to tr(XᵀX)/d
     ppl_tokens: int = 4096  # ppl-greedy: calibration tokens scored per candidate removal
-    fit_target: str = "local"  # local: the removed layers' own output | original: the original model's state
+    fit_target: str = "original"  # original: the original model's state | local: the removed layers' output
     prior: str = "zero"  # what --ridge pulls the map towards: zero | identity
     rank: int | None = None  # keep only a rank-r update W − I (None: full)
     refit: bool = False  # original target: refit every map once more at the end
@@ -163,6 +164,7 @@ class PruneResult:
     calibration_passes: float = 0.0  # layer forwards spent ÷ one full pass of the original
     state_cache_mb: float = 0.0  # peak RAM of the stored boundary states
     state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget)
+    first_pass_s: float | None = None  # greedy: time of the first, full scoring pass
     elapsed_s: float = 0.0
 
     def to_dict(self) -> dict:
@@ -214,7 +216,7 @@ class _Pruner:
         n = arch.n_layers(model)
         self.n_orig = n
         self.k = c.check(n, model.config)
-        seqs = list(data.token_sequences(tokenizer, c.calib, c.seq_len, c.tokens))
+        seqs = calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens)
         if not seqs:
             raise LinearizeError(f"calibration source '{c.calib}' gave no tokens")
         pad = data.pad_id_of(tokenizer)
@@ -222,7 +224,12 @@ class _Pruner:
         self.masks = [None if bool(b["attention_mask"].all())
                       else b["attention_mask"].reshape(-1).bool() for b in self.batches]  # fmt: skip
         if c.strategy == "ppl-greedy":
-            few = data.token_sequences(tokenizer, c.calib, c.seq_len, min(c.ppl_tokens, c.tokens))
+            few, used = [], 0
+            for s in seqs:
+                if used >= c.ppl_tokens:
+                    break
+                few.append(s[: c.ppl_tokens - used])
+                used += len(few[-1])
             self.ppl_batches = list(data.batches(few, c.batch_size, pad))
         self.alive = list(range(n))  # alive[p] = original index of the layer now at position p
         self.result = PruneResult(CHOSEN_BY.get(c.strategy, c.score), [])
@@ -395,7 +402,9 @@ class _Pruner:
 
     # -- strategies ---------------------------------------------------------------------------
     def greedy_linear(self) -> None:
+        t0 = time.perf_counter()
         stats = self.score_from(0)
+        self.result.first_pass_s = round(time.perf_counter() - t0, 2)
         for step in range(self.k):
             scored = {p: _score(s, self.c.score, self.c.ridge) for p, s in stats.items()
                       if self._allowed(p)}  # fmt: skip
@@ -512,7 +521,7 @@ def prune(
     hf_config = models.load_config(model)
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     c.check(n, hf_config)
-    data.resolve_source(c.calib)
+    data.calib_parts(c.calib)
     ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
     for src in (eval_data, ood_data):
         if src:

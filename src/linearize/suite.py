@@ -5,7 +5,8 @@ load, one ``results.json``.
 
     {"model": NAME, "perplexity": FLOAT, "perplexity_protocol": {...},
      "lm_eval": {TASK: {METRIC: FLOAT}}, "probe": {TASK: [{"layer", "accuracy", ...}]},
-     "judge": {"n", "mean": {ASPECT: FLOAT}, "stories": [...]}, "config": {...}}
+     "judge": {"n", "mean": {ASPECT: FLOAT}, "stories": [...]},
+     "speed": {"prefill_tok_s", "decode_tok_s_b1", "params_m", ...}, "config": {...}}
 
 It is rewritten atomically after every part, so when a later part fails (an unreachable judge,
 an unknown task), the parts already finished stay on disk and the error is one line.
@@ -43,10 +44,12 @@ class EvalConfig:
     batch_size: int = 8
     dtype: str = "float32"
     seed: int = 0
+    speed: bool = False  # also measure prefill/decode speed and memory (linearize.bench)
 
     def check(self) -> None:
-        if not (self.ppl or self.tasks or self.probe or self.judge):
-            raise LinearizeError("nothing to evaluate: give --ppl, --tasks, --probe or --judge")
+        if not (self.ppl or self.tasks or self.probe or self.judge or self.speed):
+            raise LinearizeError("nothing to evaluate: give --ppl, --tasks, --probe, --judge "
+                                 "or --speed")  # fmt: skip
         if self.judge and not (self.judge_url or self.judge_model):
             raise LinearizeError("--judge needs --judge-url (an OpenAI-compatible server) or "
                                  "--judge-model (a local model)")  # fmt: skip
@@ -91,6 +94,14 @@ def evaluate_model(
         result["perplexity_protocol"] = {"source": c.ppl, "tokens": c.ppl_tokens,
                                          "seq_len": c.seq_len, "stride": c.stride}  # fmt: skip
         part("perplexity")
+    if c.speed:
+        from linearize.bench import BenchConfig, bench_loaded
+
+        where, kw = models.resolve_model(name)
+        where = str(Path(where) / kw["gguf_file"]) if "gguf_file" in kw else where
+        row = bench_loaded([(result["model"], model, tok, where)], BenchConfig())[0]
+        result["speed"] = {k: v for k, v in row.items() if not k.endswith("_ratio")}
+        part("speed")
     if c.tasks:
         from linearize.harness import run_tasks
 

@@ -86,7 +86,7 @@ def sweep(
         raise LinearizeError("--sweep compares strategies over counts; it does not take 'layers'")
     for s in strategies:
         replace(base, strategy=s, replace=replacements[0], remove=max(max(ks), 1)).check(n)
-    data.resolve_source(base.calib)
+    data.calib_parts(base.calib)
     data.resolve_source(eval_data)
     ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
     if ood_data:

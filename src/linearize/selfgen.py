@@ -1,0 +1,129 @@
+"""Calibration text sampled from the model itself ("self" in a calibration spec).
+
+Linear replacements fitted on one kind of text fit that kind of text: on SmolLM2, maps fitted
+on Python documentation alone lose much more on other English than on held-out documentation
+(benchmarks/RESULTS.md). What a model writes when left to itself covers its own general
+distribution, so mixing it into the calibration text is a data-free way to make the fits
+broader (as LLM-QAT does for quantisation with self-generated data). Each sequence starts from
+one of a fixed list of everyday openings and is sampled (temperature 1, top-p 0.95) to the full
+sequence length, so no sequence stops early. The tokens are cached on disk, keyed by the model,
+the tokenizer and the settings, so a second run on the same model pays nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from linearize import data
+from linearize._io import write_text
+
+# Openings from many walks of life, none about code: the model continues each freely.
+OPENINGS = (
+    "Once upon a time", "The history of", "Yesterday the city council", "Scientists have discovered",
+    "My grandmother always said", "The best way to cook", "Dear friend,", "In the summer of",
+    "The team won", "Doctors recommend", "The law states that", "She opened the door and",
+    "A good teacher", "The river", "When I was young", "The economy", "Travelers visiting",
+    "The poem begins", "He looked at the sky", "The museum", "Farmers in the valley",
+    "The old house on the hill", "According to the report,", "Music has always",
+    "The children ran", "In ancient Rome,", "The recipe calls for", "After the storm,",
+    "Every morning, the baker", "The election", "Birds migrate", "The letter arrived",
+)  # fmt: skip
+SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+
+
+def _fingerprint(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int) -> str:
+    """A key that changes with the weights, the tokenizer and every setting."""
+    h = hashlib.sha256()
+    h.update(model.config.to_json_string().encode())
+    for p in list(model.parameters())[:4] + list(model.parameters())[-4:]:
+        flat = p.detach().reshape(-1)[:4096].double().cpu()
+        h.update(flat.numpy().tobytes())
+    h.update(json.dumps([len(tokenizer), tokenizer("The river")["input_ids"], seq_len, tokens,
+                         seed, OPENINGS, SAMPLING]).encode())  # fmt: skip
+    return h.hexdigest()[:24]
+
+
+@torch.no_grad()
+def _generate(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int,
+              batch_size: int) -> list[list[int]]:  # fmt: skip
+    pad = data.pad_id_of(tokenizer)
+    prefix = data.bos_prefix(tokenizer)
+    device = model.get_input_embeddings().weight.device
+    out: list[list[int]] = []
+    was_training = model.training
+    model.eval()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        i = 0
+        while sum(map(len, out)) < tokens:
+            rows = min(batch_size, -(-(tokens - sum(map(len, out))) // seq_len))
+            prompts = [prefix + tokenizer(OPENINGS[(i + j) % len(OPENINGS)],
+                                          add_special_tokens=False)["input_ids"]
+                       for j in range(rows)]  # fmt: skip
+            width = max(map(len, prompts))
+            ids = torch.full((rows, width), pad, dtype=torch.long)
+            mask = torch.zeros((rows, width), dtype=torch.long)
+            for j, p in enumerate(prompts):  # left padding: every row ends where generation starts
+                ids[j, width - len(p):] = torch.tensor(p)
+                mask[j, width - len(p):] = 1
+            new = seq_len - width
+            gen = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True,
+                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
+                                 **SAMPLING)  # fmt: skip
+            for j, p in enumerate(prompts):
+                out.append(gen[j, width - len(p):].tolist())
+            i += rows
+    model.train(was_training)
+    return out
+
+
+def self_sequences(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int = 0,
+                   batch_size: int = 32, cache: Path | None = None) -> list[list[int]]:  # fmt: skip
+    """About ``tokens`` tokens of text sampled from ``model``, as sequences of ``seq_len``
+    tokens (the last one cut to the total), generated once and then read from the cache."""
+    from linearize.models import cache_dir
+
+    if tokens < 1:
+        return []
+    root = cache or (cache_dir() / "self-text")
+    path = root / f"{_fingerprint(model, tokenizer, seq_len, tokens, seed)}.json"
+    try:
+        seqs = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        seqs = _generate(model, tokenizer, seq_len, tokens, seed, batch_size)
+        try:
+            write_text(path, json.dumps(seqs))
+        except OSError:  # a read-only cache costs time next run, never the result
+            pass
+    used, keep = 0, []
+    for s in seqs:
+        s = s[: tokens - used]
+        if s:
+            keep.append(s)
+            used += len(s)
+    return keep
+
+
+def calibration_sequences(model: nn.Module, tokenizer, spec: str, seq_len: int,
+                          tokens: int) -> list[list[int]]:  # fmt: skip
+    """The calibration sequences of a spec such as ``builtin:calib+self``: each part gets an
+    equal share of ``tokens``, and the parts are interleaved sequence by sequence, so any
+    prefix of the list (a batch, SLEB's scoring subset) mixes them."""
+    parts = data.calib_parts(spec)
+    shares = [tokens // len(parts)] * len(parts)
+    shares[0] += tokens - sum(shares)
+    streams = []
+    for part, share in zip(parts, shares, strict=True):
+        if part == data.SELF:
+            streams.append(self_sequences(model, tokenizer, seq_len, share))
+        else:
+            streams.append(list(data.token_sequences(tokenizer, part, seq_len, share)))
+    out: list[list[int]] = []
+    for i in range(max(map(len, streams))):
+        out.extend(s[i] for s in streams if i < len(s))
+    return out
