@@ -105,3 +105,35 @@ def test_pruned_smollm2_exports_and_analyze_reads_the_gguf(tmp_path, smollm2):
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
     rep = analyze(str(tmp_path / "g" / "p.gguf"), tokens=512, seq_len=256, device="cpu")
     assert len(rep.layers) == 28
+
+
+def _none_pruned(tmp_path, tokenizer, sp_model, model_type, layers):
+    model = make_tiny(model_type, num_hidden_layers=6)
+    cfg = PruneConfig(len(layers), strategy="layers", layers=layers, replace="none", **KW)
+    prune_model_(model, tokenizer, cfg)
+    out = tmp_path / model_type
+    save(model, None, out, {"removed": layers})
+    shutil.copy(sp_model, out / "tokenizer.model")
+    return model, out
+
+
+def test_gemma3_whose_cut_breaks_the_layer_pattern_is_refused(tmp_path, tokenizer, sp_model):
+    from linearize.errors import LinearizeError
+
+    model, src = _none_pruned(tmp_path, tokenizer, sp_model, "gemma3_text", [1, 4])
+    assert model.config.layer_types[-1] == "full_attention"  # SSSF after the cut
+    with pytest.raises(LinearizeError, match="per-layer attention pattern"):
+        export_gguf(str(src), tmp_path / "g.gguf", "f32")
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".g.gguf*"))
+
+
+def test_qwen2_pruned_by_none_round_trips(tmp_path, tokenizer, sp_model):
+    from transformers import AutoModelForCausalLM
+
+    model, src = _none_pruned(tmp_path, tokenizer, sp_model, "qwen2", [1, 4])
+    export_gguf(str(src), tmp_path / "q" / "q.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q", gguf_file="q.gguf").eval()
+    assert back.config.num_hidden_layers == 4
+    with torch.no_grad():
+        want, got = model(_ids()).logits, back(_ids()).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4

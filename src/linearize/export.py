@@ -57,6 +57,56 @@ def check_exportable(path: Path) -> dict:
     return config
 
 
+_NOT_HPARAMS = {"layer_types", "linearize", "auto_map", "architectures", "_name_or_path",
+                "transformers_version", "torch_dtype", "dtype"}  # fmt: skip
+
+
+def _default_layer_types(config: dict) -> list[str] | None:
+    """The per-layer attention pattern the architecture assumes for this depth, which is what
+    a reader rebuilds when the GGUF stores no per-layer array."""
+    from transformers import AutoConfig
+
+    kw = {k: v for k, v in config.items() if k not in _NOT_HPARAMS}
+    try:
+        return list(AutoConfig.for_model(config["model_type"], **kw).layer_types or []) or None
+    except Exception:  # a config this transformers cannot rebuild: assume a uniform pattern
+        return [config["layer_types"][0]] * len(config["layer_types"])
+
+
+def check_layer_pattern(config: dict, gguf_file: Path) -> None:
+    """Refuse a GGUF whose per-layer attention pattern (sliding vs full) would not be the
+    checkpoint's: the classic way a pruned model goes wrong after conversion. Either the file
+    stores the pattern (then it must match), or readers rebuild it from the depth (then the
+    rebuilt one must match)."""
+    types = config.get("layer_types")
+    if not types:
+        return
+    from gguf import GGUFReader
+
+    want = [t == "sliding_attention" for t in types]
+    reader = GGUFReader(str(gguf_file))
+    field = next((f for k, f in reader.fields.items() if k.endswith("sliding_window_pattern")), None)
+    if field is not None:
+        stored = [bool(field.parts[i][0]) for i in field.data]
+        if len(stored) == len(want) and stored != want:
+            raise LinearizeError(f"the GGUF's sliding-window pattern {stored} is not the "
+                                 f"checkpoint's {want}")  # fmt: skip
+        if len(stored) == len(want):
+            return
+    default = _default_layer_types(config)
+    if default is not None and [t == "sliding_attention" for t in default] != want:
+        raise LinearizeError(
+            f"'{config.get('model_type')}' GGUF files store no per-layer attention pattern, and "
+            f"readers would rebuild {len(types)} layers as {_pattern(default)}, not this "
+            f"checkpoint's {_pattern(types)}; remove layers that keep the pattern, or use the "
+            "safetensors checkpoint"
+        )
+
+
+def _pattern(types: list[str]) -> str:
+    return "".join("S" if t == "sliding_attention" else "F" for t in types)
+
+
 def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dict:
     """Write ``model`` (a stock checkpoint directory, or None for the embedded SmolLM2) as one
     GGUF file at ``out``, atomically; returns what was written."""
@@ -81,6 +131,7 @@ def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dic
             lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
             errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
             raise LinearizeError(f"GGUF conversion of {src} failed: {errors[-1] if errors else '?'}")
+        check_layer_pattern(config, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,6 +96,8 @@ def self_sequences(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed:
     try:
         seqs = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
+        warnings.warn(f"sampling {tokens:,} calibration tokens from the model (once; cached in "
+                      f"{root})", stacklevel=2)  # fmt: skip
         seqs = _generate(model, tokenizer, seq_len, tokens, seed, batch_size)
         try:
             write_text(path, json.dumps(seqs))

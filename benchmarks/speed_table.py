@@ -1,0 +1,80 @@
+"""Speed, size and quality of SmolLM2 pruned by k layers with none / linear / fold, in one table.
+
+    python benchmarks/speed_table.py [--ks 4,8,12] [--tokens 8192] [--eval-tokens 8192] [--out DIR]
+
+For each replacement, the default greedy pruning (``linearize prune`` defaults, with
+``--tokens`` calibration tokens) runs once to the largest k and saves a checkpoint as it passes
+each k. Every checkpoint then gets held-out perplexity in-domain (``builtin:eval``) and out of
+domain (``fortunes``), and all of them, the original first, are measured by ``linearize.bench``
+in one process, interleaved. Checkpoints already in ``--out`` are reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+from linearize import load
+from linearize.bench import BenchConfig, bench
+from linearize.evaluate import perplexity
+from linearize.prune import PruneConfig, prune_model_
+from linearize.replace import save
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ks", default="4,8,12")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--replace", default="none,linear,fold")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default="linearize-out/bench-speed")
+    a = ap.parse_args()
+    out = Path(a.out)
+    ks = [int(k) for k in a.ks.split(",")]
+    model, tok = load(None, dtype="float32", device="cpu")
+    dirs: list[tuple[str, str]] = []
+    for rep in a.replace.split(","):
+        todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
+        if todo:
+            m = copy.deepcopy(model)
+            done: list[int] = []
+
+            def on_step(step: dict, m=m, rep=rep, done=done, todo=todo) -> None:
+                done.append(step["layer"])
+                if len(done) in todo:
+                    save(m, tok, out / f"{rep}-{len(done)}", {"removed": list(done), "replace": rep})
+
+            prune_model_(m, tok, PruneConfig(remove=max(todo), replace=rep, tokens=a.tokens), on_step)
+        dirs += [(f"{rep} k={k}", str(out / f"{rep}-{k}")) for k in ks]
+    quality = {}
+    qpath = out / "quality.json"
+    if qpath.exists():
+        quality = json.loads(qpath.read_text())
+    for label, path in [("original", None), *dirs]:
+        if label in quality:
+            continue
+        m, t = load(path, dtype="float32", device="cpu")
+        quality[label] = [perplexity(m, t, src, 512, a.eval_tokens, 8)
+                          for src in ("builtin:eval", "fortunes")]  # fmt: skip
+        qpath.write_text(json.dumps(quality, indent=1))
+        print(label, quality[label], flush=True)
+    rows = bench([None] + [p for _, p in dirs], BenchConfig(repeats=a.repeats), out / "bench",
+                 ["original"] + [lab for lab, _ in dirs], dtype="float32", device="cpu",
+                 on_round=lambda r: print(f"bench round {r} done", flush=True))  # fmt: skip
+    b_in, b_ood = quality["original"]
+    print("\n| model | layers | params (M) | prefill × | decode × (b=1) | decode × (b=4) | "
+          "peak extra MB | disk MB | ppl in-domain (×) | ppl out of domain (×) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        q_in, q_ood = quality[r["model"]]
+        print(f"| {r['model']} | {r['layers']} | {r['params_m']:.1f} | "
+              f"{r['prefill_tok_s_ratio']:.3f} | {r['decode_tok_s_b1_ratio']:.3f} | "
+              f"{r['decode_tok_s_batch_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {r['disk_mb']:.0f} | "
+              f"{q_in:.2f} ({q_in / b_in:.2f}) | {q_ood:.2f} ({q_ood / b_ood:.2f}) |")
+
+
+if __name__ == "__main__":
+    main()
