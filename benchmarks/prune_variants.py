@@ -1,7 +1,7 @@
 """Which fit generalises: the paper's greedy method under every fit variant, in and out of domain.
 
     python benchmarks/prune_variants.py [--ks 4,8,12] [--tokens 8192] [--eval-tokens 8192]
-                                        [--only NAME,NAME] [--out DIR]
+                                        [--only "NAME;NAME"] [--out DIR]
 
 Each variant is one ``linearize.sweep`` run (greedy up to the largest k, perplexity taken as
 the loop passes each k) on SmolLM2, calibrated on ``builtin:calib``. Perplexity is measured on
@@ -46,14 +46,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192, help="calibration tokens")
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--ood", default="fortunes")
-    ap.add_argument("--only", default="", help="comma-separated variant names (default: all)")
+    ap.add_argument("--only", default="", help="variant names separated by ';' (default: all)")
     ap.add_argument("--out", default="linearize-out/bench-variants")
     a = ap.parse_args()
     out = Path(a.out)
-    names = [n for n in VARIANTS if not a.only or n in a.only.split(",")]
+    names = [n for n in VARIANTS if not a.only or n in a.only.split(";")]
     ks = [int(k) for k in a.ks.split(",")]
     base_rows = sweep(None, PruneConfig(tokens=a.tokens, **PAPER), [0], "linear-greedy", "none",
-                      "builtin:eval", a.eval_tokens, out / "original", device="cpu",
+                      "builtin:eval", a.eval_tokens, out / "unpruned", device="cpu",
                       ood_data=a.ood)  # fmt: skip
     b_in, b_ood = base_rows[0]["perplexity"], base_rows[0]["perplexity_ood"]
     print(f"original: in-domain {b_in:.2f}, out of domain {b_ood:.2f}", flush=True)

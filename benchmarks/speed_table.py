@@ -1,12 +1,18 @@
 """Speed, size and quality of SmolLM2 pruned by k layers with none / linear / fold, in one table.
 
     python benchmarks/speed_table.py [--ks 4,8,12] [--tokens 8192] [--eval-tokens 8192] [--out DIR]
+                                     [--sweeps DIR] [--no-quality]
 
 For each replacement, the default greedy pruning (``linearize prune`` defaults, with
 ``--tokens`` calibration tokens) runs once to the largest k and saves a checkpoint as it passes
 each k. Every checkpoint then gets held-out perplexity in-domain (``builtin:eval``) and out of
 domain (``fortunes``), and all of them, the original first, are measured by ``linearize.bench``
 in one process, interleaved. Checkpoints already in ``--out`` are reused.
+
+Speed does not depend on the fitted values, only on the shapes, so with ``--sweeps DIR`` (the
+output of ``benchmarks/prune_variants.py``) the checkpoints are built from the layers those
+greedy runs removed (``--strategy layers``, 512 calibration tokens) and ``--no-quality`` leaves
+the perplexity columns to those runs.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ def main() -> None:
     ap.add_argument("--replace", default="none,linear,fold")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="linearize-out/bench-speed")
+    ap.add_argument("--sweeps", default=None, help="prune_variants.py output: reuse its removals")
+    ap.add_argument("--no-quality", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
     ks = [int(k) for k in a.ks.split(",")]
@@ -38,7 +46,18 @@ def main() -> None:
     dirs: list[tuple[str, str]] = []
     for rep in a.replace.split(","):
         todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
-        if todo:
+        if todo and a.sweeps:
+            sub = {"none": "none", "linear": "original_calib_+_self",
+                   "fold": "fold_original_calib_+_self"}[rep]  # fmt: skip
+            rows = json.loads((Path(a.sweeps) / sub / "sweep.json").read_text())["rows"]
+            for r in rows:
+                if r["k"] in todo:
+                    m = copy.deepcopy(model)
+                    cfg = PruneConfig(strategy="layers", layers=r["removed"], replace=rep,
+                                      tokens=512, calib="builtin:calib")  # fmt: skip
+                    prune_model_(m, tok, cfg)
+                    save(m, tok, out / f"{rep}-{r['k']}", {"removed": r["removed"], "replace": rep})
+        elif todo:
             m = copy.deepcopy(model)
             done: list[int] = []
 
@@ -54,7 +73,7 @@ def main() -> None:
     if qpath.exists():
         quality = json.loads(qpath.read_text())
     for label, path in [("original", None), *dirs]:
-        if label in quality:
+        if label in quality or a.no_quality:
             continue
         m, t = load(path, dtype="float32", device="cpu")
         quality[label] = [perplexity(m, t, src, 512, a.eval_tokens, 8)
@@ -64,16 +83,18 @@ def main() -> None:
     rows = bench([None] + [p for _, p in dirs], BenchConfig(repeats=a.repeats), out / "bench",
                  ["original"] + [lab for lab, _ in dirs], dtype="float32", device="cpu",
                  on_round=lambda r: print(f"bench round {r} done", flush=True))  # fmt: skip
-    b_in, b_ood = quality["original"]
+    b_in, b_ood = quality.get("original", (None, None))
     print("\n| model | layers | params (M) | prefill × | decode × (b=1) | decode × (b=4) | "
           "peak extra MB | disk MB | ppl in-domain (×) | ppl out of domain (×) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        q_in, q_ood = quality[r["model"]]
+        q_in, q_ood = quality.get(r["model"], (None, None))
+        qual = (f"{q_in:.2f} ({q_in / b_in:.2f}) | {q_ood:.2f} ({q_ood / b_ood:.2f})"
+                if q_in and b_in else "see prune_variants | ")  # fmt: skip
         print(f"| {r['model']} | {r['layers']} | {r['params_m']:.1f} | "
               f"{r['prefill_tok_s_ratio']:.3f} | {r['decode_tok_s_b1_ratio']:.3f} | "
               f"{r['decode_tok_s_batch_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {r['disk_mb']:.0f} | "
-              f"{q_in:.2f} ({q_in / b_in:.2f}) | {q_ood:.2f} ({q_ood / b_ood:.2f}) |")
+              f"{qual} |")
 
 
 if __name__ == "__main__":
