@@ -48,7 +48,7 @@ def main() -> None:
         todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
         if todo and a.sweeps:
             sub = {"none": "none", "linear": "original_calib_+_self",
-                   "fold": "fold_original_calib_+_self"}[rep]  # fmt: skip
+                   "fold": "fold_local_calib_+_self"}[rep]  # fmt: skip
             rows = json.loads((Path(a.sweeps) / sub / "sweep.json").read_text())["rows"]
             for r in rows:
                 if r["k"] in todo:

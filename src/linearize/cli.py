@@ -192,9 +192,10 @@ def prune(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     ridge: Annotated[float, typer.Option(help="relative ridge for the linear fits")] = 0.0,
     fit_target: Annotated[
-        str, typer.Option(help="local (the removed layers' own output) | original (the "
-                          "original model's state, from the pruned model's actual input)")
-    ] = "original",  # fmt: skip
+        str, typer.Option(help="original (the original model's state, from the pruned model's "
+                          "actual input) | local (the removed layers' own output) | auto: "
+                          "original for linear, local for fold")
+    ] = "auto",  # fmt: skip
     prior: Annotated[str, typer.Option(help="what --ridge pulls a map towards: zero | identity")] = "zero",
     rank: Annotated[int | None, typer.Option(help="keep only a rank-r update W − I")] = None,
     refit: Annotated[

@@ -65,7 +65,7 @@ STRATEGIES = ("linear-greedy", "linear-oneshot", "block-influence", "angular-blo
               "lstsq-block", "ppl-greedy", "layers")  # fmt: skip
 REPLACEMENTS = ("none", "linear", "fold")
 SCORES = ("linearity", "linearity_no_residual", "replacement_error")
-FIT_TARGETS = ("local", "original")
+FIT_TARGETS = ("auto", "local", "original")
 
 
 def replacement_error(stats: PairStats, ridge: float = 0.0) -> float:
@@ -111,7 +111,7 @@ class PruneConfig:
     batch_size: int = 8  # sequences per forward pass
     ridge: float = 0.0  # ridge for the linear fits, relative to tr(XᵀX)/d
     ppl_tokens: int = 4096  # ppl-greedy: calibration tokens scored per candidate removal
-    fit_target: str = "original"  # original: the original model's state | local: the removed layers' output
+    fit_target: str = "auto"  # original | local | auto: original for linear, local for fold
     prior: str = "zero"  # what --ridge pulls the map towards: zero | identity
     rank: int | None = None  # keep only a rank-r update W − I (None: full)
     refit: bool = False  # original target: refit every map once more at the end
@@ -151,6 +151,15 @@ class PruneConfig:
         if self.ppl_tokens < 1:
             raise LinearizeError(f"ppl_tokens must be at least 1, got {self.ppl_tokens}")
         return k
+
+    @property
+    def target(self) -> str:
+        """The fit target in force: ``auto`` is ``original`` for linear maps (measured better in
+        and out of domain) and ``local`` for fold, where fitting one MLP projection to the
+        original's state lost to the local fit (benchmarks/RESULTS.md)."""
+        if self.fit_target != "auto":
+            return self.fit_target
+        return "local" if self.replace == "fold" else "original"
 
 
 @dataclass
@@ -350,7 +359,7 @@ class _Pruner:
         """Remove positions [start, end) with the configured replacement; returns the first
         position whose input changed (where the next pass must start)."""
         c, model = self.c, self.model
-        original = c.fit_target == "original"
+        original = c.target == "original"
         fit_error, changed = None, start
         if c.replace == "linear" and original:
             fs = self._original_linear_stats(start, end)
@@ -437,7 +446,7 @@ class _Pruner:
             starts = [s for s in range(len(dist[key])) if self._allowed(s)]
             best = min(starts, key=lambda s: dist[key][s])
             return {i: dist[key][best] for i in range(best, best + k)}
-        stats = self.score_from(0) if c.fit_target == "original" else \
+        stats = self.score_from(0) if c.target == "original" else \
             collect_stats(model, self.pass_over(self.batches))  # fmt: skip
         scored = {p: _score(s, self.result.chosen_by, c.ridge) for p, s in stats.items()
                   if self._allowed(p)}  # fmt: skip
@@ -456,7 +465,7 @@ class _Pruner:
                 for lo, hi in runs_of(list(chosen)):
                     p = self.alive.index(lo)
                     self.remove_run(p, p + (hi - lo), chosen[lo])
-            if self.c.refit and self.c.replace == "linear" and self.c.fit_target == "original":
+            if self.c.refit and self.c.replace == "linear" and self.c.target == "original":
                 self.refit()
         finally:
             self.result.state_cache_mb = round(self.store.peak_ram / 2**20, 1)
