@@ -103,7 +103,8 @@ def test_pruned_smollm2_exports_and_analyze_reads_the_gguf(tmp_path, smollm2):
     with torch.no_grad():
         want, got = m(ids).logits, back(ids).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
-    rep = analyze(str(tmp_path / "g" / "p.gguf"), tokens=512, seq_len=256, device="cpu")
+    rep = analyze(str(tmp_path / "g" / "p.gguf"), tokens=512, seq_len=256, device="cpu",
+                  out=tmp_path / "analysis")
     assert len(rep.layers) == 28
 
 
