@@ -48,13 +48,11 @@ from linearize.capture import (
 )
 from linearize.errors import LinearizeError
 from linearize.replace import (
-    bridge_positions as replace_bridge_positions,
-)
-from linearize.replace import (
+    bridge_positions,
     fold_span_,
-    get_bridge,
     proj_has_bias,
     replace_span_,
+    set_bridge_,
     set_span_map_,
 )
 from linearize.restart import BoundaryStore, run_from
@@ -251,9 +249,10 @@ class _Pruner:
     def _allowed(self, p: int) -> bool:
         return p >= 1 or self.c.replace != "fold"  # fold needs an MLP before the run
 
-    def pass_over(self, batches: list) -> list:
+    def pass_over(self, batches: list, layers: int | None = None) -> list:
+        """Count a pass over ``batches`` through ``layers`` layers (default: all)."""
         self.result.forward_passes += len(batches)
-        self._layer_passes += len(batches) * arch.n_layers(self.model)
+        self._layer_passes += len(batches) * (arch.n_layers(self.model) if layers is None else layers)
         return batches
 
     # -- boundary states ----------------------------------------------------------------------
@@ -271,12 +270,10 @@ class _Pruner:
         """Layers [start, stop) on every batch from the stored state at ``start``; records the
         boundaries start..stop and marks them current."""
         state = None if start == 0 else (lambda b: self.store.get(self._key(start) + (b,)))
-        run_from(self.model, self.batches, start, stop, state, self._record(start), hooks,
-                 before_batch)  # fmt: skip
+        run_from(self.model, self.pass_over(self.batches, stop - start), start, stop, state,
+                 self._record(start), hooks, before_batch)  # fmt: skip
         self.recorded = True
         self.valid = max(self.valid, stop)
-        self.result.forward_passes += len(self.batches)
-        self._layer_passes += len(self.batches) * (stop - start)
 
     def ensure_valid(self, p: int) -> None:
         """Make the stored stream entering position ``p`` current (runs only what is stale)."""
@@ -347,10 +344,8 @@ class _Pruner:
                 stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
 
         key = self._key(start - 1)
-        run_from(self.model, self.batches, start - 1, start,
+        run_from(self.model, self.pass_over(self.batches, 1), start - 1, start,
                  lambda b: self.store.get(key + (b,)), on_boundary, hooks)  # fmt: skip
-        self.result.forward_passes += len(self.batches)
-        self._layer_passes += len(self.batches)
         return stats
 
     # -- removal ------------------------------------------------------------------------------
@@ -400,13 +395,8 @@ class _Pruner:
         """Refit every bridge once more, in order, from the pruned model's final upstream
         stream to the original's state: maps fitted early saw inputs that later upstream cuts
         changed."""
-        for p in replace_bridge_positions(self.model):
-            fs = self._original_linear_stats(p, p)
-            fit = self._fit(fs)
-            bridge = get_bridge(self.model, p)
-            with torch.no_grad():
-                bridge.weight.copy_(fit.weight)
-                bridge.bias.copy_(fit.bias)
+        for p in bridge_positions(self.model):
+            set_bridge_(self.model, p, self._fit(self._original_linear_stats(p, p)))
             self._changed(p)
 
     # -- strategies ---------------------------------------------------------------------------

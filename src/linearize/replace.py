@@ -81,11 +81,15 @@ def replace_span_(model: nn.Module, start: int, end: int, fit: AffineMap | None)
     maps = [m for m in maps if m is not None]
     arch.remove_layers_(model, range(start, end))  # the input bridge goes with its layer
     if maps:
-        with torch.no_grad():
-            bridge = ensure_bridge(model, start)
-            composed = functools.reduce(AffineMap.then, maps)
-            bridge.weight.copy_(composed.weight)
-            bridge.bias.copy_(composed.bias)
+        set_bridge_(model, start, functools.reduce(AffineMap.then, maps))
+
+
+@torch.no_grad()
+def set_bridge_(model: nn.Module, position: int, fit: AffineMap) -> None:
+    """Make the bridge at ``position`` (created if absent) exactly ``fit``."""
+    bridge = ensure_bridge(model, position)
+    bridge.weight.copy_(fit.weight)
+    bridge.bias.copy_(fit.bias)
 
 
 def set_span_map_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
@@ -95,10 +99,7 @@ def set_span_map_(model: nn.Module, start: int, end: int, fit: AffineMap) -> Non
     the original model's state after it: the bridges on either side are already accounted
     for, so they are replaced, not composed."""
     arch.remove_layers_(model, range(start, end))  # the input bridge goes with its layer
-    with torch.no_grad():
-        bridge = ensure_bridge(model, start)
-        bridge.weight.copy_(fit.weight)
-        bridge.bias.copy_(fit.bias)
+    set_bridge_(model, start, fit)
 
 
 def replace_layer_(model: nn.Module, position: int, fit: AffineMap | None) -> None:
