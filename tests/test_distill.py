@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny
@@ -110,8 +112,10 @@ def test_bad_distill_requests(teacher_dir, tmp_path, tokenizer):
         distill(_pruned(teacher_dir, tmp_path, "none"), _cfg(), tmp_path / "x", device="cpu")
     other = tmp_path / "other"
     make_tiny("llama", num_hidden_layers=5, vocab_size=300).save_pretrained(other)
-    tokenizer.add_tokens(["<extra-token>"])
-    tokenizer.save_pretrained(other)
+    tok = copy.deepcopy(tokenizer)  # the session's tokenizer stays as every other test sees it
+    tok.add_tokens(["<extra-token>"])
+    tok.save_pretrained(other)
+    assert len(tokenizer) != len(tok)
     with pytest.raises(LinearizeError, match="different tokenizers"):
         distill(student, _cfg(teacher=str(other)), tmp_path / "x", device="cpu")
     assert not (tmp_path / "x" / "final").exists()

@@ -56,7 +56,7 @@ def test_pruned_fold_checkpoint_exports_and_loads_back(tmp_path, tokenizer, sp_m
     model, src = _pruned_dir(tmp_path, tokenizer, sp_model, "fold")
     rep = export_gguf(str(src), tmp_path / "m.gguf", outtype)
     assert rep["layers"] == 3 and (tmp_path / "m.gguf").stat().st_size == rep["bytes"]
-    assert not list(tmp_path.glob(".m.gguf*"))  # no temporary file left
+    assert not list(tmp_path.glob(".*"))  # no temporary file, no lock left
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
     assert arch.n_layers(back) == 3 and back.config.num_hidden_layers == 3
     with torch.no_grad():
@@ -80,6 +80,24 @@ def test_bad_outtype_and_missing_dir_are_one_line_errors(tmp_path):
                  ["export", str(tmp_path / "nope"), "--gguf", str(tmp_path / "x.gguf")]):  # fmt: skip
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2 and res.output.startswith("error: ")
+
+
+def test_a_users_gguf_is_pruned_through_a_cached_conversion(tmp_path, tokenizer, sp_model,
+                                                            monkeypatch):  # fmt: skip
+    """transformers cannot save a GGUF-loaded model: prune must convert the file first (once,
+    cached) instead of failing at the save after all the work."""
+    from linearize import load
+
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    _, src = _pruned_dir(tmp_path, tokenizer, sp_model, "fold")
+    export_gguf(str(src), tmp_path / "user.gguf", "f32")
+    args = ["prune", str(tmp_path / "user.gguf"), "--remove", "1", "--tokens", "300", "--seq-len",
+            "30", "--calib", "builtin:calib", "--eval", "", "--eval-ood", ""]  # fmt: skip
+    for out in ("a", "b"):  # the second run reuses the conversion
+        res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out)])
+        assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
+    assert load(str(tmp_path / "b"), device="cpu")[0].config.num_hidden_layers == 2
 
 
 @pytest.mark.slow
@@ -125,7 +143,7 @@ def test_gemma3_whose_cut_breaks_the_layer_pattern_is_refused(tmp_path, tokenize
     assert model.config.layer_types[-1] == "full_attention"  # SSSF after the cut
     with pytest.raises(LinearizeError, match="per-layer attention pattern"):
         export_gguf(str(src), tmp_path / "g.gguf", "f32")
-    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".g.gguf*"))
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
 
 
 def test_qwen2_pruned_by_none_round_trips(tmp_path, tokenizer, sp_model):

@@ -44,3 +44,25 @@ def test_atomic_outputs_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
+def test_claims_are_reentrant_released_and_leave_nothing_on_failure(tmp_path):
+    from linearize._io import _claims, claim_output, releases_output
+    from linearize.errors import LinearizeError
+
+    out = tmp_path / "a" / "b"
+
+    @releases_output
+    def nested(fail: bool):
+        claim_output(out)
+        claim_output(out)  # the same run again (e.g. a sweep calling analyze): no self-deadlock
+        if fail:
+            raise LinearizeError("bad input found after the claim")
+        write_text(out / "r.txt", "ok")
+
+    with pytest.raises(LinearizeError):
+        nested(True)
+    assert not (tmp_path / "a").exists() and not _claims  # created dirs and the lock are gone
+    nested(False)
+    assert (out / "r.txt").read_text() == "ok" and not _claims
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["b"]  # no lock file left

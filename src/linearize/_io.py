@@ -1,16 +1,30 @@
-"""Atomic file writes: a crash never leaves a half-written result behind."""
+"""Files and output directories: atomic writes, strict JSON, and one claim per ``--out``.
+
+A crash or a kill never leaves a half-written result: every file is written beside its place
+and renamed into it. Before any work, a command claims its output directory: it proves the
+directory can be written (by writing into it: permission bits do not stop root, /proc does)
+and locks it, so two runs never interleave their files.
+"""
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import functools
 import json
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from linearize.errors import LinearizeError
+
+TMP_PREFIX = ".lz-tmp."  # what a killed write leaves behind; swept when the directory is claimed
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
@@ -19,14 +33,36 @@ def _umask() -> int:
     return mask
 
 
+def _disk_full(e: BaseException) -> bool:
+    """ENOSPC, also when a library (safetensors, matplotlib) wrapped it in its own error."""
+    if isinstance(e, OSError) and e.errno in _FULL:
+        return True
+    text = str(e)
+    return "No space left on device" in text or "StorageFull" in text or "os error 28" in text
+
+
+@contextmanager
+def space_errors(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        if _disk_full(e):
+            raise LinearizeError(
+                f"no space left on the device while writing '{path}'; earlier outputs are unchanged"
+            ) from None
+        raise
+
+
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=path.suffix,
+                               dir=path.parent)  # fmt: skip
     os.close(fd)
     try:
-        write(Path(tmp))
+        with space_errors(path):
+            write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results are for everyone to read
         os.replace(tmp, path)
     except BaseException:
@@ -42,12 +78,14 @@ def atomic_dir(path: Path, write: Callable[[Path], None], overwrite: bool = True
     """
     path = Path(path).absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent))
     try:
-        write(tmp)
+        with space_errors(path):
+            write(tmp)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
         if overwrite and path.exists():
-            shutil.rmtree(path)
+            _swap_in(tmp, path)
+            return
         try:
             os.replace(tmp, path)
         except OSError:
@@ -57,12 +95,48 @@ def atomic_dir(path: Path, write: Callable[[Path], None], overwrite: bool = True
         shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Replace the directory ``path`` by ``tmp``: the old one is renamed aside first, so a kill
+    at any point leaves the old or the new directory under ``path`` (or, for an instant, the
+    old one under a temporary name, swept on the next claim), never a mix."""
+    old = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}-old-", dir=path.parent))
+    os.replace(path, old / "d")
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _strict(obj: Any, where: str, undefined: list[str]) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        undefined.append(where or "value")
+        return None
+    if isinstance(obj, dict):
+        return {k: _strict(v, f"{where}.{k}" if where else str(k), undefined)
+                for k, v in obj.items()}  # fmt: skip
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v, f"{where}[{i}]", undefined) for i, v in enumerate(obj)]
+    return obj
+
+
+def strict_json(obj: Any, indent: int | None = 2) -> str:
+    """JSON that every parser reads (no NaN/Infinity): a non-finite number becomes null, and a
+    top-level dict says which fields are null and why under ``"undefined"``."""
+    undefined: list[str] = []
+    clean = _strict(obj, "", undefined)
+    if undefined and isinstance(clean, dict):
+        clean["undefined"] = {
+            "fields": undefined,
+            "why": "null marks a value that is not defined for this input (e.g. a score of a "
+                   "state with zero variance) or that overflowed",
+        }  # fmt: skip
+    return json.dumps(clean, indent=indent, allow_nan=False)
+
+
 def write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, allow_nan=True) + "\n")
+    write_text(path, strict_json(obj) + "\n")
 
 
 def previous_rows(path: Path, settings: dict) -> list[dict]:
@@ -79,13 +153,142 @@ def previous_rows(path: Path, settings: dict) -> list[dict]:
     return list(old.get("rows", []))
 
 
-def check_writable_dir(out: Path) -> None:
-    """Fail early, before any work, if ``out`` cannot become a writable directory."""
-    out = Path(out).absolute()
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise LinearizeError(f"cannot write to '{out}': '{probe}' is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise LinearizeError(f"cannot write to '{out}': '{probe}' is not writable")
+# --- claiming an output directory -------------------------------------------------------------
+
+
+class _Claim:
+    def __init__(self, out: Path, created: list[Path], lock: Path, fd: int) -> None:
+        self.out, self.created, self.lock, self.fd, self.depth = out, created, lock, fd, 1
+
+
+_claims: dict[Path, _Claim] = {}
+
+
+def _probe(out: Path) -> list[Path]:
+    """Create ``out`` and write a file into it; returns the directories that were created."""
+    created, p = [], out
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise LinearizeError(f"cannot write to '{out}': '{p}' is not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f"{TMP_PREFIX}probe.", dir=out)
+        try:
+            os.write(fd, b"linearize")
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        _remove_empty(created)
+        if e.errno in _FULL:
+            raise LinearizeError(f"cannot write to '{out}': no space left on the device") from None
+        raise LinearizeError(f"cannot write to '{out}': {e.strerror or e}") from None
+    return created
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    for d in dirs:  # deepest first
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _lock(out: Path) -> tuple[Path, int]:
+    """An flock on ``.<name>.lock`` beside ``out``: the kernel drops it when a run dies, so a
+    crash never leaves the directory locked."""
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise LinearizeError(f"'{out}' is in use by another linearize run (pid {holder}); "
+                                 "wait for it to finish or choose another --out") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not unlinked by a finishing run between our open and our flock
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return lock, fd
+
+
+def _sweep_debris(out: Path, file: bool) -> None:
+    """Remove what killed writes of ``out`` left: its temporary siblings and, for a directory,
+    the temporary files inside it (nobody else writes there while we hold the lock)."""
+    found = list(out.parent.glob(f"{TMP_PREFIX}{out.name}[-.]*"))
+    if not file:
+        found += sorted(out.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts))
+    for p in found:  # outermost first; what an rmtree already took is gone
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+
+
+def claim_output(out: str | Path, file: bool = False) -> Path:
+    """Before any work: prove ``out`` can be written and lock it for this run (re-entrant).
+    ``file``: ``out`` is one file (its directory is probed, the file itself is locked).
+
+    Released by :func:`releases_output` around the public function that claimed it, or by the
+    kernel when the process dies. In a distributed run only rank 0 writes and claims.
+    """
+    out = Path(out).expanduser().absolute()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return out
+    if out in _claims:
+        _claims[out].depth += 1
+        return out
+    if file and out.is_dir():
+        raise LinearizeError(f"cannot write to '{out}': it is a directory")
+    created = _probe(out.parent if file else out)
+    try:
+        lock, fd = _lock(out)
+    except LinearizeError:
+        _remove_empty(created)
+        raise
+    _claims[out] = _Claim(out, created, lock, fd)
+    _sweep_debris(out, file)
+    return out
+
+
+def _release(out: Path, failed: bool) -> None:
+    claim = _claims[out]
+    claim.depth -= 1
+    if claim.depth:
+        return
+    del _claims[out]
+    claim.lock.unlink(missing_ok=True)  # while still holding it: see the inode check in _lock
+    os.close(claim.fd)
+    if failed:  # a run that wrote nothing leaves nothing, not even the directory
+        _remove_empty(claim.created)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def releases_output(fn: F) -> F:
+    """Release the output claims ``fn`` made, however it ends."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        before = {p: c.depth for p, c in _claims.items()}
+        failed = True
+        try:
+            result = fn(*args, **kwargs)
+            failed = False
+            return result
+        finally:
+            for p in list(_claims):
+                for _ in range(_claims[p].depth - before.get(p, 0)):
+                    _release(p, failed)
+
+    return wrapper  # type: ignore[return-value]

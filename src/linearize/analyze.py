@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from linearize import __version__, arch, data, models
-from linearize._io import check_writable_dir, write_json, write_text
+from linearize._io import claim_output, releases_output, write_json, write_text
 from linearize.capture import collect_stats
 from linearize.errors import LinearizeError
 
@@ -155,6 +155,7 @@ def default_out_dir(model: str | None) -> Path:
     return Path("linearize-out") / f"analyze-{slug}"
 
 
+@releases_output
 def analyze(
     model: str | None = None,
     data_source: str = "builtin",
@@ -175,7 +176,7 @@ def analyze(
     a LinearizeError before any work and before anything is written."""
     out_dir = Path(out) if out is not None else default_out_dir(model)
     if save:
-        check_writable_dir(out_dir)
+        claim_output(out_dir)
     if seq_len < 1:
         raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
     if tokens is not None and tokens < 1:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from linearize import arch, data
+from linearize._io import claim_output, releases_output, write_json, write_text
 from linearize.errors import LinearizeError
 
 METRICS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_batch", "ttft_ms", "peak_mem_mb")
@@ -193,6 +194,7 @@ def bench_loaded(
     return rows
 
 
+@releases_output
 def bench(
     models: list[str | None],
     config: BenchConfig | None = None,
@@ -205,7 +207,6 @@ def bench(
     """Load each model once (anything ``linearize.load`` reads), measure them interleaved, and
     write bench.json/.csv/.md and a figure (PNG + HTML) into ``out``; returns the rows."""
     from linearize import __version__, load
-    from linearize._io import check_writable_dir, write_json, write_text
     from linearize.models import resolve_model
 
     c = config or BenchConfig()
@@ -213,7 +214,7 @@ def bench(
     if labels is not None and len(labels) != len(models):
         raise LinearizeError(f"{len(labels)} labels for {len(models)} models")
     out_dir = Path(out) if out is not None else Path("linearize-out/bench")
-    check_writable_dir(out_dir)
+    claim_output(out_dir)
     data.resolve_source(c.text)
     entries = []
     for i, name in enumerate(models):

@@ -16,7 +16,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from linearize import arch
-from linearize.stats import PairStats, row_cosine
+from linearize.errors import LinearizeError
+from linearize.stats import PairStats, first_nonfinite, row_cosine
 
 
 class _StopForward(Exception):
@@ -193,7 +194,22 @@ def collect_stats(
     if _distributed():
         stats = _agree_on_layout(stats, cap, indices, model.config.hidden_size, device)
         all_reduce_stats_(stats)
+    check_finite(stats, model)
     return stats
+
+
+def check_finite(stats: dict[int, PairStats], model: nn.Module) -> None:
+    """One line naming the first layer with NaN/inf states, instead of NaN scores downstream."""
+    bad = first_nonfinite(stats)
+    if bad is None:
+        return
+    layer, where = bad
+    what = f"layer {layer} produced" if where == "output" else f"the input of layer {layer} holds"
+    if next(model.parameters()).dtype == torch.float16:
+        hint = "float16 overflows on this model: use --dtype bfloat16 or float32"
+    else:
+        hint = "the model's weights or activations hold NaN/inf"
+    raise LinearizeError(f"{what} non-finite hidden states (NaN or inf); {hint}")
 
 
 # -- spans and blocks: pairs that are not one layer's own input and output ---------------------

@@ -6,7 +6,6 @@ on stderr with exit code 2 (no traceback).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -16,6 +15,7 @@ from typing import Annotated
 
 import typer
 
+from linearize._io import strict_json
 from linearize.errors import LinearizeError
 
 app = typer.Typer(
@@ -57,8 +57,24 @@ def _init_distributed() -> tuple[int, int]:
 
 
 @contextmanager
+def _erased_on_error(bar):
+    """Stop a started bar; after an error, erase it, so the error is the only line left."""
+    try:
+        yield
+    except BaseException:
+        bar.live.transient = True
+        raise
+    finally:
+        if bar.live.is_started:
+            bar.stop()
+
+
+@contextmanager
 def _token_progress(total: int | None, enabled: bool, world: int):
-    """A rich progress bar on stderr counting tokens; yields the per-batch callback."""
+    """A rich progress bar on stderr counting tokens; yields the per-batch callback.
+
+    The bar appears with the first batch, so input refused before any work prints only its
+    error line."""
     if not enabled:
         yield None
         return
@@ -74,9 +90,18 @@ def _token_progress(total: int | None, enabled: bool, world: int):
 
     cols = [TextColumn("[bold]tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn()]  # fmt: skip
-    with Progress(*cols, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task("tokens", total=total)
-        yield lambda n: bar.advance(task, n * world)
+    bar = Progress(*cols, console=Console(stderr=True), transient=False)
+    task = None
+
+    def advance(n: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("tokens", total=total)
+        bar.advance(task, n * world)
+
+    with _erased_on_error(bar):
+        yield advance
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -140,7 +165,7 @@ def analyze(
     if rank != 0:
         return
     if as_json:
-        sys.stdout.write(json.dumps(report.to_dict(), indent=2) + "\n")
+        sys.stdout.write(strict_json(report.to_dict()) + "\n")
     else:
         _print_table(report, out_dir)
 
@@ -549,19 +574,25 @@ def finetune(
 
 @contextmanager
 def _step_progress():
-    """A rich progress line on stderr showing the step and the latest losses."""
+    """A rich progress line on stderr showing the step and the latest losses (from the first
+    step on: an error found before it prints only its line)."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as bar:  # fmt: skip
-        task = bar.add_task("starting")
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                   console=Console(stderr=True))  # fmt: skip
+    task = None
 
-        def on_step(row: dict) -> None:
-            parts = " ".join(f"{k} {v:.4g}" for k, v in row.items()
-                             if k not in ("step", "tokens") and isinstance(v, float))  # fmt: skip
-            bar.update(task, description=f"step {row['step']}: {parts}")
+    def on_step(row: dict) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task("starting")
+        parts = " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                         if k not in ("step", "tokens") and isinstance(v, float))  # fmt: skip
+        bar.update(task, description=f"step {row['step']}: {parts}")
 
+    with _erased_on_error(bar):
         yield on_step
 
 

@@ -16,7 +16,7 @@ import io
 import json
 from pathlib import Path
 
-from linearize._io import check_writable_dir, write_text
+from linearize._io import claim_output, releases_output, write_text
 from linearize.errors import LinearizeError
 
 _HEADLINE = ("acc_norm", "acc", "exact_match", "f1")
@@ -65,6 +65,7 @@ _SPEED = (("params_m", "params (M)"), ("prefill_tok_s", "speed/prefill tok/s"),
           ("decode_tok_s_batch", "speed/decode tok/s (batch)"))  # fmt: skip
 
 
+@releases_output
 def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) -> list[dict]:
     """Write compare.csv/.md/.png/.html in ``out``; returns the rows."""
     from linearize import plots
@@ -76,7 +77,7 @@ def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) 
     if len(labels) != len(results):
         raise LinearizeError("--labels needs one label per directory")
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     rows = [{"label": lab, "model": r["model"], **metrics_row(r)} for lab, r in zip(labels, results)]
     cols = ["label", "model"] + sorted({k for r in rows for k in r} - {"label", "model"},
                                        key=lambda k: (k != "perplexity", k))  # fmt: skip

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
-from linearize._io import atomic_dir, check_writable_dir, write_json
+from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
 from linearize.prune import runs_of
 from linearize.replace import BRIDGE
-from linearize.training import read_metrics, resume_step, save_checkpoint
+from linearize.training import check_finite_loss, read_metrics, resume_step, save_checkpoint
 
 TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
 HIDDEN_LOSSES = ("mse", "cosine", "both")
@@ -286,6 +286,7 @@ def _check_tokenizers(s_tok, t_tok, student, teacher) -> None:
         raise LinearizeError("student and teacher have different tokenizers or vocabularies")
 
 
+@releases_output
 def distill(
     student_dir: str,
     config: DistillConfig | None = None,
@@ -311,7 +312,7 @@ def distill(
     c = config or DistillConfig()
     c.check()
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     data.resolve_source(c.data)
     if c.eval_data:
         data.resolve_source(c.eval_data)
@@ -326,7 +327,7 @@ def distill(
         raise LinearizeError(f"--tokens {c.tokens} is less than one optimizer step "
                              f"({c.batch_size}×{c.seq_len}×{c.grad_accum}×{world} = {per_step} tokens)")  # fmt: skip
     dev = "cpu" if cpu else str(acc.device)
-    student, s_tok = models.load(student_dir, dtype="float32", device=dev)
+    student, s_tok = models.load(student_dir, dtype="float32", device=dev, savable=True)
     teacher_name = _teacher_name(student_dir, student, c.teacher)
     teacher, t_tok = models.load(teacher_name, dtype=c.teacher_dtype, device=dev)
     _check_tokenizers(s_tok, t_tok, student, teacher)
@@ -413,6 +414,7 @@ def distill(
                 opt.zero_grad()
             for k, v in parts.items():  # the mean over processes, for the log
                 logs[k] = logs.get(k, 0.0) + float(acc.reduce(v.detach(), "mean")) / c.grad_accum
+        check_finite_loss(logs, step)
         step += 1
         row = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
         if c.eval_data and (step % c.eval_every == 0 or step == total_steps):

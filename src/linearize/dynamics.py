@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from linearize._io import check_writable_dir, previous_rows, write_json, write_text
+from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize.errors import LinearizeError
 
 _STEP = re.compile(r"(?:global_step|step-?|checkpoint-)(\d+)")
@@ -59,6 +59,7 @@ def step_of(spec: str, default: int) -> int:
     return default
 
 
+@releases_output
 def dynamics(
     specs: list[str],
     data_source: str = "builtin:eval",
@@ -78,7 +79,7 @@ def dynamics(
     if not series:
         raise LinearizeError("give at least one checkpoint")
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     settings = {"data": data_source, "tokens": tokens, "seq_len": seq_len, "dtype": dtype}
     done = {r["checkpoint"]: r for r in previous_rows(out / "dynamics.json", settings)}
     rows = []

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from linearize._io import TMP_PREFIX, claim_output, releases_output
 from linearize.errors import LinearizeError
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -107,6 +108,7 @@ def _pattern(types: list[str]) -> str:
     return "".join("S" if t == "sliding_attention" else "F" for t in types)
 
 
+@releases_output
 def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dict:
     """Write ``model`` (a stock checkpoint directory, or None for the embedded SmolLM2) as one
     GGUF file at ``out``, atomically; returns what was written."""
@@ -121,8 +123,8 @@ def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dic
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise LinearizeError(f"the output file should end in .gguf, got '{out}'")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    claim_output(out, file=True)
+    tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}.tmp")
     cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(src), "--outfile", str(tmp),
            "--outtype", outtype]  # fmt: skip
     try:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from linearize import data, models
-from linearize._io import atomic_dir, check_writable_dir, write_json
+from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
 
 
@@ -72,6 +72,7 @@ def accuracy(model, tok, examples: list[tuple[str, int]], n_classes: int, max_le
     return right / max(1, len(examples))
 
 
+@releases_output
 def finetune(model_name: str | None, task_file: str, config: FinetuneConfig | None = None,
              out: str | Path = "linearize-out/finetune", resume: bool = False,
              device: str = "auto") -> dict:  # fmt: skip
@@ -85,12 +86,12 @@ def finetune(model_name: str | None, task_file: str, config: FinetuneConfig | No
     if c.batch_size < 1 or c.epochs <= 0 or c.lr <= 0:
         raise LinearizeError("--batch-size, --epochs and --lr must be positive")
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     task = load_task(task_file, c.limit)
     n_classes = max(y for _, y in task.train + task.test) + 1
     if n_classes < 2:
         raise LinearizeError(f"task '{task.name}' has a single class")
-    model, tok = models.load(model_name, dtype="float32", device=device)
+    model, tok = models.load(model_name, dtype="float32", device=device, savable=True)
     verbs = verbalizers(n_classes)
     before = accuracy(model, tok, task.test, n_classes, c.max_len)
     train = [_encode(tok, t, verbs[y], c.max_len) for t, y in task.train]

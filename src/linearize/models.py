@@ -8,6 +8,7 @@ about a second.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import warnings
@@ -44,19 +45,35 @@ def embedded_gguf() -> Path:
 
 def embedded_model_dir() -> Path:
     """A safetensors copy of the embedded SmolLM2, converted on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    name = f"{EMBEDDED_NAME} (Q4_1 GGUF, dequantized)"
+    return _converted(embedded_gguf(), cache_dir() / "smollm2-135m-instruct", name)
+
+
+def converted_gguf_dir(gguf: Path) -> Path:
+    """A savable safetensors copy of a user's ``.gguf`` file, converted once and cached (keyed
+    by the file's path, size and time). Commands that write a checkpoint load this instead:
+    transformers cannot save a GGUF-loaded model, and that must not be found after the work."""
+    gguf = Path(gguf).resolve()
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return _converted(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{key}", gguf.name)
+
+
+def _converted(gguf: Path, target: Path, name: str) -> Path:
     if (target / "config.json").exists():
         return target
-    gguf = embedded_gguf()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    warnings.warn(f"converting {gguf.name} to safetensors in {target} (once, ~30 s)", stacklevel=2)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    warnings.warn(f"converting {gguf.name} to safetensors in {target} (once)", stacklevel=3)
+    try:
+        src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as e:
+        raise LinearizeError(f"cannot load model '{gguf}': {first_line(e)}") from None
     # transformers will not save a GGUF-loaded model as it is: rebuild it from a clean config.
     cfg = src.config.to_dict()
     cfg.pop("quantization_config", None)
-    cfg["_name_or_path"] = f"{EMBEDDED_NAME} (Q4_1 GGUF, dequantized)"
+    cfg["_name_or_path"] = name
     clean = type(src.config).from_dict(cfg)
     model = AutoModelForCausalLM.from_config(clean)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
@@ -72,14 +89,17 @@ def embedded_model_dir() -> Path:
     return target
 
 
-def resolve_model(name: str | None) -> tuple[str, dict]:
-    """Map a user's model argument to (from_pretrained path or id, extra kwargs)."""
+def resolve_model(name: str | None, savable: bool = False) -> tuple[str, dict]:
+    """Map a user's model argument to (from_pretrained path or id, extra kwargs).
+    ``savable``: the model will be saved, so a ``.gguf`` file goes through its converted copy."""
     if name is None or name in ("", "smollm2", "embedded"):
         return str(embedded_model_dir()), {}
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise LinearizeError(f"model file '{name}' not found")
+        if savable:
+            return str(converted_gguf_dir(path)), {}
         return str(path.parent), {"gguf_file": path.name}
     if path.exists():
         if not (path / "config.json").exists():
@@ -133,16 +153,19 @@ def load(
     dtype: str = "auto",
     device: str = "auto",
     device_map: str | None = None,
+    savable: bool = False,
 ):
     """Load (model, tokenizer) in eval mode. ``name`` None means the embedded SmolLM2.
 
     Checkpoints written by ``linearize prune`` come back with their linear replacements.
+    ``savable``: the caller will ``save_pretrained`` the model; whatever would make that fail
+    is refused now, before any work.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     ours = getattr(load_config(name), "linearize", None)
-    where, kw = resolve_model(name)
+    where, kw = resolve_model(name, savable)
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     level = hf_logging.get_verbosity()
@@ -159,6 +182,10 @@ def load(
         raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
     finally:
         hf_logging.set_verbosity(level)
+    serializable = getattr(getattr(model, "hf_quantizer", None), "is_serializable", True)
+    if savable and not (serializable() if callable(serializable) else serializable):
+        raise LinearizeError(f"'{name}' is quantized in a way transformers cannot save; "
+                             "give the unquantized model")  # fmt: skip
     if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
         from linearize.replace import restore_bridges_
 

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
-from linearize._io import atomic_dir, check_writable_dir, write_json, write_text
+from linearize._io import (
+    atomic_dir,
+    claim_output,
+    releases_output,
+    strict_json,
+    write_json,
+    write_text,
+)
 from linearize.errors import LinearizeError
 
 REGS = ("cosine", "mse", "none")
@@ -236,6 +243,7 @@ def training_sequences(tokenizer, specs: str, seq_len: int, rank: int, world: in
             raise LinearizeError(f"data '{specs}' is shorter than one sequence of {seq_len} tokens")
 
 
+@releases_output
 def pretrain(
     config: PretrainConfig | None = None,
     out: str | Path = "linearize-out/pretrain",
@@ -253,12 +261,12 @@ def pretrain(
     from linearize import __version__
     from linearize.analyze import analyze_model
     from linearize.evaluate import perplexity
-    from linearize.training import read_metrics, resume_step, save_checkpoint
+    from linearize.training import check_finite_loss, read_metrics, resume_step, save_checkpoint
 
     c = config or PretrainConfig()
     c.check()
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     cpu = device == "cpu" or not torch.cuda.is_available()
     acc = Accelerator(gradient_accumulation_steps=c.grad_accum, cpu=cpu,
                       mixed_precision="no" if cpu else "bf16")  # fmt: skip
@@ -303,7 +311,7 @@ def pretrain(
     def save_model(tmp: Path) -> None:
         unwrapped().save_pretrained(tmp / "model")
         tok.save_pretrained(tmp / "model")
-        write_text(probes_path, "".join(json.dumps(p) + "\n" for p in probes))
+        write_text(probes_path, "".join(strict_json(p, indent=None) + "\n" for p in probes))
 
     _, layers = arch.get_layers(unwrapped())
     start = time.perf_counter()
@@ -336,6 +344,7 @@ def pretrain(
                 opt.zero_grad()
             for k, v in (("loss", loss), ("lm_loss", lm), ("reg", reg)):
                 logs[k] = logs.get(k, 0.0) + float(acc.reduce(v.detach().float(), "mean")) / c.grad_accum
+        check_finite_loss(logs, step)
         step += 1
         row: dict = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
         if step % c.probe_every == 0 or step == total_steps:
@@ -364,6 +373,6 @@ def pretrain(
             tok.save_pretrained(tmp)
 
         atomic_dir(out / "final", write)
-        write_text(probes_path, "".join(json.dumps(p) + "\n" for p in probes))
+        write_text(probes_path, "".join(strict_json(p, indent=None) + "\n" for p in probes))
         write_json(out / "pretrain.json", summary)
     return summary

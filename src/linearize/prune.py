@@ -38,10 +38,12 @@ import torch
 from torch import Tensor, nn
 
 from linearize import arch, data
+from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize.capture import (
     LayerCapture,
     _masked_rows,
     block_distances,
+    check_finite,
     collect_stats,
     fold_stats,
     span_stats,
@@ -293,6 +295,7 @@ class _Pruner:
         cap = LayerCapture(layers, range(p, n), stop_at_last=False)
         with cap:
             self._run(p, n, before_batch=lambda b, batch: cap.begin_batch(batch["attention_mask"]))
+        check_finite(cap.stats, self.model)
         return cap.stats
 
     def _target(self, end: int) -> int:
@@ -490,6 +493,7 @@ def prune_model_(
     return _Pruner(model, tokenizer, config, on_step).run()
 
 
+@releases_output
 def prune(
     model: str | None = None,
     config: PruneConfig | None = None,
@@ -510,13 +514,12 @@ def prune(
     count against ``remove`` / ``layers``, whether ``fold`` is possible for the architecture.
     """
     from linearize import __version__, models
-    from linearize._io import atomic_dir, check_writable_dir, write_json
     from linearize.evaluate import perplexity
     from linearize.replace import save
 
     c = config or PruneConfig()
     out_dir = Path(out) if out is not None else Path("linearize-out") / "pruned"
-    check_writable_dir(out_dir)
+    claim_output(out_dir)
     hf_config = models.load_config(model)
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     c.check(n, hf_config)
@@ -525,7 +528,7 @@ def prune(
     for src in (eval_data, ood_data):
         if src:
             data.resolve_source(src)
-    lm, tok = models.load(model, dtype=dtype, device=device)
+    lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
 
     def held_out_ppl(src: str | None) -> float | None:
         if not src:

@@ -163,6 +163,9 @@ def save(model: nn.Module, tokenizer, out: Path, record: dict[str, Any]) -> None
     With bridges, the checkpoint also gets modeling_linearize.py and an ``auto_map``, so that
     ``trust_remote_code=True`` loads it without linearize installed."""
     out = Path(out)
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise LinearizeError(f"refusing to save a checkpoint with NaN/inf weights (first: {bad})")
     out.mkdir(parents=True, exist_ok=True)
     positions = bridge_positions(model)
     names = {id(m): n for n, m in model.named_modules()}

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from linearize import arch
+from linearize._io import space_errors
 from linearize.capture import _StopForward
 
 
@@ -55,7 +56,8 @@ class BoundaryStore:
         if self._spill is None:
             self._spill = Path(tempfile.mkdtemp(prefix="linearize-states-", dir=self._spill_root))
         path = self._spill / ("_".join(map(str, key)) + ".safetensors")
-        save_file({"h": t.contiguous().cpu()}, str(path))
+        with space_errors(path):  # the cache's own spill: say so in one line, not a traceback
+            save_file({"h": t.contiguous().cpu()}, str(path))
         self._disk[key] = path
         self.spilled += size
 

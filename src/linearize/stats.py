@@ -125,6 +125,21 @@ class PairStats:
         return out
 
 
+def first_nonfinite(stats: dict[int, PairStats]) -> tuple[int, str] | None:
+    """(layer, "input" | "output") of the first pair whose moments hold NaN or inf: one
+    overflowing token makes its layer's sums non-finite, so this costs nothing per batch."""
+    for i in sorted(stats):
+        s = stats[i]
+        if s.yy is None:
+            continue
+        if not (torch.isfinite(s.sx).all() and torch.isfinite(s.xx).all()):
+            return i, "input"
+        if not (torch.isfinite(s.sy).all() and torch.isfinite(s.yy).all()
+                and torch.isfinite(s.xy).all()):  # fmt: skip
+            return i, "output"
+    return None
+
+
 def row_cosine(x: Tensor, y: Tensor, eps: float = 1e-30) -> Tensor:
     """cos(x_t, y_t) for each row t; a zero row gets cosine 0."""
     dots = (x * y).sum(-1)

@@ -14,12 +14,13 @@ an unknown task), the parts already finished stay on disk and the error is one l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from linearize import models
-from linearize._io import check_writable_dir, write_json
+from linearize._io import claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
 
 
@@ -57,6 +58,22 @@ class EvalConfig:
             raise LinearizeError("--judge-retries must be >= 1 and --judge-timeout positive")
 
 
+_PARTS = ("perplexity", "perplexity_protocol", "speed", "lm_eval", "probe", "judge")
+
+
+def _finished_parts(path: Path, result: dict) -> dict:
+    """The parts an earlier run of the same model and settings already wrote into ``path``."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    same = json.loads(json.dumps(result))  # tuples read back as lists
+    if not isinstance(old, dict) or {k: old.get(k) for k in ("model", "config")} != same:
+        return {}
+    return {k: old[k] for k in _PARTS if k in old}
+
+
+@releases_output
 def evaluate_model(
     name: str | None,
     config: EvalConfig,
@@ -73,13 +90,14 @@ def evaluate_model(
     c = config
     c.check()
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     # cheap checks first, so a bad file fails before minutes of work
     probe_tasks = [probe.load_task(p, c.probe_limit) for p in c.probe]
     prompts = judge.load_prompts(c.judge, c.judge_limit) if c.judge else []
     model, tok = models.load(name, dtype=c.dtype, device=device)
     result: dict = {"model": name or models.EMBEDDED_NAME, "config": asdict(c)}
     path = out / "results.json"
+    result.update(_finished_parts(path, result))  # a run killed midway resumes after its last part
 
     def part(label: str) -> None:
         write_json(path, result)
@@ -87,14 +105,14 @@ def evaluate_model(
             on_part(label)
 
     write_json(path, result)
-    if c.ppl:
+    if c.ppl and "perplexity" not in result:
         torch.manual_seed(c.seed)
         result["perplexity"] = perplexity(model, tok, c.ppl, c.seq_len, c.ppl_tokens, c.batch_size,
                                           stride=c.stride)  # fmt: skip
         result["perplexity_protocol"] = {"source": c.ppl, "tokens": c.ppl_tokens,
                                          "seq_len": c.seq_len, "stride": c.stride}  # fmt: skip
         part("perplexity")
-    if c.speed:
+    if c.speed and "speed" not in result:
         from linearize.bench import BenchConfig, bench_loaded
 
         where, kw = models.resolve_model(name)
@@ -102,18 +120,18 @@ def evaluate_model(
         row = bench_loaded([(result["model"], model, tok, where)], BenchConfig())[0]
         result["speed"] = {k: v for k, v in row.items() if not k.endswith("_ratio")}
         part("speed")
-    if c.tasks:
+    if c.tasks and "lm_eval" not in result:
         from linearize.harness import run_tasks
 
         result["lm_eval"] = run_tasks(model, tok, c.tasks, c.task_include, c.task_limit,
                                       c.batch_size, seed=c.seed)  # fmt: skip
         part("lm_eval")
     if probe_tasks:
-        result["probe"] = {}
-        for t in probe_tasks:
+        result.setdefault("probe", {})
+        for t in [t for t in probe_tasks if t.name not in result["probe"]]:
             result["probe"][t.name] = probe.probe(model, tok, t, c.seq_len, c.batch_size)
             part(f"probe {t.name}")
-    if c.judge:
+    if c.judge and "judge" not in result:
         stories = judge.generate_stories(model, tok, prompts, c.judge_tokens)
         if c.judge_url:
             ask = judge.http_judge(c.judge_url, c.judge_model or "default", c.judge_timeout)

@@ -21,7 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from linearize import arch, data
-from linearize._io import check_writable_dir, previous_rows, write_json, write_text
+from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize.errors import LinearizeError
 from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 
@@ -51,6 +51,7 @@ def parse_ks(text: str, n_layers: int) -> list[int]:
     return ks
 
 
+@releases_output
 def sweep(
     model: str | None,
     base: PruneConfig,
@@ -74,7 +75,7 @@ def sweep(
     from linearize.evaluate import perplexity
 
     out = Path(out)
-    check_writable_dir(out)
+    claim_output(out)
     strategies = parse_list(strategies, STRATEGIES, "strategy") if isinstance(strategies, str) \
         else list(strategies)  # fmt: skip
     replacements = parse_list(replacements, REPLACEMENTS, "replacement") \

@@ -5,12 +5,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from linearize._io import write_json, write_text
+from linearize._io import TMP_PREFIX, write_json, write_text
+from linearize.errors import LinearizeError
+
+
+def check_finite_loss(logs: dict[str, float], step: int) -> None:
+    """Stop a diverged run with one line before it can save NaN weights (earlier checkpoints
+    stay as they are, so ``--resume`` restarts from the last good one)."""
+    loss = logs.get("loss")
+    if loss is not None and not math.isfinite(loss):
+        raise LinearizeError(f"the loss became {loss} at step {step + 1}: the run diverged or "
+                             "the model holds NaN/inf (try a lower --lr); nothing of this step "
+                             "was saved")  # fmt: skip
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -51,7 +63,7 @@ def save_checkpoint(acc, out: Path, step: int, rows: list[dict],
     renames it into place, so a kill never leaves a half-written checkpoint behind.
     ``extra(tmp)`` (main process) may add files, e.g. a loadable model for ``dynamics``."""
     final = Path(out) / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(f".step-{step}.tmp")
+    tmp = final.with_name(f"{TMP_PREFIX}step-{step}")  # a kill leaves it for the next claim to sweep
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()

@@ -1,0 +1,53 @@
+"""Run the ``linearize`` CLI and SIGKILL it at a controlled point (for the hardening tests).
+
+    python tests/killer.py MODE:NAME:N linearize-args...
+
+MODE ``replace``: die the N-th time a file or directory named NAME is renamed into place
+(its temporary copy is complete, the old one still stands). MODE ``mid``: die halfway
+through the N-th write of a text file whose temporary name contains NAME.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+mode, name, nth = sys.argv[1].split(":")
+seen = 0
+
+
+def _count(hit: bool) -> bool:
+    global seen
+    seen += hit
+    return hit and seen == int(nth)
+
+
+real_replace = os.replace
+
+
+def replace(src, dst, *a, **k):
+    if mode == "replace" and _count(Path(dst).name == name):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst, *a, **k)
+
+
+real_write_text = Path.write_text
+
+
+def write_text(self, text, *a, **k):
+    if mode == "mid" and _count(name in self.name):
+        with open(self, "w") as f:
+            f.write(text[: len(text) // 2])
+            f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_write_text(self, text, *a, **k)
+
+
+os.replace = replace
+Path.write_text = write_text
+
+from linearize.cli import app  # noqa: E402 (after the patches, on purpose)
+
+app(sys.argv[2:])
