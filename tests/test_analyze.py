@@ -29,6 +29,20 @@ def test_scores_equal_svd_reference_on_every_architecture(model_type, tokenizer)
         assert got["block_influence"] == pytest.approx(1 - got["cosine"], abs=1e-12)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt2", "falcon"])
+def test_float32_products_match_float64_products(model_type, tokenizer):
+    """A float32 model: the default (float32 products per batch) against --exact and the
+    stacked float64 SVD reference, at 1e-6; several batch sizes agree."""
+    model = make_tiny(model_type)
+    fast = [analyze_model(model, tokenizer, "builtin", TOKENS, SEQ, batch_size=b) for b in (1, 4)]
+    exact = analyze_model(model, tokenizer, "builtin", TOKENS, SEQ, batch_size=4, exact=True)
+    ref = reference_scores(model, tokenizer, "builtin", SEQ, TOKENS)
+    for rows in zip(fast[0].layers, fast[1].layers, exact.layers, ref, strict=True):
+        for key in ("linearity", "linearity_no_residual", "cosine", "angular_distance"):
+            want = rows[3][key]
+            assert all(r[key] == pytest.approx(want, abs=1e-6) for r in rows[:3]), (key, rows)
+
+
 def test_batch_size_does_not_change_scores(tokenizer):
     model = make_tiny("llama", torch.float64)
     runs = [

@@ -175,3 +175,21 @@ def test_hidden_only_loss_skips_the_lm_heads_and_matches(teacher_dir, tmp_path):
     distill(student, _cfg(eval_data="", w_kl=0.0), tmp_path / "b", device="cpu", on_step=hidden.append)
     assert "kl" not in hidden[0] and hidden[0]["loss"] == pytest.approx(hidden[0]["hidden"])
     assert hidden[0]["hidden"] == pytest.approx(full[0]["hidden"], rel=1e-6)
+
+
+@pytest.mark.parametrize("tau, chunk", [(1.0, 7), (2.0, 256)])
+def test_chunked_kl_equals_kl_div_and_its_gradient(tau, chunk):
+    import torch.nn.functional as F
+
+    from linearize.distill import chunked_kl
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(50, 300, generator=g) * 3).requires_grad_()
+    t = torch.randn(50, 300, generator=g) * 3
+    old = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
+                   reduction="batchmean") * tau**2  # fmt: skip
+    (want,) = torch.autograd.grad(old, s)
+    new = chunked_kl(s, t, tau, chunk)
+    (got,) = torch.autograd.grad(new, s)
+    assert float(new) == pytest.approx(float(old), abs=1e-6)
+    assert float((got - want).abs().max()) <= 1e-6

@@ -8,8 +8,8 @@ import torch
 from linearize.stats import PairStats, SymmetricPinv, fit_affine, procrustes_linearity
 
 
-def _stream(x, y, chunk=37, x_source=None):
-    s = PairStats(x_source=x_source)
+def _stream(x, y, chunk=37, x_source=None, fast=False):
+    s = PairStats(x_source=x_source, fast=fast)
     for i in range(0, x.shape[0], chunk):
         s.update(x[i : i + chunk], y[i : i + chunk])
     return s
@@ -135,3 +135,70 @@ def test_affine_maps_compose_in_order():
     )
     ab = a.then(b)
     assert torch.allclose(x @ ab.weight + ab.bias, (x @ a.weight + a.bias) @ b.weight + b.bias)
+
+
+def _massive_residual_stream(n=4096, d=64, seed=0):
+    """What breaks naive float32 moments: three massive dimensions with large means, and
+    layer updates small next to the stream (cos ≈ 0.99)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=torch.float64)
+    h[:, :3] = h[:, :3] * 5 + torch.tensor([800.0, -1200.0, 400.0], dtype=torch.float64)
+    w = torch.randn(d, d, generator=g, dtype=torch.float64) / d**0.5
+    states = [h]
+    for _ in range(3):
+        states.append(states[-1] + 0.05 * torch.tanh(states[-1] @ w) * states[-1].std(0))
+    return [s.float() for s in states]
+
+
+def test_float32_products_on_shifted_moments_stay_within_1e6_of_float64():
+    states = _massive_residual_stream()
+    chains = {}
+    for fast in (False, True):
+        prev, scores = None, []
+        for x, y in zip(states, states[1:]):
+            prev = _stream(x, y, chunk=512, x_source=prev, fast=fast)
+            scores.append(prev.scores())
+        chains[fast] = scores
+    for exact, fast in zip(chains[False], chains[True], strict=True):
+        for k in exact:
+            assert fast[k] == pytest.approx(exact[k], abs=1e-6), k
+    # and the float64 path equals the stacked SVD reference
+    x, y = states[1].double(), states[2].double()
+    assert chains[False][1]["linearity_no_residual"] == pytest.approx(
+        procrustes_linearity(x, y - x), abs=1e-9)  # fmt: skip
+
+
+def test_moments_about_zero_shift_are_the_same_statistics():
+    from linearize.stats import unshift_
+
+    h0, h1 = _random_pair(seed=2)
+    h2 = torch.sin(h1) + h1
+    first = _stream(h0, h1)
+    second = _stream(h1, h2, x_source=first)
+    before = [first.centered(), second.centered(), first.xy, second.yy]
+    unshift_({0: first, 1: second})
+    assert float(first.b.abs().max()) == 0.0 and float(second.a.abs().max()) == 0.0
+    after = [first.centered(), second.centered(), first.xy, second.yy]
+    for a, b in zip(before, after, strict=True):
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,),
+                        strict=True):  # fmt: skip
+            assert torch.allclose(u, v, rtol=1e-10, atol=1e-8)
+
+
+def test_gram_and_row_angles():
+    from linearize.stats import gram, row_cosine_angle
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(50, 7, generator=g, dtype=torch.float64)
+    assert torch.allclose(gram(v), v.T @ v, atol=1e-12)
+    x = torch.randn(40, 9, generator=g, dtype=torch.float64)
+    y = x + 1e-4 * torch.randn(40, 9, generator=g, dtype=torch.float64)  # nearly parallel
+    y[0] = 0.0
+    cos, angle = row_cosine_angle(x, y)
+    want = torch.nn.functional.cosine_similarity(x[1:], y[1:], dim=-1)
+    assert torch.allclose(cos[1:], want, atol=1e-14)
+    # the angle, where arccos of the cosine would have lost half its digits
+    nx, ny = x[1:] / x[1:].norm(dim=-1, keepdim=True), y[1:] / y[1:].norm(dim=-1, keepdim=True)
+    direct = 2 * torch.atan2((nx - ny).norm(dim=-1), (nx + ny).norm(dim=-1))
+    assert torch.allclose(angle[1:], direct, rtol=1e-6, atol=0)
+    assert cos[0] == 0.0 and angle[0] == pytest.approx(math.pi / 2)

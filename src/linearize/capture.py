@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from linearize import arch
 from linearize.errors import LinearizeError
-from linearize.stats import PairStats, first_nonfinite, row_cosine
+from linearize.stats import PairStats, first_nonfinite, row_cosine, unshift_
 
 
 class _StopForward(Exception):
@@ -37,15 +37,20 @@ class LayerCapture:
     """
 
     def __init__(
-        self, layers: nn.ModuleList, indices: Sequence[int], stop_at_last: bool = True
+        self,
+        layers: nn.ModuleList,
+        indices: Sequence[int],
+        stop_at_last: bool = True,
+        fast: bool = False,
     ) -> None:
         self.layers = layers
+        self.fast = fast
         self.indices = sorted(set(indices))
         self.stop_at_last = stop_at_last
         self.stats: dict[int, PairStats] = {}
         self._mask: Tensor | None = None  # (B*T,) bool, None when every token counts
         self._inputs: dict[int, Tensor] = {}
-        self._last_out: tuple[int, Tensor, Tensor] | None = None  # (layer, raw y, float64 rows)
+        self._last_out: tuple[int, Tensor, Tensor] | None = None  # (layer, raw y, its rows)
         self._handles: list = []
         self._shared: dict[int, bool] = {}
 
@@ -66,7 +71,8 @@ class LayerCapture:
             shared = prev is not None and prev[0] == i - 1 and prev[1] is x_raw
             if i not in self._shared:  # decided on the first batch, then held to
                 self._shared[i] = shared
-                self.stats[i] = PairStats(x_source=self.stats[i - 1] if shared else None)
+                source = self.stats[i - 1] if shared else None
+                self.stats[i] = PairStats(x_source=source, fast=self.fast)
             elif self._shared[i] != shared:
                 raise RuntimeError(
                     f"layer {i}: its input stopped being layer {i - 1}'s output between batches"
@@ -122,6 +128,8 @@ class LayerCapture:
     def end_batch(self) -> None:
         self._last_out = None
         self._inputs.clear()
+        for s in self.stats.values():
+            s._carry = None  # rows kept for the next layer: not past the batch
 
 
 def _distributed() -> bool:
@@ -155,9 +163,10 @@ def all_reduce_stats_(stats: dict[int, PairStats]) -> None:
     """
     if not _distributed():
         return
+    unshift_(stats)  # each process chose its shifts from its own first batch
     for i in sorted(stats):
         s = stats[i]
-        n = torch.tensor([float(s.n)], dtype=torch.float64, device=s.yy.device)
+        n = torch.tensor([float(s.n)], dtype=torch.float64, device=s.q.device)
         dist.all_reduce(n)
         s.n = int(n.item())
         for t in s.owned_tensors():
@@ -169,12 +178,14 @@ def collect_stats(
     batches: Iterable[dict[str, Tensor]],
     layers: Sequence[int] | None = None,
     on_batch: Callable[[int], None] | None = None,
+    fast: bool = False,
 ) -> dict[int, PairStats]:
     """Accumulate PairStats for ``layers`` (default: all) of a causal LM over ``batches``.
 
     Runs the decoder body only (the LM head never runs). ``on_batch(tokens)`` is called after
     each batch, e.g. to move a progress bar. Under torch.distributed the result is summed
     over processes, each of which should have been given its own shard of the data.
+    ``fast``: float32 products per batch (see PairStats), for float32/16 models.
     """
     _, module_list = arch.get_layers(model)
     indices = sorted(set(range(len(module_list)) if layers is None else layers))
@@ -183,7 +194,7 @@ def collect_stats(
     was_training = model.training
     model.eval()
     try:
-        with LayerCapture(module_list, indices) as cap:
+        with LayerCapture(module_list, indices, fast=fast) as cap:
             for batch in batches:
                 tokens = cap.run(body, batch, device)
                 if on_batch is not None:
@@ -214,8 +225,8 @@ def check_finite(stats: dict[int, PairStats], model: nn.Module) -> None:
 
 # -- spans and blocks: pairs that are not one layer's own input and output ---------------------
 def _masked_rows(h: Tensor, mask: Tensor | None) -> Tensor:
-    rows = h.reshape(-1, h.shape[-1])  # (B*T, d)
-    return (rows if mask is None else rows[mask.to(rows.device)]).to(torch.float64)
+    rows = h.reshape(-1, h.shape[-1])  # (B*T, d), in the model's dtype: PairStats converts
+    return rows if mask is None else rows[mask.to(rows.device)]
 
 
 @torch.no_grad()

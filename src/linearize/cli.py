@@ -136,6 +136,9 @@ def analyze(
     ] = None,
     layers: Annotated[str | None, typer.Option(help="only these layers, e.g. 0,5,9")] = None,
     anisotropy: Annotated[bool, typer.Option(help="also report each output's anisotropy")] = False,
+    exact: Annotated[
+        bool, typer.Option(help="float64 d×d products (default float32: within ~1e-6, faster)")
+    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the JSON report to stdout")
     ] = False,
@@ -158,7 +161,7 @@ def analyze(
         with _token_progress(tokens, progress and rank == 0, world) as on_batch:
             report = run_analyze(
                 model, data, tokens, seq_len, batch_size, out_dir, dtype, device, device_map,
-                _parse_layers(layers), anisotropy, on_batch,
+                _parse_layers(layers), anisotropy, on_batch, exact=exact,
             )  # fmt: skip
     except LinearizeError as e:
         _fail(str(e))
