@@ -241,6 +241,18 @@ def test_sweep_killed_then_resumed(tiny_dir, tmp_path):
     no_debris(tmp_path)
 
 
+def killed_at_step_4_then_resumed(args: list, out: Path, summary: str) -> None:
+    """Killed while step 4's checkpoint is renamed into place: step 2's is intact and
+    ``--resume`` finishes the 4 steps."""
+    kill_run("replace:step-4:1", *args)
+    assert checkpoints(out) == ["step-2"]
+    readable(out)
+    res = run(*args, "--resume")
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / summary).read_text())["steps"] == 4
+    no_debris(out.parent)
+
+
 def test_distill_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
     student = tmp_path / "student"
     assert run("prune", tiny_dir, "--remove", 1, *FAST, "--calib", "builtin:calib", "--eval", "",
@@ -248,13 +260,7 @@ def test_distill_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
     out = tmp_path / "d"
     args = ["distill", student, "--tokens", 32 * 2 * 4, "--seq-len", 32, "--batch-size", 2,
             "--eval", "", "--save-every", 2, "--device", "cpu", "--out", out]  # fmt: skip
-    kill_run("replace:step-4:1", *args)
-    assert checkpoints(out) == ["step-2"]
-    readable(out)
-    res = run(*args, "--resume")
-    assert res.exit_code == 0, res.output
-    assert json.loads((out / "distill.json").read_text())["steps"] == 4
-    no_debris(tmp_path)
+    killed_at_step_4_then_resumed(args, out, "distill.json")
 
 
 def test_pretrain_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
@@ -264,13 +270,7 @@ def test_pretrain_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
              "batch_size=2", "probe_tokens=256", "probe_every=2", "save_every=2"]  # fmt: skip
     args = ["pretrain", "--config", "tiny", *small, "--tokenizer", tiny_dir, "--tokens", 32 * 2 * 4,
             "--device", "cpu", "--out", out]  # fmt: skip
-    kill_run("replace:step-4:1", *args)
-    assert checkpoints(out) == ["step-2"]
-    readable(out)
-    res = run(*args, "--resume")
-    assert res.exit_code == 0, res.output
-    assert json.loads((out / "pretrain.json").read_text())["steps"] == 4
-    no_debris(tmp_path)
+    killed_at_step_4_then_resumed(args, out, "pretrain.json")
 
 
 def test_eval_killed_between_parts_then_resumed(tiny_dir, tmp_path):
