@@ -23,7 +23,7 @@ def test_scores_equal_svd_reference_on_every_architecture(model_type, tokenizer)
     ref = reference_scores(model, tokenizer, "builtin", SEQ, TOKENS)
     assert rep.tokens == TOKENS
     assert [r["layer"] for r in rep.layers] == [0, 1, 2]
-    for got, want in zip(rep.layers, ref):
+    for got, want in zip(rep.layers, ref, strict=True):
         for key in ("linearity", "linearity_no_residual", "cosine", "angular_distance"):
             assert got[key] == pytest.approx(want[key], abs=1e-6), (model_type, got["layer"], key)
         assert got["block_influence"] == pytest.approx(1 - got["cosine"], abs=1e-12)
@@ -49,7 +49,7 @@ def test_batch_size_does_not_change_scores(tokenizer):
         analyze_model(model, tokenizer, "builtin", TOKENS, SEQ, batch_size=b) for b in (1, 4, 13)
     ]
     for other in runs[1:]:
-        for a, b in zip(runs[0].layers, other.layers):
+        for a, b in zip(runs[0].layers, other.layers, strict=True):
             for k in SCORE_KEYS:
                 assert a[k] == pytest.approx(b[k], abs=1e-9)
 
@@ -65,7 +65,7 @@ def test_padding_never_counts(tokenizer, tmp_path):
     ref = reference_scores(model, tokenizer, str(src), 64, None, batch_size=1)
     n_real = sum(len(s) for s in data.token_sequences(tokenizer, str(src), 64))
     assert padded.tokens == alone.tokens == n_real
-    for a, b, r in zip(padded.layers, alone.layers, ref):
+    for a, b, r in zip(padded.layers, alone.layers, ref, strict=True):
         for k in SCORE_KEYS:
             assert a[k] == pytest.approx(b[k], abs=1e-9)
         assert a["linearity"] == pytest.approx(r["linearity"], abs=1e-6)
@@ -108,7 +108,7 @@ def test_layer_subset_stops_early_and_matches_full_run(tokenizer):
     full = analyze_model(model, tokenizer, "builtin", TOKENS, SEQ)
     assert not calls, "layer 2 ran although only layers 0 and 1 were asked for"
     assert [r["layer"] for r in sub.layers] == [0, 1]
-    for a, b in zip(sub.layers, full.layers[:2]):
+    for a, b in zip(sub.layers, full.layers[:2], strict=True):
         assert a["linearity"] == pytest.approx(b["linearity"], abs=1e-12)
 
 

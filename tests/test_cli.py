@@ -104,7 +104,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, words, files, tiny_di
     target = files["blocker"] / "sub" if case == "unwritable_out" else out
     res = run("analyze", *args, "--out", target, "--no-progress")
     _one_line_error(res, *words)
-    assert not out.exists()
+    assert not target.exists() and not out.exists()
+    assert files["blocker"].read_text() == "x"  # the file in the way is untouched
 
 
 def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -125,7 +126,8 @@ def test_cached_teacher_gives_the_same_losses(teacher_dir, tmp_path):
     """Epoch 2 reads the teacher from disk; the losses equal a run that recomputes it."""
     student = _pruned(teacher_dir, tmp_path)
     plain: list[dict] = []
-    distill(student, _cfg(eval_data="", epochs=2), tmp_path / "a", device="cpu", on_step=plain.append)
+    distill(student, _cfg(eval_data="", epochs=2, cache_teacher="off"), tmp_path / "a", device="cpu",
+            on_step=plain.append)  # fmt: skip
     cached: list[dict] = []
     cfg = _cfg(eval_data="", epochs=2, cache_teacher=str(tmp_path / "cache"))
     res = distill(student, cfg, tmp_path / "b", device="cpu", on_step=cached.append)
@@ -193,3 +195,24 @@ def test_chunked_kl_equals_kl_div_and_its_gradient(tau, chunk):
     (got,) = torch.autograd.grad(new, s)
     assert float(new) == pytest.approx(float(old), abs=1e-6)
     assert float((got - want).abs().max()) <= 1e-6
+
+
+def test_a_short_source_repeats_says_so_and_caches_the_teacher(teacher_dir, tmp_path, monkeypatch):
+    """--tokens beyond what the source holds: the source repeats (one warning), the teacher's
+    states go to the user cache by themselves, and a second run reuses them."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    student = _pruned(teacher_dir, tmp_path)
+    src = tmp_path / "short.jsonl"
+    src.write_text("".join(json.dumps({"text": f"record {i} " * 12}) + "\n" for i in range(4)))
+    cfg = _cfg(data=str(src), eval_data="", tokens=32 * 2 * 6)  # 4 records of 32: 2 steps a pass
+    with pytest.warns(UserWarning, match="repeating it 3×") as seen:
+        first = distill(student, cfg, tmp_path / "a", device="cpu")
+    assert len([w for w in seen if "repeating" in str(w.message)]) == 1
+    assert first["total_steps"] == first["steps"] == 6
+    shards = sorted((tmp_path / "cache" / "teacher-states").glob("*/*.safetensors"))
+    assert len(shards) == 2  # one per distinct batch, not per step
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    with pytest.warns(UserWarning, match="repeating"):
+        second = distill(student, cfg, tmp_path / "b", device="cpu")
+    assert [p.stat().st_mtime_ns for p in shards] == stamps  # read back, not rewritten
+    assert second["steps"] == 6

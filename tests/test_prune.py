@@ -67,7 +67,7 @@ def test_prune_save_load_generate(model_type, replace, tokenizer, tmp_path):
         if getattr(cfg, key, None) is not None:
             assert len(getattr(cfg, key)) == 2
     idx = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    assert set(idx) <= {0, 1}
+    assert set(idx) == {0, 1}  # every tiny architecture here numbers its attention layers
     assert bool(bridge_positions(model)) == (replace == "linear")
     with torch.no_grad():
         logits = model(_ids()).logits

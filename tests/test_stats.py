@@ -155,7 +155,7 @@ def test_float32_products_on_shifted_moments_stay_within_1e6_of_float64():
     chains = {}
     for fast in (False, True):
         prev, scores = None, []
-        for x, y in zip(states, states[1:]):
+        for x, y in zip(states[:-1], states[1:], strict=True):
             prev = _stream(x, y, chunk=512, x_source=prev, fast=fast)
             scores.append(prev.scores())
         chains[fast] = scores

@@ -384,7 +384,8 @@ def distill(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank with --train lora")] = 16,
     teacher_dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     cache_teacher: Annotated[
-        str | None, typer.Option(help="directory for teacher states, reused by later epochs/runs")
+        str | None, typer.Option(help="directory for teacher states, reused by later epochs/runs "
+                                 "(default: one in the user cache when batches repeat; 'off')")
     ] = None,
     resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/distilled"),

@@ -11,7 +11,7 @@ input of the same original layer, and at its final norm. The loss is
 averaged over real tokens, where b runs over the B aligned boundaries and ``hidden`` is
 ``mse``: ‖s − t‖² / ‖t‖² per token (relative, so boundaries of very different scale count
 alike), ``cosine``: 1 − cos(s, t), or ``both``. Teacher states come from a forward pass under
-``no_grad`` on the same batch, or, with ``cache_teacher``, from safetensors shards written the
+``no_grad`` on the same batch, or, with ``cache_teacher`` (automatic when batches repeat), from safetensors shards written the
 first time each batch is seen (worth it with ``epochs`` > 1 or repeated runs).
 
 The loop runs on accelerate: one CPU process, or DDP under ``torchrun`` / ``accelerate
@@ -23,11 +23,13 @@ TensorBoard event files under ``out/tensorboard`` when tensorboard is installed)
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import inspect
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +77,9 @@ class DistillConfig:
     seed: int = 0
     epochs: int = 1  # passes over the ``tokens`` training tokens
     teacher_dtype: str = "float32"  # float32 | bfloat16 | float16 (halves teacher memory)
-    cache_teacher: str | None = None  # directory of teacher states, reused across epochs/runs
+    # directory of teacher states, reused across epochs/runs; None: one in the user cache
+    # whenever a batch is seen more than once (epochs, or a source shorter than tokens); "off"
+    cache_teacher: str | None = None
 
     def check(self) -> None:
         if self.train not in TRAIN_MODES:
@@ -322,6 +326,24 @@ def _check_tokenizers(s_tok, t_tok, student, teacher) -> None:
         raise LinearizeError("student and teacher have different tokenizers or vocabularies")
 
 
+def _passes(c: DistillConfig, have: int, one_pass: int) -> int:
+    """How often a source of ``have`` tokens, shorter than ``--tokens``, must repeat to give
+    them (1 when it is not shorter); ``one_pass`` is what one pass trains on."""
+    if have >= c.tokens or one_pass <= 0:
+        return 1
+    return max(1, math.ceil(c.tokens / one_pass))
+
+
+def _auto_cache_dir(manifest: dict, teacher: nn.Module, t_mods: list[nn.Module]) -> Path:
+    """Where teacher states go when a batch will be seen again and no --cache-teacher was
+    given: the user cache, keyed by everything the states depend on (which teacher modules
+    feed the boundaries included)."""
+    names = {id(m): n for n, m in teacher.named_modules()}
+    key = json.dumps([manifest, models.weights_digest(teacher),
+                      [names.get(id(m), "?") for m in t_mods]], sort_keys=True)  # fmt: skip
+    return models.cache_dir() / "teacher-states" / hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
 @releases_output
 def distill(
     student_dir: str,
@@ -376,16 +398,26 @@ def distill(
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(s_tok)))
     per_epoch = max(1, len(micro) // c.grad_accum)
     micro = micro[: per_epoch * c.grad_accum]
-    total_steps = per_epoch * c.epochs
+    have = sum(len(q) for q in seqs) * world
+    passes = _passes(c, have, per_epoch * per_step)
+    total_steps = per_epoch * c.epochs * passes
     cache = None
-    if c.cache_teacher:
+    manifest = {"teacher": teacher_name or models.EMBEDDED_NAME, "data": c.data,
+                "tokens": c.tokens, "seq_len": c.seq_len, "batch_size": c.batch_size,
+                "world_size": world, "boundaries": len(pairs), "dtype": c.teacher_dtype}  # fmt: skip
+    cache_dir = c.cache_teacher
+    if cache_dir is None and c.epochs * passes > 1 and arch.get_final_norm(teacher) is not None:
+        cache_dir = str(_auto_cache_dir(manifest, teacher, [p[1] for p in pairs]))
+    cache_dir = None if cache_dir == "off" else cache_dir
+    if passes > 1 and acc.is_main_process:
+        warnings.warn(f"--data {c.data} holds {have:,} training tokens, under --tokens "
+                      f"{c.tokens:,}: repeating it {passes}× "
+                      f"({total_steps} steps); teacher states cached in {cache_dir}", stacklevel=2)  # fmt: skip
+    if cache_dir:
         if arch.get_final_norm(teacher) is None:
             raise LinearizeError("--cache-teacher needs a model with a final norm in the architecture table")
-        manifest = {"teacher": teacher_name or models.EMBEDDED_NAME, "data": c.data,
-                    "tokens": c.tokens, "seq_len": c.seq_len, "batch_size": c.batch_size,
-                    "world_size": world, "boundaries": len(pairs), "dtype": c.teacher_dtype}  # fmt: skip
         acc.wait_for_everyone()
-        cache = TeacherCache(c.cache_teacher, manifest, rank)
+        cache = TeacherCache(cache_dir, manifest, rank)
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)

@@ -113,6 +113,16 @@ def resolve_model(name: str | None, savable: bool = False) -> tuple[str, dict]:
     return name, {}  # a Hub id
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    """A cheap key that changes with the config and the weights (the first and last tensors,
+    sampled): what a cache of anything computed from the model is keyed by."""
+    h = hashlib.sha256(model.config.to_json_string().encode())
+    params = list(model.parameters())
+    for p in params[:4] + params[-4:]:
+        h.update(p.detach().reshape(-1)[:4096].double().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device != "auto":
         return torch.device(device)

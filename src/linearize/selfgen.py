@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize import data
+from linearize import data, models
 from linearize._io import write_text
 
 # Openings from many walks of life, none about code: the model continues each freely.
@@ -39,11 +39,7 @@ SAMPLING = {"temperature": 1.0, "top_p": 0.95}
 
 def _fingerprint(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int) -> str:
     """A key that changes with the weights, the tokenizer and every setting."""
-    h = hashlib.sha256()
-    h.update(model.config.to_json_string().encode())
-    for p in list(model.parameters())[:4] + list(model.parameters())[-4:]:
-        flat = p.detach().reshape(-1)[:4096].double().cpu()
-        h.update(flat.numpy().tobytes())
+    h = hashlib.sha256(models.weights_digest(model).encode())
     h.update(json.dumps([len(tokenizer), tokenizer("The river")["input_ids"], seq_len, tokens,
                          seed, OPENINGS, SAMPLING]).encode())  # fmt: skip
     return h.hexdigest()[:24]
