@@ -361,7 +361,7 @@ def distill(
         str | None, typer.Option(help="the original model (default: the one recorded in STUDENT)")
     ] = None,
     data: Annotated[str, typer.Option(help="training text source")] = "builtin:calib",
-    tokens: Annotated[int, typer.Option(help="training tokens, all processes together")] = 2_000_000,
+    tokens: Annotated[int, typer.Option(help="training tokens, all processes together")] = 400_000,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     batch_size: Annotated[int, typer.Option(help="sequences per process per micro-step")] = 8,
     grad_accum: Annotated[int, typer.Option(help="micro-steps per optimizer step")] = 1,
