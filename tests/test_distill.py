@@ -97,6 +97,11 @@ def test_training_modes(replace, train, teacher_dir, tmp_path):
     assert len(rows) == 8 and all(r["loss"] > 0 for r in rows)
     model, _ = load(str(tmp_path / "d" / "final"), device="cpu")
     assert arch.n_layers(model) == 3
+    if replace in ("fold", "none"):  # still a stock checkpoint: plain transformers loads it
+        from transformers import AutoModelForCausalLM
+
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "final")
+        assert stock.config.num_hidden_layers == 3 and not hasattr(stock.config, "auto_map")
     assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
                           pad_token_id=0).shape == (1, 6)  # fmt: skip
 
