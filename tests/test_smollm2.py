@@ -10,7 +10,6 @@ import pytest
 from reference import reference_scores
 
 from linearize.analyze import analyze_model
-from linearize.models import embedded_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -27,16 +26,6 @@ def test_streaming_scores_equal_svd_reference_on_8k_tokens(smollm2):
     assert worst <= 1e-5, worst
     mean = sum(r["linearity"] for r in rep.layers) / 30
     assert 0.9 < mean < 1.0  # the paper's finding: decoder layers are close to linear
-
-
-def test_gguf_file_loads_directly(tmp_path):
-    out = tmp_path / "gguf"
-    res = subprocess.run([sys.executable, "-m", "linearize.cli", "analyze", str(embedded_gguf()),
-                          "--tokens", "1024", "--layers", "0,1", "--out", str(out),
-                          "--no-progress"], capture_output=True, text=True)  # fmt: skip
-    assert res.returncode == 0, res.stderr
-    rep = json.loads((out / "linearity.json").read_text())
-    assert rep["model"].endswith(".gguf") and [r["layer"] for r in rep["layers"]] == [0, 1]
 
 
 def test_default_command_analyzes_embedded_model(tmp_path):

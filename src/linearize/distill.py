@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
-from linearize._io import atomic_dir, claim_output, releases_output, write_json
+from linearize._io import atomic_dir, atomic_write, claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
 from linearize.prune import runs_of
 from linearize.replace import BRIDGE
@@ -291,13 +291,10 @@ class TeacherCache:
         return [d[f"b{i}"] for i in range(len(d))]
 
     def put(self, index: int, states: list[Tensor]) -> None:
-        import os
-
         from safetensors.torch import save_file
 
-        tmp = self._file(index).with_suffix(".tmp")
-        save_file({f"b{i}": s.detach().contiguous().cpu() for i, s in enumerate(states)}, str(tmp))
-        os.replace(tmp, self._file(index))
+        tensors = {f"b{i}": s.detach().contiguous().cpu() for i, s in enumerate(states)}
+        atomic_write(self._file(index), lambda tmp: save_file(tensors, str(tmp)))
 
 
 def logits_from_final(teacher: nn.Module, x: Tensor) -> Tensor:
