@@ -139,26 +139,29 @@ def write_json(path: Path, obj: Any) -> None:
     write_text(path, strict_json(obj) + "\n")
 
 
+def previous_json(path: Path) -> dict:
+    """An earlier run's JSON object at ``path``, what a resumed run may reuse; a missing,
+    broken (e.g. killed before the atomic write existed) or non-object file gives {}."""
+    try:
+        old = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
 def previous_rows(path: Path, settings: dict) -> list[dict]:
     """Rows of an earlier run's ``{"settings", "rows"}`` JSON, if it used the same settings:
     what a resumed sweep or series may skip. A missing or broken file means none."""
-    if not path.exists():
-        return []
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return []
-    if not isinstance(old, dict) or old.get("settings") != settings:
-        return []
-    return list(old.get("rows", []))
+    old = previous_json(path)
+    return list(old.get("rows", [])) if old.get("settings") == settings else []
 
 
 # --- claiming an output directory -------------------------------------------------------------
 
 
 class _Claim:
-    def __init__(self, out: Path, created: list[Path], lock: Path, fd: int) -> None:
-        self.out, self.created, self.lock, self.fd, self.depth = out, created, lock, fd, 1
+    def __init__(self, created: list[Path], lock: Path, fd: int) -> None:
+        self.created, self.lock, self.fd, self.depth = created, lock, fd, 1
 
 
 _claims: dict[Path, _Claim] = {}
@@ -182,7 +185,7 @@ def _probe(out: Path) -> list[Path]:
             os.unlink(probe)
     except OSError as e:
         _remove_empty(created)
-        if e.errno in _FULL:
+        if _disk_full(e):
             raise LinearizeError(f"cannot write to '{out}': no space left on the device") from None
         raise LinearizeError(f"cannot write to '{out}': {e.strerror or e}") from None
     return created
@@ -255,7 +258,7 @@ def claim_output(out: str | Path, file: bool = False) -> Path:
     except LinearizeError:
         _remove_empty(created)
         raise
-    _claims[out] = _Claim(out, created, lock, fd)
+    _claims[out] = _Claim(created, lock, fd)
     _sweep_debris(out, file)
     return out
 

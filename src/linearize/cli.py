@@ -57,15 +57,26 @@ def _init_distributed() -> tuple[int, int]:
 
 
 @contextmanager
-def _erased_on_error(bar):
-    """Stop a started bar; after an error, erase it, so the error is the only line left."""
+def _lazy_task(bar, description: str, total: int | None = None):
+    """Yield a function giving the bar's one task, starting the bar on its first call (so an
+    error found before any work prints only its line); after an error a started bar is
+    erased, so the error is the only line left."""
+    task = None
+
+    def get() -> int:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=total)
+        return task
+
     try:
-        yield
+        yield get
     except BaseException:
         bar.live.transient = True
         raise
     finally:
-        if bar.live.is_started:
+        if task is not None:
             bar.stop()
 
 
@@ -91,17 +102,8 @@ def _token_progress(total: int | None, enabled: bool, world: int):
     cols = [TextColumn("[bold]tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn()]  # fmt: skip
     bar = Progress(*cols, console=Console(stderr=True), transient=False)
-    task = None
-
-    def advance(n: int) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("tokens", total=total)
-        bar.advance(task, n * world)
-
-    with _erased_on_error(bar):
-        yield advance
+    with _lazy_task(bar, "tokens", total) as task:
+        yield lambda n: bar.advance(task(), n * world)
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -585,18 +587,13 @@ def _step_progress():
 
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                    console=Console(stderr=True))  # fmt: skip
-    task = None
+    with _lazy_task(bar, "starting") as task:
 
-    def on_step(row: dict) -> None:
-        nonlocal task
-        if task is None:
-            bar.start()
-            task = bar.add_task("starting")
-        parts = " ".join(f"{k} {v:.4g}" for k, v in row.items()
-                         if k not in ("step", "tokens") and isinstance(v, float))  # fmt: skip
-        bar.update(task, description=f"step {row['step']}: {parts}")
+        def on_step(row: dict) -> None:
+            parts = " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                             if k not in ("step", "tokens") and isinstance(v, float))  # fmt: skip
+            bar.update(task(), description=f"step {row['step']}: {parts}")
 
-    with _erased_on_error(bar):
         yield on_step
 
 

@@ -328,7 +328,7 @@ def _passes(c: DistillConfig, have: int, one_pass: int) -> int:
     them (1 when it is not shorter); ``one_pass`` is what one pass trains on."""
     if have >= c.tokens or one_pass <= 0:
         return 1
-    return max(1, math.ceil(c.tokens / one_pass))
+    return math.ceil(c.tokens / one_pass)
 
 
 def _auto_cache_dir(manifest: dict, teacher: nn.Module, t_mods: list[nn.Module]) -> Path:
@@ -407,9 +407,10 @@ def distill(
         cache_dir = str(_auto_cache_dir(manifest, teacher, [p[1] for p in pairs]))
     cache_dir = None if cache_dir == "off" else cache_dir
     if passes > 1 and acc.is_main_process:
+        cached = f"; teacher states cached in {cache_dir}" if cache_dir else ""
         warnings.warn(f"--data {c.data} holds {have:,} training tokens, under --tokens "
-                      f"{c.tokens:,}: repeating it {passes}× "
-                      f"({total_steps} steps); teacher states cached in {cache_dir}", stacklevel=2)  # fmt: skip
+                      f"{c.tokens:,}: repeating it {passes}× ({total_steps} steps){cached}",
+                      stacklevel=2)  # fmt: skip
     if cache_dir:
         if arch.get_final_norm(teacher) is None:
             raise LinearizeError("--cache-teacher needs a model with a final norm in the architecture table")

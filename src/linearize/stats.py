@@ -264,11 +264,6 @@ def row_cosine(x: Tensor, y: Tensor, eps: float = 1e-30) -> Tensor:
     return dots / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(eps)
 
 
-def row_cosine_angle(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """cos(x_t, y_t) and the angle between them, per row (see cosine_angle_from_norms)."""
-    return cosine_angle_from_norms(x.norm(dim=-1), y.norm(dim=-1), (y - x).norm(dim=-1))
-
-
 def cosine_angle_from_norms(nx: Tensor, ny: Tensor, nd: Tensor,
                             eps: float = 1e-30) -> tuple[Tensor, Tensor]:  # fmt: skip
     """cos and angle of row pairs from ‖x‖, ‖y‖ and ‖y − x‖.
@@ -324,15 +319,6 @@ class SymmetricPinv:
         """tr(C_xyᵀ C_xx⁺ C_xy): the part of Y's centred energy that X explains linearly."""
         proj = self.evecs.T @ cxy  # (k, d_y)
         return float((proj.square().sum(1) / self.evals).sum())
-
-    def explained_fraction(self, cxy: Tensor, cyy: Tensor) -> float:
-        """tr(C_xyᵀ C_xx⁺ C_xy) / tr(C_yy): the R² of regressing centred Y on centred X."""
-        total = float(torch.trace(cyy))
-        if not total > 0.0:
-            return float("nan")  # Y is constant: the normalised score is undefined
-        proj = self.evecs.T @ cxy  # (k, d_y)
-        explained = float((proj.square().sum(1) / self.evals).sum())
-        return explained / total
 
 
 def anisotropy_from_cov(cyy: Tensor) -> float:

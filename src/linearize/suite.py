@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from linearize import models
-from linearize._io import claim_output, releases_output, write_json
+from linearize._io import claim_output, previous_json, releases_output, write_json
 from linearize.errors import LinearizeError
 
 
@@ -63,12 +63,9 @@ _PARTS = ("perplexity", "perplexity_protocol", "speed", "lm_eval", "probe", "jud
 
 def _finished_parts(path: Path, result: dict) -> dict:
     """The parts an earlier run of the same model and settings already wrote into ``path``."""
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
+    old = previous_json(path)
     same = json.loads(json.dumps(result))  # tuples read back as lists
-    if not isinstance(old, dict) or {k: old.get(k) for k in ("model", "config")} != same:
+    if {k: old.get(k) for k in ("model", "config")} != same:
         return {}
     return {k: old[k] for k in _PARTS if k in old}
 
