@@ -341,6 +341,24 @@ def _auto_cache_dir(manifest: dict, teacher: nn.Module, t_mods: list[nn.Module])
     return models.cache_dir() / "teacher-states" / hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
+def _teacher_cache(c: DistillConfig, acc, teacher: nn.Module, name: str, pairs: list,
+                   passes: int) -> TeacherCache | None:  # fmt: skip
+    """The teacher-state cache: ``--cache-teacher DIR``, or by itself in the user cache when a
+    batch will be seen again (epochs, repeats), or none (``off``, or nothing repeats)."""
+    manifest = {"teacher": name, "data": c.data, "tokens": c.tokens, "seq_len": c.seq_len,
+                "batch_size": c.batch_size, "world_size": acc.num_processes,
+                "boundaries": len(pairs), "dtype": c.teacher_dtype}  # fmt: skip
+    cache_dir = c.cache_teacher
+    if cache_dir is None and c.epochs * passes > 1 and arch.get_final_norm(teacher) is not None:
+        cache_dir = str(_auto_cache_dir(manifest, teacher, [p[1] for p in pairs]))
+    if not cache_dir or cache_dir == "off":
+        return None
+    if arch.get_final_norm(teacher) is None:
+        raise LinearizeError("--cache-teacher needs a model with a final norm in the architecture table")
+    acc.wait_for_everyone()
+    return TeacherCache(cache_dir, manifest, acc.process_index)
+
+
 @releases_output
 def distill(
     student_dir: str,
@@ -398,24 +416,13 @@ def distill(
     have = sum(len(q) for q in seqs) * world
     passes = _passes(c, have, per_epoch * per_step)
     total_steps = per_epoch * c.epochs * passes
-    cache = None
-    manifest = {"teacher": teacher_name or models.EMBEDDED_NAME, "data": c.data,
-                "tokens": c.tokens, "seq_len": c.seq_len, "batch_size": c.batch_size,
-                "world_size": world, "boundaries": len(pairs), "dtype": c.teacher_dtype}  # fmt: skip
-    cache_dir = c.cache_teacher
-    if cache_dir is None and c.epochs * passes > 1 and arch.get_final_norm(teacher) is not None:
-        cache_dir = str(_auto_cache_dir(manifest, teacher, [p[1] for p in pairs]))
-    cache_dir = None if cache_dir == "off" else cache_dir
+    name = teacher_name or models.EMBEDDED_NAME
+    cache = _teacher_cache(c, acc, teacher, name, pairs, passes)
     if passes > 1 and acc.is_main_process:
-        cached = f"; teacher states cached in {cache_dir}" if cache_dir else ""
+        cached = f"; teacher states cached in {cache.root}" if cache is not None else ""
         warnings.warn(f"--data {c.data} holds {have:,} training tokens, under --tokens "
                       f"{c.tokens:,}: repeating it {passes}× ({total_steps} steps){cached}",
                       stacklevel=2)  # fmt: skip
-    if cache_dir:
-        if arch.get_final_norm(teacher) is None:
-            raise LinearizeError("--cache-teacher needs a model with a final norm in the architecture table")
-        acc.wait_for_everyone()
-        cache = TeacherCache(cache_dir, manifest, rank)
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
@@ -495,7 +502,7 @@ def distill(
         if step % c.save_every == 0 or step == stop_at:
             save_checkpoint(acc, out, step, rows)
     elapsed = time.perf_counter() - start
-    summary = {"student": student_dir, "teacher": teacher_name or models.EMBEDDED_NAME,
+    summary = {"student": student_dir, "teacher": name,
                "config": asdict(c), "steps": step, "total_steps": total_steps,
                "tokens_seen": step * per_step, "elapsed_s": round(elapsed, 2),
                "perplexity_before": ppl_before,
