@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from linearize import __version__, arch, data, models
+from linearize import arch, data, models
 from linearize._io import claim_output, releases_output, write_json, write_text
+from linearize._version import __version__
 from linearize.capture import collect_stats
 from linearize.errors import LinearizeError
 
@@ -72,14 +73,14 @@ class LinearityReport:
 
     def save(self, out: Path) -> None:
         """Write the json, csv, png and html outputs, each atomically."""
-        from linearize import plots
+        from linearize.report import png, render
 
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "linearity.json", self.to_dict())
         write_text(out / "linearity.csv", self.to_csv())
-        plots.linearity_png(self, out / "linearity.png")
-        plots.linearity_html(self, out / "report.html")
+        png.linearity_png(self, out / "linearity.png")
+        render(out / "linearity.json")
 
 
 def _rank_world() -> tuple[int, int]:

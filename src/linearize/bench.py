@@ -29,7 +29,9 @@ from torch import nn
 
 from linearize import arch, data
 from linearize._io import claim_output, releases_output, write_json, write_text
+from linearize._version import __version__
 from linearize.errors import LinearizeError
+from linearize.report import png, render
 
 METRICS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_batch", "ttft_ms", "peak_mem_mb")
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s_b1": True, "decode_tok_s_batch": True,
@@ -206,7 +208,7 @@ def bench(
 ) -> list[dict]:
     """Load each model once (anything ``linearize.load`` reads), measure them interleaved, and
     write bench.json/.csv/.md and a figure (PNG + HTML) into ``out``; returns the rows."""
-    from linearize import __version__, load
+    from linearize import load
     from linearize.models import resolve_model
 
     c = config or BenchConfig()
@@ -230,10 +232,8 @@ def bench(
     write_json(out_dir / "bench.json", report)
     write_text(out_dir / "bench.csv", _csv(rows))
     write_text(out_dir / "bench.md", table_markdown(rows))
-    from linearize import plots
-
-    plots.bench_png(rows, out_dir / "bench.png")
-    plots.bench_html(rows, out_dir / "bench.html")
+    png.bench_png(rows, out_dir / "bench.png")
+    render(out_dir / "bench.json")
     return rows
 
 

@@ -485,7 +485,22 @@ def compare(
         run_compare(dirs, out, _csv(labels) or None)
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo((out / "compare.md").read_text() + f"wrote {out}/compare.csv, .md, .png, .html")
+    typer.echo((out / "compare.md").read_text() + f"wrote {out}/compare.json, .csv, .md, .png, .html")
+
+
+@app.command()
+def report(
+    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="output directories of any linearize command")],
+) -> None:
+    """Rebuild the HTML page of each run from the JSON it wrote (e.g. a run of an older
+    version): report.html, sweep.html, dynamics.html, compare.html or bench.html."""
+    from linearize.report import render_dir
+
+    try:
+        pages = [page for d in dirs for page in render_dir(d)]
+    except LinearizeError as e:
+        _fail(str(e))
+    typer.echo("\n".join(f"wrote {p}" for p in pages))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})

@@ -16,8 +16,10 @@ import io
 import json
 from pathlib import Path
 
-from linearize._io import claim_output, releases_output, write_text
+from linearize._io import claim_output, releases_output, write_json, write_text
+from linearize._version import __version__
 from linearize.errors import LinearizeError
+from linearize.report import png, render
 
 _HEADLINE = ("acc_norm", "acc", "exact_match", "f1")
 
@@ -67,9 +69,7 @@ _SPEED = (("params_m", "params (M)"), ("prefill_tok_s", "speed/prefill tok/s"),
 
 @releases_output
 def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) -> list[dict]:
-    """Write compare.csv/.md/.png/.html in ``out``; returns the rows."""
-    from linearize import plots
-
+    """Write compare.json/.csv/.md/.png/.html in ``out``; returns the rows."""
     if not specs:
         raise LinearizeError("give at least one eval output directory")
     results = [read_results(s) for s in specs]
@@ -88,8 +88,10 @@ def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) 
     write_text(out / "compare.csv", buf.getvalue())
     write_text(out / "compare.md", table_markdown(rows, cols))
     probes = {lab: r.get("probe", {}) for lab, r in zip(labels, results)}
-    plots.compare_png(rows, cols[2:], probes, out / "compare.png")
-    plots.compare_html(rows, cols[2:], probes, out / "compare.html")
+    write_json(out / "compare.json", {"sources": [str(s) for s in specs], "columns": cols, "rows": rows,
+                                      "probes": probes, "version": __version__})  # fmt: skip
+    png.compare_png(rows, cols[2:], probes, out / "compare.png")
+    render(out / "compare.json")
     return rows
 
 

@@ -378,7 +378,7 @@ def distill(
     from accelerate.utils import set_seed
     from transformers import get_cosine_schedule_with_warmup
 
-    from linearize import __version__
+    from linearize._version import __version__
     from linearize.evaluate import perplexity
     from linearize.replace import save
 

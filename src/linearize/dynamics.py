@@ -20,6 +20,7 @@ from pathlib import Path
 
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize.errors import LinearizeError
+from linearize.report import png, render
 
 _STEP = re.compile(r"(?:global_step|step-?|checkpoint-)(\d+)")
 
@@ -113,8 +114,6 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def _write(out: Path, settings: dict, rows: list[dict]) -> None:
-    from linearize import plots
-
     write_json(out / "dynamics.json", {"settings": settings, "rows": rows})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -125,5 +124,5 @@ def _write(out: Path, settings: dict, rows: list[dict]) -> None:
                         layer["linearity_no_residual"], layer["cosine"]])  # fmt: skip
     write_text(out / "dynamics.csv", buf.getvalue())
     write_text(out / "dynamics.md", table_markdown(rows))
-    plots.dynamics_png(rows, out / "dynamics.png")
-    plots.dynamics_html(rows, out / "dynamics.html")
+    png.dynamics_png(rows, out / "dynamics.png")
+    render(out / "dynamics.json")

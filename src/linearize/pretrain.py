@@ -258,7 +258,7 @@ def pretrain(
     from accelerate.utils import set_seed
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
 
-    from linearize import __version__
+    from linearize._version import __version__
     from linearize.analyze import analyze_model
     from linearize.evaluate import perplexity
     from linearize.training import check_finite_loss, read_metrics, resume_step, save_checkpoint

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 
 from linearize import arch, data
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
+from linearize._version import __version__
 from linearize.capture import (
     LayerCapture,
     _masked_rows,
@@ -57,6 +58,7 @@ from linearize.replace import (
     set_bridge_,
     set_span_map_,
 )
+from linearize.report import render
 from linearize.restart import BoundaryStore, run_from
 from linearize.selfgen import calibration_sequences
 from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
@@ -175,6 +177,8 @@ class PruneResult:
     state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget)
     first_pass_s: float | None = None  # greedy: time of the first, full scoring pass
     elapsed_s: float = 0.0
+    # every layer's criterion (and scores, where measured) before the first cut: the page's curve
+    initial: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,7 +200,7 @@ def _score(stats: PairStats, key: str, ridge: float) -> float:
 
 def _natural(key: str, ranked: float) -> float:
     """The criterion's own value from its ranking value (errors and distances were negated)."""
-    return -ranked if key in ("replacement_error", "block_influence") else ranked
+    return -ranked if key in ("replacement_error", "block_influence", "calibration_perplexity") else ranked
 
 
 def runs_of(indices: list[int]) -> list[tuple[int, int]]:
@@ -387,7 +391,7 @@ class _Pruner:
         self._changed(changed)
         for orig in originals:
             step = {"step": len(self.result.removed), "layer": orig, "score": score,
-                    "fit_error": fit_error}  # fmt: skip
+                    "fit_error": fit_error, "elapsed_s": round(time.perf_counter() - self.t0, 2)}  # fmt: skip
             self.result.removed.append(orig)
             self.result.steps.append(step)
             if self.on_step is not None:
@@ -410,6 +414,8 @@ class _Pruner:
         for step in range(self.k):
             scored = {p: _score(s, self.c.score, self.c.ridge) for p, s in stats.items()
                       if self._allowed(p)}  # fmt: skip
+            if step == 0:
+                self._keep_initial(stats, scored)
             best = max(scored, key=scored.get)
             changed = self.remove_run(best, best + 1, _natural(self.c.score, scored[best]),
                                       stats[best])  # fmt: skip
@@ -418,13 +424,25 @@ class _Pruner:
                 kept = {p: s for p, s in stats.items() if p < restart}
                 stats = kept | self.score_from(restart)
 
+    def _keep_initial(self, stats: dict[int, PairStats], scored: dict[int, float]) -> None:
+        """Record the criterion of every layer before the first cut (positions are original
+        indices then); layers a strategy may not remove get their scores but no criterion."""
+        key = self.result.chosen_by
+        self.result.initial = [
+            {"layer": p, "criterion": _natural(key, scored[p]) if p in scored else None,
+             **({k: float(v) for k, v in stats[p].scores().items()} if p in stats else {})}
+            for p in sorted(set(stats) | set(scored))
+        ]  # fmt: skip
+
     def greedy_ppl(self) -> None:
-        for _ in range(self.k):
+        for step in range(self.k):
             scored = {}
             for p in range(len(self.alive)):
                 if self._allowed(p):
                     with arch.layers_removed(self.model, [p]):
                         scored[p] = -_batches_ppl(self.model, self.pass_over(self.ppl_batches))
+            if step == 0:
+                self._keep_initial({}, scored)
             best = max(scored, key=scored.get)
             self.remove_run(best, best + 1, -scored[best])
 
@@ -443,11 +461,12 @@ class _Pruner:
             collect_stats(model, self.pass_over(self.batches))  # fmt: skip
         scored = {p: _score(s, self.result.chosen_by, c.ridge) for p, s in stats.items()
                   if self._allowed(p)}  # fmt: skip
+        self._keep_initial(stats, scored)
         top = sorted(scored, key=scored.get, reverse=True)[:k]
         return {p: _natural(self.result.chosen_by, scored[p]) for p in top}
 
     def run(self) -> PruneResult:
-        start = time.perf_counter()
+        start = self.t0 = time.perf_counter()
         try:
             if self.c.strategy == "linear-greedy":
                 self.greedy_linear()
@@ -513,7 +532,7 @@ def prune(
     checked before the model is loaded: the output directory, the data sources, the layer
     count against ``remove`` / ``layers``, whether ``fold`` is possible for the architecture.
     """
-    from linearize import __version__, models
+    from linearize import models
     from linearize.evaluate import perplexity
     from linearize.replace import save
 
@@ -553,6 +572,7 @@ def prune(
     def write(tmp: Path) -> None:
         save(lm, tok, tmp, record)
         write_json(tmp / "prune.json", report)
+        render(tmp / "prune.json")
 
     atomic_dir(out_dir, write)
     return report

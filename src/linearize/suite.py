@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from linearize import models
+from linearize import models, report
 from linearize._io import claim_output, previous_json, releases_output, write_json
+from linearize._version import __version__
 from linearize.errors import LinearizeError
 
 
@@ -64,8 +65,9 @@ _PARTS = ("perplexity", "perplexity_protocol", "speed", "lm_eval", "probe", "jud
 def _finished_parts(path: Path, result: dict) -> dict:
     """The parts an earlier run of the same model and settings already wrote into ``path``."""
     old = previous_json(path)
-    same = json.loads(json.dumps(result))  # tuples read back as lists
-    if {k: old.get(k) for k in ("model", "config")} != same:
+    keys = ("model", "config")
+    same = json.loads(json.dumps({k: result[k] for k in keys}))  # tuples read back as lists
+    if {k: old.get(k) for k in keys} != same:
         return {}
     return {k: old[k] for k in _PARTS if k in old}
 
@@ -92,12 +94,13 @@ def evaluate_model(
     probe_tasks = [probe.load_task(p, c.probe_limit) for p in c.probe]
     prompts = judge.load_prompts(c.judge, c.judge_limit) if c.judge else []
     model, tok = models.load(name, dtype=c.dtype, device=device)
-    result: dict = {"model": name or models.EMBEDDED_NAME, "config": asdict(c)}
+    result: dict = {"model": name or models.EMBEDDED_NAME, "config": asdict(c), "version": __version__}
     path = out / "results.json"
     result.update(_finished_parts(path, result))  # a run killed midway resumes after its last part
 
     def part(label: str) -> None:
         write_json(path, result)
+        report.render(path)  # the page shows what is finished, even if a later part fails
         if on_part is not None:
             on_part(label)
 
@@ -143,4 +146,5 @@ def evaluate_model(
             write_json(path, result)
             raise
         part("judge")
+    report.render(path)
     return result

@@ -22,8 +22,10 @@ from pathlib import Path
 
 from linearize import arch, data
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
+from linearize._version import __version__
 from linearize.errors import LinearizeError
 from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
+from linearize.report import png, render
 
 SEQUENTIAL = ("linear-greedy", "ppl-greedy")
 COLUMNS = ("strategy", "replace", "k", "perplexity", "ratio", "perplexity_ood", "ratio_ood",
@@ -71,7 +73,7 @@ def sweep(
     Every row has two perplexities: ``eval_data`` (in-domain for the built-in calibration
     text) and ``ood_data``, English of another kind ("default": ``data.default_ood()``), so
     that a method that only fits its calibration domain shows it."""
-    from linearize import __version__, models
+    from linearize import models
     from linearize.evaluate import perplexity
 
     out = Path(out)
@@ -193,8 +195,6 @@ def table_markdown(rows: list[dict]) -> str:
 
 
 def _write(out: Path, settings: dict, rows: list[dict], version: str) -> None:
-    from linearize import plots
-
     rows = sorted(rows, key=lambda r: (r["strategy"] != "original", r["strategy"], r["replace"], r["k"]))
     full = _with_ratio(rows)
     write_json(out / "sweep.json", {"settings": settings, "version": version, "rows": rows})
@@ -205,5 +205,5 @@ def _write(out: Path, settings: dict, rows: list[dict], version: str) -> None:
         w.writerow(dict(r, removed=" ".join(map(str, r["removed"]))))
     write_text(out / "sweep.csv", buf.getvalue())
     write_text(out / "sweep.md", table_markdown(rows))
-    plots.sweep_png(full, out / "sweep.png", settings["model"])
-    plots.sweep_html(full, out / "sweep.html", settings["model"])
+    png.sweep_png(full, out / "sweep.png", settings["model"])
+    render(out / "sweep.json")

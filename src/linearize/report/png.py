@@ -1,11 +1,11 @@
-"""Figures: a PNG for papers and READMEs (matplotlib), an interactive HTML page (plotly)."""
+"""PNG figures (matplotlib) for papers and READMEs; the interactive twins are in ``figures.py``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from linearize._io import atomic_write, write_text
+from linearize._io import atomic_write
 
 if TYPE_CHECKING:
     from linearize.analyze import LinearityReport
@@ -50,23 +50,6 @@ def linearity_png(report: LinearityReport, path: Path) -> None:
     _save_png(fig, path)
 
 
-def linearity_html(report: LinearityReport, path: Path) -> None:
-    import plotly.graph_objects as go
-
-    x = report.column("layer")
-    fig = go.Figure()
-    keys = [k for k in report.layers[0] if k != "layer"]
-    for key in keys:
-        visible = True if key in dict(_CURVES) else "legendonly"
-        fig.add_trace(go.Scatter(x=x, y=report.column(key), mode="lines+markers", name=key,
-                                 visible=visible))  # fmt: skip
-    fig.update_layout(
-        title=_title(report), xaxis_title="layer index", yaxis_title="score",
-        template="plotly_white", hovermode="x unified",
-    )  # fmt: skip
-    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
-
-
 Series = dict[str, tuple[list, list]]  # curve name -> (x values, y values)
 
 
@@ -92,42 +75,28 @@ def curves_png(series: Series, path: Path, title: str, xlabel: str, ylabel: str,
     _save_png(fig, path)
 
 
-def curves_html(series: Series, path: Path, title: str, xlabel: str, ylabel: str,
-                logy: bool = False) -> None:  # fmt: skip
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for name, (x, y) in series.items():
-        fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name))
-    fig.update_layout(title=title, xaxis_title=xlabel, yaxis_title=ylabel, template="plotly_white",
-                      yaxis_type="log" if logy else "linear")  # fmt: skip
-    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
-
-
-def _sweep_series(rows: list[dict]) -> Series:
-    base = [r for r in rows if r["strategy"] == "original" and r["perplexity"]]
+def sweep_series(rows: list[dict], key: str = "perplexity") -> Series:
+    """``key`` against layers removed, one series per strategy / replacement, each starting
+    at the original model."""
+    base = [r for r in rows if r["strategy"] == "original" and r.get(key)]
     series: Series = {}
     for r in rows:
-        if r["strategy"] == "original" or not r["perplexity"]:
+        if r["strategy"] == "original" or not r.get(key):
             continue
         x, y = series.setdefault(f"{r['strategy']} / {r['replace']}",
-                                 ([b["k"] for b in base], [b["perplexity"] for b in base]))  # fmt: skip
+                                 ([b["k"] for b in base], [b[key] for b in base]))  # fmt: skip
         x.append(r["k"])
-        y.append(r["perplexity"])
+        y.append(r[key])
     return series
 
 
 def sweep_png(rows: list[dict], path: Path, model: str) -> None:
-    curves_png(_sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
+    curves_png(sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
                "layers removed", "perplexity (log scale)", logy=True)  # fmt: skip
 
 
-def sweep_html(rows: list[dict], path: Path, model: str) -> None:
-    curves_html(_sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
-                "layers removed", "perplexity", logy=True)  # fmt: skip
-
-
-def _probe_curve(layers: list[dict]) -> tuple[list[float], list[float]]:
+def probe_curve(layers: list[dict]) -> tuple[list[float], list[float]]:
+    """Accuracy against depth as a share of the last layer, so pruned and unpruned line up."""
     depth = max(r["layer"] for r in layers) or 1
     return [r["layer"] / depth for r in layers], [r["accuracy"] for r in layers]
 
@@ -155,7 +124,7 @@ def compare_png(rows: list[dict], metrics: list[str], probes: dict[str, dict], p
     for ax, t in zip(axes.flat[len(metrics) :], tasks):
         for i, lab in enumerate(labels):
             if t in probes.get(lab, {}):
-                ax.plot(*_probe_curve(probes[lab][t]), marker="o", markersize=2, color=f"C{i}", label=lab)
+                ax.plot(*probe_curve(probes[lab][t]), marker="o", markersize=2, color=f"C{i}", label=lab)
         ax.set_title(f"probe {t}: accuracy by depth", fontsize=9)
         ax.set_xlabel("layer / last layer", fontsize=8)
         ax.grid(alpha=0.3)
@@ -163,30 +132,6 @@ def compare_png(rows: list[dict], metrics: list[str], probes: dict[str, dict], p
     for ax in axes.flat[len(metrics) + len(tasks) :]:
         ax.axis("off")
     _save_png(fig, path)
-
-
-def compare_html(rows: list[dict], metrics: list[str], probes: dict[str, dict], path: Path) -> None:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    metrics = [m for m in metrics if not m.endswith("best layer")]
-    tasks = sorted({t for p in probes.values() for t in p})
-    titles = metrics + [f"probe {t}" for t in tasks]
-    n = max(1, len(titles))
-    cols = min(3, n)
-    fig = make_subplots(rows=-(-n // cols), cols=cols, subplot_titles=titles or None)
-    labels = [r["label"] for r in rows]
-    for i, m in enumerate(metrics):
-        fig.add_trace(go.Bar(x=labels, y=[r.get(m) for r in rows], name=m, showlegend=False),
-                      row=i // cols + 1, col=i % cols + 1)  # fmt: skip
-    for j, t in enumerate(tasks, start=len(metrics)):
-        for lab in labels:
-            if t in probes.get(lab, {}):
-                x, y = _probe_curve(probes[lab][t])
-                fig.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{lab} · {t}"),
-                              row=j // cols + 1, col=j % cols + 1)  # fmt: skip
-    fig.update_layout(template="plotly_white", title="linearize compare")
-    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
 
 
 def dynamics_png(rows: list[dict], path: Path) -> None:
@@ -220,24 +165,7 @@ def dynamics_png(rows: list[dict], path: Path) -> None:
     _save_png(fig, path)
 
 
-def dynamics_html(rows: list[dict], path: Path) -> None:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
-    fig = make_subplots(rows=1, cols=2, subplot_titles=("mean against step", "per layer (w/o residual)"))
-    steps = [r["step"] for r in rows]
-    for key in ("mean_linearity", "mean_linearity_no_residual"):
-        fig.add_trace(go.Scatter(x=steps, y=[r[key] for r in rows], mode="lines+markers", name=key),
-                      row=1, col=1)  # fmt: skip
-    for r in rows:
-        fig.add_trace(go.Scatter(x=[layer["layer"] for layer in r["layers"]],
-                                 y=[layer["linearity_no_residual"] for layer in r["layers"]],
-                                 mode="lines+markers", name=f"step {r['step']}"), row=1, col=2)  # fmt: skip
-    fig.update_layout(template="plotly_white", title="linearity dynamics")
-    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
-
-
-_BENCH_BARS = (("prefill_tok_s_ratio", "prefill"), ("decode_tok_s_b1_ratio", "decode, batch 1"),
+BENCH_BARS = (("prefill_tok_s_ratio", "prefill"), ("decode_tok_s_b1_ratio", "decode, batch 1"),
                ("decode_tok_s_batch_ratio", "decode, batched"))  # fmt: skip
 
 
@@ -249,8 +177,8 @@ def bench_png(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    width = 0.8 / len(_BENCH_BARS)
-    for j, (key, label) in enumerate(_BENCH_BARS):
+    width = 0.8 / len(BENCH_BARS)
+    for j, (key, label) in enumerate(BENCH_BARS):
         xs = [i + (j - 1) * width for i in range(len(rows))]
         ax.bar(xs, [r.get(key) or 0.0 for r in rows], width, label=label)
     ax.axhline(1.0, color="grey", linewidth=0.8)
@@ -262,13 +190,3 @@ def bench_png(rows: list[dict], path: Path) -> None:
     _save_png(fig, path)
 
 
-def bench_html(rows: list[dict], path: Path) -> None:
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    for key, label in _BENCH_BARS:
-        fig.add_trace(go.Bar(x=[r["model"] for r in rows], y=[r.get(key) for r in rows], name=label))
-    fig.update_layout(title="speed relative to the first model (median of interleaved runs)",
-                      yaxis_title=f"throughput ÷ {rows[0]['model']}", barmode="group",
-                      template="plotly_white")  # fmt: skip
-    write_text(path, fig.to_html(include_plotlyjs=True, full_html=True))
