@@ -24,6 +24,7 @@ from linearize._io import claim_output, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.capture import collect_stats
 from linearize.errors import LinearizeError
+from linearize.report import png, render
 
 SCORE_KEYS = (
     "linearity",
@@ -73,13 +74,12 @@ class LinearityReport:
 
     def save(self, out: Path) -> None:
         """Write the json, csv, png and html outputs, each atomically."""
-        from linearize.report import png, render
-
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "linearity.json", self.to_dict())
         write_text(out / "linearity.csv", self.to_csv())
-        png.linearity_png(self, out / "linearity.png")
+        title = f"{self.model} — {self.tokens:,} tokens of {self.data}"
+        png.linearity_png(self.layers, title, out / "linearity.png")
         render(out / "linearity.json")
 
 

@@ -43,6 +43,12 @@ def _sort_key(value: Any) -> str:
     return fmt(value)
 
 
+def _css(value: Any) -> str:
+    if isinstance(value, str):
+        return "long" if len(value) > 60 else "t"
+    return ""
+
+
 @dataclass
 class Table:
     """Rows of raw values under ``columns``; ``marked`` rows are highlighted (e.g. removed
@@ -55,12 +61,15 @@ class Table:
     def __post_init__(self) -> None:
         self.marked = self.marked or [False] * len(self.rows)
 
-    def cells(self) -> list[list[tuple[str, str]]]:
-        return [[(fmt(v), _sort_key(v)) for v in row] for row in self.rows]
+    def cells(self) -> list[list[tuple[str, str, str]]]:
+        """(text, sort key, CSS class) per cell: numbers align right, text left, and long text
+        (a judged story) wraps instead of widening the table."""
+        return [[(fmt(v), _sort_key(v), _css(v)) for v in row] for row in self.rows]
 
     @classmethod
-    def from_dicts(cls, rows: list[dict], columns: list[str] | None = None,
-                   names: dict[str, str] | None = None) -> Table:  # fmt: skip
+    def from_dicts(
+        cls, rows: list[dict], columns: list[str] | None = None, names: dict[str, str] | None = None
+    ) -> Table:
         """A table of dict rows; ``names`` renames columns for display."""
         cols = columns or list(dict.fromkeys(k for r in rows for k in r))
         names = names or {}
@@ -96,19 +105,32 @@ class Page:
 
 def figure_html(fig) -> str:
     """A plotly figure as a <div> that resizes with its container (phones included)."""
-    fig.update_layout(autosize=True, margin=dict(l=50, r=20, t=30, b=40), template="plotly_white",
-                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))  # fmt: skip
-    return fig.to_html(full_html=False, include_plotlyjs=False, default_width="100%",
-                       default_height="440px",
-                       config={"responsive": True, "displaylogo": False})  # fmt: skip
+    fig.update_layout(
+        autosize=True,
+        margin=dict(l=50, r=20, t=30, b=40),
+        template="plotly_white",
+        legend=dict(orientation="h", yanchor="top", y=-0.18, x=0),
+    )
+    return fig.to_html(
+        full_html=False,
+        include_plotlyjs=False,
+        default_width="100%",
+        default_height="440px",
+        config={"responsive": True, "displaylogo": False},
+    )
 
 
 @lru_cache(maxsize=1)
 def _template():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    env = Environment(loader=PackageLoader("linearize.report", ""), undefined=StrictUndefined,
-                      autoescape=select_autoescape(["j2"]), trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env = Environment(
+        loader=PackageLoader("linearize.report", ""),
+        undefined=StrictUndefined,
+        autoescape=select_autoescape(["j2"]),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
     return env.get_template("page.html.j2")
 
 

@@ -60,28 +60,50 @@ def analyze_page(d: dict, where: Path) -> Page:
     calib = "" if d["data"] in ("builtin", "builtin:calib") else f" --calib '{d['data']}+self'"
     command = f"linearize prune{_model_arg(d['model'])} --remove {k}{calib} --out {_slug(d['model'])}-pruned{k}"
     chosen = {r["layer"] for r in top}
-    meta = [("model", d["model"]), ("data", d["data"]), ("tokens", f"{d['tokens']:,}"),
-            ("sequence length", str(d["seq_len"])), ("layers scored", str(n)),
-            ("device / dtype", f"{cfg.get('device', '?')} / {cfg.get('dtype', '?')}"),
-            ("versions", _versions(d)), ("elapsed", _seconds(d.get("elapsed_s")))]  # fmt: skip
+    meta = [
+        ("model", d["model"]),
+        ("data", d["data"]),
+        ("tokens", f"{d['tokens']:,}"),
+        ("sequence length", str(d["seq_len"])),
+        ("layers scored", str(n)),
+        ("device / dtype", f"{cfg.get('device', '?')} / {cfg.get('dtype', '?')}"),
+        ("versions", _versions(d)),
+        ("elapsed", _seconds(d.get("elapsed_s"))),
+    ]
     return Page(
         title=f"Linearity of {d['model']}",
         subtitle="How close each decoder layer is to a linear map of its input "
-                 "(Razzhigaev et al., 2024): 1 is perfectly linear.",  # fmt: skip
+        "(Razzhigaev et al., 2024): 1 is perfectly linear.",
         source="linearity.json",
         meta=meta,
         sections=[
-            Section("Per-layer scores", figure=figure_html(figures.layer_curves(rows, keys, PAPER_CURVES)),
-                    text=["The paper's two curves are drawn; click a name in the legend to show "
-                          "cosine similarity, block influence or angular distance."]),  # fmt: skip
-            Section("Most linear layers", items=[f"layer {r['layer']}: linearity {r['linearity']:.4f}" for r in top],
-                    text=["The default pruning removes the most linear layer, replaces it with its "
-                          "least-squares linear map, re-scores the layers after it and repeats. "
-                          f"By this analysis alone its first {k} candidates are:"],
-                    commands=[command]),  # fmt: skip
-            Section("Per-layer table", table=Table(["layer", *keys], [[r["layer"], *(r[c] for c in keys)] for r in rows],
-                                                   [r["layer"] in chosen for r in rows]),
-                    text=["Click a column to sort; highlighted rows are the candidates above."]),  # fmt: skip
+            Section(
+                "Per-layer scores",
+                figure=figure_html(figures.layer_curves(rows, keys, PAPER_CURVES)),
+                text=[
+                    "The paper's two curves are drawn; click a name in the legend to show "
+                    "cosine similarity, block influence or angular distance."
+                ],
+            ),
+            Section(
+                "Most linear layers",
+                items=[f"layer {r['layer']}: linearity {r['linearity']:.5f}" for r in top],
+                text=[
+                    "The default pruning removes the most linear layer, replaces it with its "
+                    "least-squares linear map, re-scores the layers after it and repeats. "
+                    f"By this analysis alone its first {k} candidates are:"
+                ],
+                commands=[command],
+            ),
+            Section(
+                "Per-layer table",
+                table=Table(
+                    ["layer", *keys],
+                    [[r["layer"], *(r[c] for c in keys)] for r in rows],
+                    [r["layer"] in chosen for r in rows],
+                ),
+                text=["Click a column to sort; highlighted rows are the candidates above."],
+            ),
         ],
     )
 
@@ -101,10 +123,18 @@ def _prune_table(d: dict) -> Table:
     for layer in layers:
         s = steps.get(layer, {})
         order = s["step"] + 1 if s else None
-        rows.append([layer, crit.get(layer), order, s.get("score"), s.get("fit_error"), s.get("elapsed_s")])
+        rows.append(
+            [layer, crit.get(layer), order, s.get("score"), s.get("fit_error"), s.get("elapsed_s")]
+        )
         marked.append(bool(s))
-    cols = ["layer", f"{d['chosen_by']} (before pruning)", "removed (order)", "score when removed",
-            "fit error", "time (s)"]  # fmt: skip
+    cols = [
+        "layer",
+        f"{d['chosen_by']} (before pruning)",
+        "removed (order)",
+        "score when removed",
+        "fit error",
+        "time (s)",
+    ]
     return Table(cols, rows, marked)
 
 
@@ -117,15 +147,20 @@ def _prune_figure(d: dict) -> str:
         fig = figures.layer_curves(initial, keys, ("criterion",), d["chosen_by"], marks)
         fig.data[0].name = f"{d['chosen_by']} before pruning"
     else:  # one-shot strategies that scored no per-layer curve: the removed layers alone
-        marks = [(s["layer"], s["score"] if s["score"] is not None else 0.0, str(s["step"] + 1))
-                 for s in d["steps"]]  # fmt: skip
+        marks = [
+            (s["layer"], s["score"] if s["score"] is not None else 0.0, str(s["step"] + 1))
+            for s in d["steps"]
+        ]
         fig = figures.layer_curves([], [], (), d["chosen_by"], marks)
     return figure_html(fig)
 
 
 def _quality(d: dict) -> Table | None:
     rows = []
-    for label, suffix, src in (("held-out", "", d.get("eval_data")), ("out of domain", "_ood", d.get("ood_data"))):
+    for label, suffix, src in (
+        ("held-out", "", d.get("eval_data")),
+        ("out of domain", "_ood", d.get("ood_data")),
+    ):
         before, after = d.get(f"perplexity_before{suffix}"), d.get(f"perplexity_after{suffix}")
         if before is not None or after is not None:
             ratio = after / before if before and after else None
@@ -134,9 +169,22 @@ def _quality(d: dict) -> Table | None:
 
 
 def _size_speed(d: dict, where: Path) -> Table:
-    rows = [["parameters", d.get("params_before"), d.get("params_after"),
-             d["params_after"] / d["params_before"] if d.get("params_before") and d.get("params_after") else None],
-            ["decoder layers", d.get("original_layers"), (d.get("original_layers") or 0) - len(d["removed"]), None]]  # fmt: skip
+    rows = [
+        [
+            "parameters",
+            d.get("params_before"),
+            d.get("params_after"),
+            d["params_after"] / d["params_before"]
+            if d.get("params_before") and d.get("params_after")
+            else None,
+        ],
+        [
+            "decoder layers",
+            d.get("original_layers"),
+            (d.get("original_layers") or 0) - len(d["removed"]),
+            None,
+        ],
+    ]
     disk = _disk_mb(where)
     if disk is not None:
         rows.append(["checkpoint on disk (MB)", None, round(disk, 1), None])
@@ -144,87 +192,168 @@ def _size_speed(d: dict, where: Path) -> Table:
     if bench.is_file():
         b = _read(bench)["rows"]
         if len(b) >= 2:
-            for key, name in (("prefill_tok_s", "prefill tok/s"), ("decode_tok_s_b1", "decode tok/s (batch 1)")):
+            for key, name in (
+                ("prefill_tok_s", "prefill tok/s"),
+                ("decode_tok_s_b1", "decode tok/s (batch 1)"),
+            ):
                 rows.append([name, b[0].get(key), b[-1].get(key), b[-1].get(f"{key}_ratio")])
     return Table(["", "before", "after", "after ÷ before"], rows)
 
 
 def prune_page(d: dict, where: Path) -> Page:
     n, k = d["original_layers"], len(d["removed"])
-    meta = [("base model", d["base_model"]), ("strategy", d["strategy"]), ("replacement", d["replace"]),
-            ("criterion", d["chosen_by"]), ("calibration", f"{d['calib']}, {d['tokens']:,} tokens × {d['seq_len']}"),
-            ("removed", f"{k} of {n} layers: {fmt(d['removed'])}"),
-            ("calibration passes", fmt(d.get("calibration_passes"))),
-            ("versions", _versions(d)), ("elapsed", _seconds(d.get("elapsed_s")))]  # fmt: skip
+    meta = [
+        ("base model", d["base_model"]),
+        ("strategy", d["strategy"]),
+        ("replacement", d["replace"]),
+        ("criterion", d["chosen_by"]),
+        ("calibration", f"{d['calib']}, {d['tokens']:,} tokens × {d['seq_len']}"),
+        ("removed", f"{k} of {n} layers: {fmt(d['removed'])}"),
+        ("calibration passes", fmt(d.get("calibration_passes"))),
+        ("versions", _versions(d)),
+        ("elapsed", _seconds(d.get("elapsed_s"))),
+    ]
     exportable = d["replace"] in ("none", "fold")
-    commands = [f"python -c \"import linearize; model, tok = linearize.load('{where.name}')\"",
-                f"linearize eval {where.name} --out {where.name}-eval"]  # fmt: skip
-    commands.append(f"linearize export {where.name} --gguf {where.name}.gguf" if exportable else
-                    f"linearize prune{_model_arg(d['base_model'])} --remove {k} --replace fold "
-                    f"--out {where.name}-fold   # a stock checkpoint that export takes")  # fmt: skip
+    commands = [
+        f"python -c \"import linearize; model, tok = linearize.load('{where.name}')\"",
+        f"linearize eval {where.name} --out {where.name}-eval",
+    ]
+    commands.append(
+        f"linearize export {where.name} --gguf {where.name}.gguf"
+        if exportable
+        else f"linearize prune{_model_arg(d['base_model'])} --remove {k} --replace fold "
+        f"--out {where.name}-fold   # a stock checkpoint that export takes"
+    )
     quality = _quality(d)
     sections = [
-        Section("Removed layers", figure=_prune_figure(d),
-                text=[f"Crosses mark the {k} removed layers, numbered in removal order, on the "
-                      f"{d['chosen_by']} curve measured before the first cut."]),  # fmt: skip
-        Section("Quality", table=quality,
-                text=[] if quality else ["No held-out perplexity was measured (--eval '')."]),
-        Section("Per layer", table=_prune_table(d),
-                text=["Removed rows are highlighted; sort by 'removed (order)' to replay the run."]),
-        Section("Size and speed", table=_size_speed(d, where),
-                text=["Speed appears when a bench.json sits next to the checkpoint "
-                      "(linearize bench ORIGINAL THIS --out THIS)."]),  # fmt: skip
+        Section(
+            "Removed layers",
+            figure=_prune_figure(d),
+            text=[
+                f"Crosses mark the {k} removed layers, numbered in removal order, on the "
+                f"{d['chosen_by']} curve measured before the first cut."
+            ],
+        ),
+        Section(
+            "Quality",
+            table=quality,
+            text=[] if quality else ["No held-out perplexity was measured (--eval '')."],
+        ),
+        Section(
+            "Per layer",
+            table=_prune_table(d),
+            text=["Removed rows are highlighted; sort by 'removed (order)' to replay the run."],
+        ),
+        Section(
+            "Size and speed",
+            table=_size_speed(d, where),
+            text=[
+                "Speed appears when a bench.json sits next to the checkpoint "
+                "(linearize bench ORIGINAL THIS --out THIS)."
+            ],
+        ),
         Section("Use it", commands=commands),
     ]
-    return Page(title=f"{d['base_model']} pruned by {k} of {n} layers", source="prune.json",
-                meta=meta, sections=sections)  # fmt: skip
+    return Page(
+        title=f"{d['base_model']} pruned by {k} of {n} layers",
+        source="prune.json",
+        meta=meta,
+        sections=sections,
+    )
 
 
 # -- sweep ----------------------------------------------------------------------------------------
-def sweep_page(d: dict, where: Path) -> Page:
-    s, rows = d["settings"], d["rows"]
+def _ratio(row: dict, base: dict, key: str) -> float | None:
+    return row[key] / base[key] if row.get(key) and base.get(key) else None
+
+
+def _sweep_table(rows: list[dict]) -> Table:
     base = next((r for r in rows if r["strategy"] == "original"), {})
-    table_rows = []
-    for r in rows:
-        ratio = r["perplexity"] / base["perplexity"] if r.get("perplexity") and base.get("perplexity") else None
-        ood = (r["perplexity_ood"] / base["perplexity_ood"]
-               if r.get("perplexity_ood") and base.get("perplexity_ood") else None)  # fmt: skip
-        table_rows.append([r["strategy"], r["replace"], r["k"], r.get("perplexity"), ratio,
-                           r.get("perplexity_ood"), ood, fmt(r["removed"]), r.get("elapsed_s"), r.get("note", "")])  # fmt: skip
-    cols = ["strategy", "replace", "k", "perplexity", "÷ original", "perplexity (OOD)", "÷ original (OOD)",
-            "removed", "time (s)", "note"]  # fmt: skip
-    cfg = s["config"]
-    meta = [("model", s["model"]), ("strategies", cfg["strategy"]), ("replacements", cfg["replace"]),
-            ("layers removed", fmt(s["ks"])), ("held-out text", f"{s['eval_data']}, {s['eval_tokens']:,} tokens"),
-            ("out-of-domain text", str(s.get("ood_data") or "none")),
-            ("calibration", f"{cfg['calib']}, {cfg['tokens']:,} tokens"), ("versions", _versions(d))]  # fmt: skip
-    sections = [Section("Held-out perplexity", figure=figure_html(figures.curves(
-        sweep_series(rows), "layers removed", "perplexity (log scale)", logy=True)))]  # fmt: skip
-    if any(r.get("perplexity_ood") for r in rows):
-        sections.append(Section("Out-of-domain perplexity", figure=figure_html(figures.curves(
-            sweep_series(rows, "perplexity_ood"), "layers removed", "perplexity (log scale)", logy=True))))  # fmt: skip
-    sections.append(Section("Every cell", table=Table(cols, table_rows)))
-    return Page(title=f"Pruning sweep: {s['model']}", source="sweep.json", meta=meta, sections=sections)
+    cols = ["strategy", "replace", "k", "perplexity", "÷ original", "perplexity (OOD)",
+            "÷ original (OOD)", "removed", "time (s)", "note"]  # fmt: skip
+    cells = [
+        [r["strategy"], r["replace"], r["k"], r.get("perplexity"), _ratio(r, base, "perplexity"),
+         r.get("perplexity_ood"), _ratio(r, base, "perplexity_ood"), fmt(r["removed"]),
+         r.get("elapsed_s"), r.get("note", "")]
+        for r in rows
+    ]  # fmt: skip
+    return Table(cols, cells)
+
+
+def sweep_page(d: dict, where: Path) -> Page:
+    s, rows, cfg = d["settings"], d["rows"], d["settings"]["config"]
+    meta = [
+        ("model", s["model"]),
+        ("strategies", cfg["strategy"]),
+        ("replacements", cfg["replace"]),
+        ("layers removed", fmt(s["ks"])),
+        ("held-out text", f"{s['eval_data']}, {s['eval_tokens']:,} tokens"),
+        ("out-of-domain text", str(s.get("ood_data") or "none")),
+        ("calibration", f"{cfg['calib']}, {cfg['tokens']:,} tokens"),
+        ("versions", _versions(d)),
+    ]
+    sections = []
+    for title, key in (
+        ("Held-out perplexity", "perplexity"),
+        ("Out-of-domain perplexity", "perplexity_ood"),
+    ):
+        series = sweep_series(rows, key)
+        if series:
+            fig = figures.curves(series, "layers removed", "perplexity (log scale)", logy=True)
+            sections.append(Section(title, figure=figure_html(fig)))
+    sections.append(Section("Every cell", table=_sweep_table(rows)))
+    return Page(f"Pruning sweep: {s['model']}", "sweep.json", meta, sections)
 
 
 # -- dynamics -------------------------------------------------------------------------------------
 def dynamics_page(d: dict, where: Path) -> Page:
     s, rows = d["settings"], d["rows"]
     base = rows[0]
-    table = [[r["checkpoint"], r["step"], r["mean_linearity"], r["mean_linearity"] - base["mean_linearity"],
-              r["mean_linearity_no_residual"], r["mean_linearity_no_residual"] - base["mean_linearity_no_residual"]]
-             for r in rows]  # fmt: skip
-    meta = [("checkpoints", str(len(rows))), ("data", s["data"]), ("tokens", f"{s['tokens']:,}"),
-            ("sequence length", str(s["seq_len"])), ("dtype", s.get("dtype", "?"))]  # fmt: skip
+    table = [
+        [
+            r["checkpoint"],
+            r["step"],
+            r["mean_linearity"],
+            r["mean_linearity"] - base["mean_linearity"],
+            r["mean_linearity_no_residual"],
+            r["mean_linearity_no_residual"] - base["mean_linearity_no_residual"],
+        ]
+        for r in rows
+    ]
+    meta = [
+        ("checkpoints", str(len(rows))),
+        ("data", s["data"]),
+        ("tokens", f"{s['tokens']:,}"),
+        ("sequence length", str(s["seq_len"])),
+        ("dtype", s.get("dtype", "?")),
+    ]
     return Page(
-        title="Linearity dynamics", source="dynamics.json", meta=meta,
+        title="Linearity dynamics",
+        source="dynamics.json",
+        meta=meta,
         sections=[
-            Section("Mean linearity against step", figure=figure_html(figures.dynamics_means(rows))),
-            Section("Per layer, without residual", figure=figure_html(figures.dynamics_layers(rows))),
-            Section("Checkpoints", table=Table(["checkpoint", "step", "mean linearity", "Δ first",
-                                                "mean w/o residual", "Δ first"], table)),
+            Section(
+                "Mean linearity against step", figure=figure_html(figures.dynamics_means(rows))
+            ),
+            Section(
+                "Per layer, without residual", figure=figure_html(figures.dynamics_layers(rows))
+            ),
+            Section(
+                "Checkpoints",
+                table=Table(
+                    [
+                        "checkpoint",
+                        "step",
+                        "mean linearity",
+                        "Δ first",
+                        "mean w/o residual",
+                        "Δ first",
+                    ],
+                    table,
+                ),
+            ),
         ],
-    )  # fmt: skip
+    )
 
 
 # -- eval -----------------------------------------------------------------------------------------
@@ -234,9 +363,15 @@ def _probe_section(probe: dict) -> Section:
     acc = {t: {r["layer"]: r["accuracy"] for r in probe[t]} for t in tasks}
     rows = [{"layer": layer, **{t: acc[t].get(layer) for t in tasks}} for layer in layers]
     fig = figures.layer_curves(rows, tasks, tasks, "probe accuracy (mean pooling)")
-    return Section("Linear probing", figure=figure_html(fig), table=Table.from_dicts(rows),
-                   text=["Accuracy of a logistic-regression probe on each layer's mean-pooled "
-                         "hidden states (layer 0: the embeddings)."])  # fmt: skip
+    return Section(
+        "Linear probing",
+        figure=figure_html(fig),
+        table=Table.from_dicts(rows),
+        text=[
+            "Accuracy of a logistic-regression probe on each layer's mean-pooled "
+            "hidden states (layer 0: the embeddings)."
+        ],
+    )
 
 
 def eval_page(d: dict, where: Path) -> Page:
@@ -245,58 +380,114 @@ def eval_page(d: dict, where: Path) -> Page:
     sections = []
     if isinstance(d.get("perplexity"), (int, float)):
         p = d.get("perplexity_protocol") or {}
-        sections.append(Section("Perplexity", table=Table(
-            ["source", "tokens", "window", "stride", "perplexity"],
-            [[p.get("source"), p.get("tokens"), p.get("seq_len"), p.get("stride"), d["perplexity"]]])))  # fmt: skip
+        sections.append(
+            Section(
+                "Perplexity",
+                table=Table(
+                    ["source", "tokens", "window", "stride", "perplexity"],
+                    [
+                        [
+                            p.get("source"),
+                            p.get("tokens"),
+                            p.get("seq_len"),
+                            p.get("stride"),
+                            d["perplexity"],
+                        ]
+                    ],
+                ),
+            )
+        )
     if d.get("lm_eval"):
-        rows = [[task, metric, v] for task, ms in sorted(d["lm_eval"].items()) for metric, v in ms.items()]
-        sections.append(Section("lm-evaluation-harness", table=Table(["task", "metric", "value"], rows)))
+        rows = [
+            [task, metric, v]
+            for task, ms in sorted(d["lm_eval"].items())
+            for metric, v in ms.items()
+        ]
+        sections.append(
+            Section("lm-evaluation-harness", table=Table(["task", "metric", "value"], rows))
+        )
     if d.get("probe"):
         sections.append(_probe_section(d["probe"]))
     if d.get("judge"):
         j = d["judge"]
         stories = Table.from_dicts(j["stories"])
-        sections.append(Section(f"LLM judge ({j['n']} stories)", table=stories,
-                                text=["Means: " + ", ".join(f"{k} {v:.2f}" for k, v in j["mean"].items())]))  # fmt: skip
+        sections.append(
+            Section(
+                f"LLM judge ({j['n']} stories)",
+                table=stories,
+                text=["Means: " + ", ".join(f"{k} {v:.2f}" for k, v in j["mean"].items())],
+            )
+        )
     if d.get("speed"):
         sp = d["speed"]
         keys = [k for k in sp if not k.endswith(("_min", "_max")) and k not in ("model", "path")]
         rows = [[k, sp[k], sp.get(f"{k}_min"), sp.get(f"{k}_max")] for k in keys]
-        sections.append(Section("Speed and size", table=Table(["measure", "median", "min", "max"], rows)))
+        sections.append(
+            Section("Speed and size", table=Table(["measure", "median", "min", "max"], rows))
+        )
     if not sections:
-        sections.append(Section("No results yet", text=["This results.json holds no finished part."]))
-    return Page(title=f"Evaluation of {d['model']}", source="results.json", meta=meta, sections=sections)
+        sections.append(
+            Section("No results yet", text=["This results.json holds no finished part."])
+        )
+    return Page(
+        title=f"Evaluation of {d['model']}", source="results.json", meta=meta, sections=sections
+    )
 
 
 # -- compare and bench ----------------------------------------------------------------------------
 def compare_page(d: dict, where: Path) -> Page:
     rows, cols = d["rows"], d["columns"]
     return Page(
-        title="Comparison", source="compare.json",
+        title="Comparison",
+        source="compare.json",
         meta=[("models", ", ".join(r["label"] for r in rows)), ("versions", _versions(d))],
-        sections=[Section("Metrics", figure=figure_html(figures.compare(rows, cols[2:], d.get("probes", {})))),
-                  Section("Table", table=Table.from_dicts(rows, cols))],
-    )  # fmt: skip
+        sections=[
+            Section(
+                "Metrics", figure=figure_html(figures.compare(rows, cols[2:], d.get("probes", {})))
+            ),
+            Section("Table", table=Table.from_dicts(rows, cols)),
+        ],
+    )
 
 
-_BENCH_COLS = {"model": "model", "layers": "layers", "params_m": "params (M)",
-               "prefill_tok_s": "prefill tok/s", "prefill_tok_s_ratio": "×",
-               "decode_tok_s_b1": "decode tok/s (b=1)", "decode_tok_s_b1_ratio": "× ",
-               "decode_tok_s_batch": "decode tok/s (batch)", "decode_tok_s_batch_ratio": "×  ",
-               "ttft_ms": "first token (ms)", "peak_mem_mb": "peak extra memory (MB)", "disk_mb": "disk (MB)"}  # fmt: skip
+_BENCH_COLS = {
+    "model": "model",
+    "layers": "layers",
+    "params_m": "params (M)",
+    "prefill_tok_s": "prefill tok/s",
+    "prefill_tok_s_ratio": "×",
+    "decode_tok_s_b1": "decode tok/s (b=1)",
+    "decode_tok_s_b1_ratio": "× ",
+    "decode_tok_s_batch": "decode tok/s (batch)",
+    "decode_tok_s_batch_ratio": "×  ",
+    "ttft_ms": "first token (ms)",
+    "peak_mem_mb": "peak extra memory (MB)",
+    "disk_mb": "disk (MB)",
+}
 
 
 def bench_page(d: dict, where: Path) -> Page:
     c = d["config"]
-    meta = [("device", f"{d['device']}, {d.get('threads', '?')} threads"), ("torch", d.get("torch", "?")),
-            ("prefill", f"{c['batch_size']} × {c['seq_len']} tokens"),
-            ("decode", f"{c['new_tokens']} new tokens after {c['prompt_len']}"),
-            ("repeats", f"{c['repeats']}, interleaved; medians shown"), ("versions", _versions(d))]  # fmt: skip
+    meta = [
+        ("device", f"{d['device']}, {d.get('threads', '?')} threads"),
+        ("torch", d.get("torch", "?")),
+        ("prefill", f"{c['batch_size']} × {c['seq_len']} tokens"),
+        ("decode", f"{c['new_tokens']} new tokens after {c['prompt_len']}"),
+        ("repeats", f"{c['repeats']}, interleaved; medians shown"),
+        ("versions", _versions(d)),
+    ]
     return Page(
-        title="Speed and size", source="bench.json", meta=meta,
-        sections=[Section("Throughput relative to the first model", figure=figure_html(figures.bench(d["rows"]))),
-                  Section("Table", table=Table.from_dicts(d["rows"], list(_BENCH_COLS), _BENCH_COLS))],
-    )  # fmt: skip
+        title="Speed and size",
+        source="bench.json",
+        meta=meta,
+        sections=[
+            Section(
+                "Throughput relative to the first model",
+                figure=figure_html(figures.bench(d["rows"])),
+            ),
+            Section("Table", table=Table.from_dicts(d["rows"], list(_BENCH_COLS), _BENCH_COLS)),
+        ],
+    )
 
 
 # -- entry points ---------------------------------------------------------------------------------
@@ -332,8 +523,9 @@ def render(json_path: str | Path) -> Path:
     try:
         page = build(d, path.parent)
     except (KeyError, IndexError, TypeError, ZeroDivisionError) as e:
-        raise LinearizeError(f"'{path}' is not a complete linearize {path.stem} file "
-                             f"({type(e).__name__}: {e})") from None  # fmt: skip
+        raise LinearizeError(
+            f"'{path}' is not a complete linearize {path.stem} file ({type(e).__name__}: {e})"
+        ) from None
     return write_page(page, path.parent / html_name)
 
 
@@ -345,8 +537,12 @@ def sources(out: str | Path) -> list[Path]:
         raise LinearizeError(f"'{out}' is not a directory")
     found = [out / n for n in PAGES if (out / n).is_file()]
     if not found:
-        found = [sub / n for sub in sorted(p for p in out.iterdir() if p.is_dir())
-                 for n in PAGES if (sub / n).is_file()]  # fmt: skip
+        found = [
+            sub / n
+            for sub in sorted(p for p in out.iterdir() if p.is_dir())
+            for n in PAGES
+            if (sub / n).is_file()
+        ]
     if not found:
         raise LinearizeError(f"no linearize output in '{out}' (looked for {', '.join(PAGES)})")
     return found

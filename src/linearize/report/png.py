@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from linearize._io import atomic_write
-
-if TYPE_CHECKING:
-    from linearize.analyze import LinearityReport
 
 _CURVES = (
     ("linearity", "linearity (with residual)"),
     ("linearity_no_residual", "linearity without residual"),
     ("cosine", "cosine(input, output)"),
 )
-
-
-def _title(report: LinearityReport) -> str:
-    return f"{report.model} — {report.tokens:,} tokens of {report.data}"
 
 
 def _save_png(fig, path: Path) -> None:
@@ -31,20 +23,21 @@ def _save_png(fig, path: Path) -> None:
         plt.close(fig)
 
 
-def linearity_png(report: LinearityReport, path: Path) -> None:
+def linearity_png(rows: list[dict], title: str, path: Path) -> None:
+    """The paper's figure: linearity with and without residual, and cosine, per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = report.column("layer")
+    x = [r["layer"] for r in rows]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
     for key, label in _CURVES:
-        ax.plot(x, report.column(key), marker="o", markersize=3, label=label)
+        ax.plot(x, [r[key] for r in rows], marker="o", markersize=3, label=label)
     ax.set_xlabel("layer index")
     ax.set_ylabel("score")
-    ax.set_ylim(min(0.0, *(min(report.column(k)) for k, _ in _CURVES)) - 0.02, 1.02)
-    ax.set_title(_title(report), fontsize=10)
+    ax.set_ylim(min(0.0, *(r[k] for r in rows for k, _ in _CURVES)) - 0.02, 1.02)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
     _save_png(fig, path)
@@ -53,8 +46,9 @@ def linearity_png(report: LinearityReport, path: Path) -> None:
 Series = dict[str, tuple[list, list]]  # curve name -> (x values, y values)
 
 
-def curves_png(series: Series, path: Path, title: str, xlabel: str, ylabel: str,
-               logy: bool = False) -> None:  # fmt: skip
+def curves_png(
+    series: Series, path: Path, title: str, xlabel: str, ylabel: str, logy: bool = False
+) -> None:
     """One line per named series, e.g. perplexity against layers removed."""
     import matplotlib
 
@@ -83,16 +77,23 @@ def sweep_series(rows: list[dict], key: str = "perplexity") -> Series:
     for r in rows:
         if r["strategy"] == "original" or not r.get(key):
             continue
-        x, y = series.setdefault(f"{r['strategy']} / {r['replace']}",
-                                 ([b["k"] for b in base], [b[key] for b in base]))  # fmt: skip
+        x, y = series.setdefault(
+            f"{r['strategy']} / {r['replace']}", ([b["k"] for b in base], [b[key] for b in base])
+        )
         x.append(r["k"])
         y.append(r[key])
     return series
 
 
 def sweep_png(rows: list[dict], path: Path, model: str) -> None:
-    curves_png(sweep_series(rows), path, f"{model}: held-out perplexity after pruning",
-               "layers removed", "perplexity (log scale)", logy=True)  # fmt: skip
+    curves_png(
+        sweep_series(rows),
+        path,
+        f"{model}: held-out perplexity after pruning",
+        "layers removed",
+        "perplexity (log scale)",
+        logy=True,
+    )
 
 
 def probe_curve(layers: list[dict]) -> tuple[list[float], list[float]]:
@@ -124,7 +125,9 @@ def compare_png(rows: list[dict], metrics: list[str], probes: dict[str, dict], p
     for ax, t in zip(axes.flat[len(metrics) :], tasks):
         for i, lab in enumerate(labels):
             if t in probes.get(lab, {}):
-                ax.plot(*probe_curve(probes[lab][t]), marker="o", markersize=2, color=f"C{i}", label=lab)
+                ax.plot(
+                    *probe_curve(probes[lab][t]), marker="o", markersize=2, color=f"C{i}", label=lab
+                )
         ax.set_title(f"probe {t}: accuracy by depth", fontsize=9)
         ax.set_xlabel("layer / last layer", fontsize=8)
         ax.grid(alpha=0.3)
@@ -146,8 +149,13 @@ def dynamics_png(rows: list[dict], path: Path) -> None:
     steps = [r["step"] for r in rows]
     a.plot(steps, [r["mean_linearity"] for r in rows], marker="o", label="mean linearity")
     a2 = a.twinx()
-    a2.plot(steps, [r["mean_linearity_no_residual"] for r in rows], marker="s", color="C1",
-            label="mean linearity without residual")  # fmt: skip
+    a2.plot(
+        steps,
+        [r["mean_linearity_no_residual"] for r in rows],
+        marker="s",
+        color="C1",
+        label="mean linearity without residual",
+    )
     a.set_xlabel("step")
     a.set_ylabel("mean linearity", color="C0")
     a2.set_ylabel("mean linearity without residual", color="C1")
@@ -155,8 +163,14 @@ def dynamics_png(rows: list[dict], path: Path) -> None:
     cmap = plt.get_cmap("viridis")
     for i, r in enumerate(rows):
         x = [layer["layer"] for layer in r["layers"]]
-        b.plot(x, [layer["linearity_no_residual"] for layer in r["layers"]], marker="o", markersize=2,
-               color=cmap(i / max(1, len(rows) - 1)), label=f"step {r['step']}")  # fmt: skip
+        b.plot(
+            x,
+            [layer["linearity_no_residual"] for layer in r["layers"]],
+            marker="o",
+            markersize=2,
+            color=cmap(i / max(1, len(rows) - 1)),
+            label=f"step {r['step']}",
+        )
     b.set_xlabel("layer")
     b.set_ylabel("linearity without residual")
     b.grid(alpha=0.3)
@@ -165,8 +179,11 @@ def dynamics_png(rows: list[dict], path: Path) -> None:
     _save_png(fig, path)
 
 
-BENCH_BARS = (("prefill_tok_s_ratio", "prefill"), ("decode_tok_s_b1_ratio", "decode, batch 1"),
-               ("decode_tok_s_batch_ratio", "decode, batched"))  # fmt: skip
+BENCH_BARS = (
+    ("prefill_tok_s_ratio", "prefill"),
+    ("decode_tok_s_b1_ratio", "decode, batch 1"),
+    ("decode_tok_s_batch_ratio", "decode, batched"),
+)
 
 
 def bench_png(rows: list[dict], path: Path) -> None:
@@ -188,5 +205,3 @@ def bench_png(rows: list[dict], path: Path) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, axis="y")
     _save_png(fig, path)
-
-
