@@ -105,3 +105,46 @@ def smollm2():
     from linearize import load
 
     return load(None, dtype="float32", device="cpu")
+
+
+class HookSpy:
+    """Every forward (pre-)hook registered while the spy is on, and a way to raise inside a
+    decoder layer's forward, for tests that an exception leaves no hook behind."""
+
+    def __init__(self) -> None:
+        self.handles: list = []
+
+    def left(self) -> int:
+        """How many of the hooks registered so far are still on their module."""
+        return sum(h.id in (h.hooks_dict_ref() or {}) for h in self.handles)
+
+    @staticmethod
+    def fail_in_layer(monkeypatch, layer_cls, when=lambda: True, after: int = 1) -> None:
+        """``layer_cls.forward`` raises RuntimeError("boom") on its ``after``-th call for which
+        ``when()`` holds (e.g. only with gradients on: a training step, not a probe)."""
+        calls = {"n": 0}
+        forward = layer_cls.forward
+
+        def failing(self, *args, **kwargs):
+            if when():
+                calls["n"] += 1
+                if calls["n"] >= after:
+                    raise RuntimeError("boom")
+            return forward(self, *args, **kwargs)
+
+        monkeypatch.setattr(layer_cls, "forward", failing)
+
+
+@pytest.fixture
+def hook_spy(monkeypatch) -> HookSpy:
+    spy = HookSpy()
+    for name in ("register_forward_hook", "register_forward_pre_hook"):
+        original = getattr(torch.nn.Module, name)
+
+        def spying(self, *args, _original=original, **kwargs):
+            handle = _original(self, *args, **kwargs)
+            spy.handles.append(handle)
+            return handle
+
+        monkeypatch.setattr(torch.nn.Module, name, spying)
+    return spy

@@ -131,3 +131,15 @@ def test_anisotropy_is_optional(tokenizer):
     assert "anisotropy" not in analyze_model(model, tokenizer, "builtin", 200, 32).layers[0]
     rep = analyze_model(model, tokenizer, "builtin", 200, 32, anisotropy=True)
     assert 0 < rep.layers[0]["anisotropy"] <= 1
+
+
+def test_an_exception_inside_a_capture_leaves_no_hook_and_restores_the_mode(tokenizer, hook_spy, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model = make_tiny("llama").train()
+    batches = data.batches(data.token_sequences(tokenizer, "builtin", 32, 128), 2, 0)
+    hook_spy.fail_in_layer(monkeypatch, LlamaDecoderLayer, after=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        collect_stats(model, batches)
+    assert len(hook_spy.handles) == 6 and hook_spy.left() == 0  # 3 layers × (pre, post)
+    assert model.training

@@ -221,3 +221,32 @@ def test_a_short_source_repeats_says_so_and_caches_the_teacher(teacher_dir, tmp_
         second = distill(student, cfg, tmp_path / "b", device="cpu")
     assert [p.stat().st_mtime_ns for p in shards] == stamps  # read back, not rewritten
     assert second["steps"] == 6
+
+
+def test_an_exception_inside_a_distillation_step_leaves_no_hook(teacher_dir, tmp_path, hook_spy, monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    import linearize.distill
+
+    student = _pruned(teacher_dir, tmp_path)
+    loaded = []  # keep student and teacher alive, so their hook tables can be read after the failure
+
+    def keep(*args, _load=linearize.distill.models.load, **kwargs):
+        loaded.append(_load(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(linearize.distill.models, "load", keep)
+    hook_spy.handles.clear()  # the pruning run's own hooks
+    hook_spy.fail_in_layer(monkeypatch, LlamaDecoderLayer, when=torch.is_grad_enabled, after=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        distill(student, _cfg(eval_data=""), tmp_path / "d", device="cpu")
+    assert len(loaded) == 2
+    ours = [h for h in hook_spy.handles if not _is_bridge_hook(h)]
+    assert len(ours) >= 4 and all(h.hooks_dict_ref() is not None for h in ours)  # teacher and student taps
+    assert sum(h.id in h.hooks_dict_ref() for h in ours) == 0
+
+
+def _is_bridge_hook(handle) -> bool:
+    """The hooks a bridged checkpoint's modeling code puts on for good (the bridges)."""
+    hooks = handle.hooks_dict_ref()
+    return hooks is not None and handle.id in hooks and "bridge" in getattr(hooks[handle.id], "__qualname__", "")

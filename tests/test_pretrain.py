@@ -165,3 +165,12 @@ def test_hub_revisions_name_their_step():
     assert step_of("bigscience/bloom-560m-intermediate@global_step4000", 7) == 4000
     assert step_of("some/model", 7) == 7
     assert expand(["EleutherAI/pythia-160m@step1000"]) == ["EleutherAI/pythia-160m@step1000"]
+
+
+def test_an_exception_inside_a_pretraining_step_leaves_no_hook(tiny_dir, tmp_path, hook_spy, monkeypatch):
+    from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
+
+    hook_spy.fail_in_layer(monkeypatch, MistralDecoderLayer, when=torch.is_grad_enabled, after=2)
+    with pytest.raises(RuntimeError, match="boom"):
+        pretrain(_cfg(tiny_dir), tmp_path / "p", device="cpu")
+    assert len(hook_spy.handles) > 4 and hook_spy.left() == 0  # the step-0 probe's and the step's

@@ -31,7 +31,7 @@ from linearize import arch, data
 from linearize._io import claim_output, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
-from linearize.report import png, render
+from linearize.report import png, render_dir
 
 METRICS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_batch", "ttft_ms", "peak_mem_mb")
 HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s_b1": True, "decode_tok_s_batch": True,
@@ -233,7 +233,7 @@ def bench(
     write_text(out_dir / "bench.csv", _csv(rows))
     write_text(out_dir / "bench.md", table_markdown(rows))
     png.bench_png(rows, out_dir / "bench.png")
-    render(out_dir / "bench.json")
+    render_dir(out_dir)  # and a prune page beside it, which shows the speed it can now read
     return rows
 
 

@@ -9,7 +9,9 @@ score. Padding tokens are dropped with the attention mask before anything is acc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,8 +26,72 @@ class _StopForward(Exception):
     """Raised after the last hooked layer: nothing downstream is needed."""
 
 
-def _first_tensor(out) -> Tensor:
+def layer_input(args: tuple, kwargs: dict) -> Tensor:
+    """A decoder layer's hidden-state argument: positional in most models, a keyword in some."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def layer_output(out) -> Tensor:
+    """A layer's hidden states, whether it returns a tensor or a tuple led by one."""
     return out if isinstance(out, Tensor) else out[0]
+
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode for the block; its own mode restored after, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
+def hooks(
+    pre: Iterable[tuple[nn.Module, Callable]] = (),
+    post: Iterable[tuple[nn.Module, Callable]] = (),
+    prepend: bool = False,
+) -> Iterator[None]:
+    """Forward pre-hooks ``pre`` and forward hooks ``post`` ((module, fn) pairs, torch's
+    ``with_kwargs`` signatures) on for the block and removed in ``finally``: the one place the
+    package registers a hook, so an exception never leaves one on a model."""
+    handles = []
+    try:
+        for module, fn in pre:
+            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=prepend))
+        for module, fn in post:
+            handles.append(module.register_forward_hook(fn, with_kwargs=True, prepend=prepend))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@dataclass
+class Recorded:
+    """What ``record`` kept from the latest forward pass, in module order."""
+
+    inputs: list[Tensor | None]
+    outputs: list[Tensor | None]
+
+
+@contextmanager
+def record(inputs: Sequence[nn.Module] = (), outputs: Sequence[nn.Module] = ()) -> Iterator[Recorded]:
+    """Keep the hidden-state input of each module in ``inputs`` and the output of each in
+    ``outputs`` (with their autograd graph, if any) for the passes run inside the block."""
+    rec = Recorded([None] * len(inputs), [None] * len(outputs))
+
+    def keep_in(i: int) -> Callable:
+        return lambda module, args, kwargs: rec.inputs.__setitem__(i, layer_input(args, kwargs))
+
+    def keep_out(i: int) -> Callable:
+        return lambda module, args, kwargs, out: rec.outputs.__setitem__(i, layer_output(out))
+
+    with hooks([(m, keep_in(i)) for i, m in enumerate(inputs)],
+               [(m, keep_out(i)) for i, m in enumerate(outputs)]):  # fmt: skip
+        yield rec
 
 
 class LayerCapture:
@@ -51,7 +117,7 @@ class LayerCapture:
         self._mask: Tensor | None = None  # (B*T,) bool, None when every token counts
         self._inputs: dict[int, Tensor] = {}
         self._last_out: tuple[int, Tensor, Tensor] | None = None  # (layer, raw y, its rows)
-        self._handles: list = []
+        self._hooks = ExitStack()
         self._shared: dict[int, bool] = {}
 
     # -- hooks ----------------------------------------------------------------------------
@@ -60,13 +126,13 @@ class LayerCapture:
 
     def _pre(self, i: int) -> Callable:
         def hook(module, args, kwargs):
-            self._inputs[i] = args[0] if args else kwargs["hidden_states"]
+            self._inputs[i] = layer_input(args, kwargs)
 
         return hook
 
     def _post(self, i: int, stop: bool) -> Callable:
         def hook(module, args, kwargs, out):
-            x_raw, y_raw = self._inputs.pop(i), _first_tensor(out)
+            x_raw, y_raw = self._inputs.pop(i), layer_output(out)
             prev = self._last_out
             shared = prev is not None and prev[0] == i - 1 and prev[1] is x_raw
             if i not in self._shared:  # decided on the first batch, then held to
@@ -88,20 +154,13 @@ class LayerCapture:
 
     def __enter__(self) -> LayerCapture:
         last = self.indices[-1]
-        for i in self.indices:
-            layer = self.layers[i]
-            self._handles.append(layer.register_forward_pre_hook(self._pre(i), with_kwargs=True))
-            self._handles.append(
-                layer.register_forward_hook(
-                    self._post(i, i == last and self.stop_at_last), with_kwargs=True
-                )
-            )
+        pre = [(self.layers[i], self._pre(i)) for i in self.indices]
+        post = [(self.layers[i], self._post(i, i == last and self.stop_at_last)) for i in self.indices]
+        self._hooks.enter_context(hooks(pre, post))
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.close()
         self._inputs.clear()
         self._last_out = None
 
@@ -191,16 +250,11 @@ def collect_stats(
     indices = sorted(set(range(len(module_list)) if layers is None else layers))
     body = arch.get_body(model)
     device = model.get_input_embeddings().weight.device
-    was_training = model.training
-    model.eval()
-    try:
-        with LayerCapture(module_list, indices, fast=fast) as cap:
-            for batch in batches:
-                tokens = cap.run(body, batch, device)
-                if on_batch is not None:
-                    on_batch(tokens)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), LayerCapture(module_list, indices, fast=fast) as cap:
+        for batch in batches:
+            tokens = cap.run(body, batch, device)
+            if on_batch is not None:
+                on_batch(tokens)
     stats = cap.stats
     if _distributed():
         stats = _agree_on_layout(stats, cap, indices, model.config.hidden_size, device)
@@ -250,21 +304,17 @@ def collect_pair_stats(
 
     def hook_for(name: str, kind: str):
         def keep(h):
-            store[name] = _first_tensor(h)
+            store[name] = layer_output(h)
             if name == last:
                 raise _StopForward
 
         if kind == "input":
-            return lambda m, args, kwargs: keep(args[0] if args else kwargs["hidden_states"])
+            return lambda m, args, kwargs: keep(layer_input(args, kwargs))
         return lambda m, args, kwargs, out: keep(out)
 
-    handles = []
-    for name, (module, kind) in taps.items():
-        register = module.register_forward_pre_hook if kind == "input" else module.register_forward_hook
-        handles.append(register(hook_for(name, kind), with_kwargs=True))
-    was_training = model.training
-    model.eval()
-    try:
+    pre = [(module, hook_for(name, kind)) for name, (module, kind) in taps.items() if kind == "input"]
+    post = [(module, hook_for(name, kind)) for name, (module, kind) in taps.items() if kind != "input"]
+    with eval_mode(model), hooks(pre, post):
         for batch in batches:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             flat = None if bool(mask.all()) else mask.reshape(-1).bool()
@@ -275,10 +325,6 @@ def collect_pair_stats(
             x, y = pair(store)
             stats.update(_masked_rows(x, flat), _masked_rows(y, flat))
             store.clear()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     if _distributed():
         all_reduce_stats_({0: stats})
     return stats
@@ -344,15 +390,9 @@ def block_distances(
             last = cos.gather(1, ctx["last"][:, None]).squeeze(1).clamp(-1.0, 1.0)  # (B,)
             ang[j - k] += (torch.arccos(last) / math.pi).sum().cpu()
 
-    handles = [layers[0].register_forward_pre_hook(
-        lambda m, args, kwargs: boundary(0, args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True)]  # fmt: skip
-    for i in range(n):
-        handles.append(layers[i].register_forward_hook(
-            lambda m, a, kw, out, i=i: boundary(i + 1, _first_tensor(out)), with_kwargs=True))  # fmt: skip
-    was_training = model.training
-    model.eval()
-    try:
+    pre = [(layers[0], lambda m, args, kwargs: boundary(0, layer_input(args, kwargs)))]
+    post = [(layers[i], lambda m, a, kw, out, i=i: boundary(i + 1, layer_output(out))) for i in range(n)]
+    with eval_mode(model), hooks(pre, post):
         for batch in batches:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             ctx["mask"] = mask.bool()
@@ -361,9 +401,5 @@ def block_distances(
             window.clear()
             n_seq += ids.shape[0]
             n_tok += int(mask.sum())
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
     return {"angular_last": (ang / max(n_seq, 1)).tolist(),
             "cosine_all": (cos_all / max(n_tok, 1)).tolist()}  # fmt: skip

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from linearize import arch, data, models
 from linearize._io import atomic_dir, atomic_write, claim_output, releases_output, write_json
+from linearize.capture import record
 from linearize.errors import LinearizeError
 from linearize.prune import runs_of
 from linearize.replace import BRIDGE
@@ -161,25 +162,6 @@ def select_trainable_(student: nn.Module, mode: str, lora_rank: int = 16) -> nn.
 
 
 # -- the loss ------------------------------------------------------------------------------------
-class _Inputs:
-    """Pre-hooks that keep the input of each module of a list, for one forward pass."""
-
-    def __init__(self, modules: list[nn.Module]) -> None:
-        self.values: list[Tensor | None] = [None] * len(modules)
-        self.handles = [m.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-                        for i, m in enumerate(modules)]  # fmt: skip
-
-    def _hook(self, i: int) -> Callable:
-        def hook(module, args, kwargs):
-            self.values[i] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def hidden_loss(s: Tensor, t: Tensor, mask: Tensor, kind: str) -> Tensor:
     """Mean over real tokens of the chosen per-token loss between (B, T, d) streams."""
     s, t = s.float(), t.float()
@@ -442,17 +424,15 @@ def distill(
         if states is not None:
             with torch.no_grad():
                 return (logits_from_final(teacher, states[-1]) if c.w_kl else None), states
-        t_in = _Inputs(t_mods)
-        with torch.no_grad():
+        with torch.no_grad(), record(inputs=t_mods) as t_in:
             if c.w_kl:
                 logits = teacher(**b, use_cache=False).logits
             else:  # only the states are needed: the body alone, no LM head
                 teacher.base_model(**b, use_cache=False)
                 logits = None
-        t_in.remove()
         if cache is not None:
-            cache.put(index, t_in.values)
-        return logits, t_in.values
+            cache.put(index, t_in.inputs)
+        return logits, t_in.inputs
 
     unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
     # hidden-only losses need no student logits: ask for one position instead of all
@@ -474,11 +454,9 @@ def distill(
             b = {k: v.to(acc.device) for k, v in micro[index].items()}
             with acc.accumulate(model):
                 t_logits, t_states = teacher_pass(b, index)
-                s_in = _Inputs(s_mods)
-                with acc.autocast():
+                with acc.autocast(), record(inputs=s_mods) as s_in:
                     s_logits = model(**b, use_cache=False, **head_kw).logits
-                s_in.remove()
-                parts = distill_loss(s_logits, t_logits, s_in.values, t_states, b, c)
+                parts = distill_loss(s_logits, t_logits, s_in.inputs, t_states, b, c)
                 acc.backward(parts["loss"])
                 if acc.sync_gradients:
                     acc.clip_grad_norm_(params, c.max_grad_norm)

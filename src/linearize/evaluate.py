@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from linearize import data
+from linearize.capture import eval_mode
 from linearize.errors import LinearizeError
 
 
@@ -49,20 +50,16 @@ def perplexity(
     stride: int | None = None,
 ) -> float:
     """Held-out perplexity by the protocol in this module's docstring."""
-    was_training = model.training
-    model.eval()
     nll, count = 0.0, 0
     if stride is None:
         seqs = data.token_sequences(tokenizer, source, seq_len, tokens)
         batches = data.batches(seqs, batch_size, data.pad_id_of(tokenizer))
     else:
         batches = _sliding_batches(tokenizer, source, seq_len, tokens, stride, batch_size)
-    try:
+    with eval_mode(model):
         for b in batches:
             s, n = batch_nll(model, b)
             nll, count = nll + s, count + n
-    finally:
-        model.train(was_training)
     if count == 0:
         raise LinearizeError(f"perplexity source '{source}' has no token to predict")
     return math.exp(nll / count)

@@ -39,6 +39,7 @@ from linearize._io import (
     write_json,
     write_text,
 )
+from linearize.capture import record
 from linearize.errors import LinearizeError
 
 REGS = ("cosine", "mse", "none")
@@ -189,25 +190,6 @@ def regulariser(states: list[Tensor], mask: Tensor, kind: str, normalize: bool =
     return total
 
 
-class _States:
-    """Hooks that keep h_0 (first layer's input) and every layer's output, with their graph."""
-
-    def __init__(self, layers: nn.ModuleList) -> None:
-        self.values: list[Tensor] = []
-        self.handles = [layers[0].register_forward_pre_hook(self._pre, with_kwargs=True)]
-        self.handles += [layer.register_forward_hook(self._post) for layer in layers]
-
-    def _pre(self, module, args, kwargs):
-        self.values = [args[0] if args else kwargs["hidden_states"]]
-
-    def _post(self, module, args, output):
-        self.values.append(output[0] if isinstance(output, tuple) else output)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
-
-
 def build_model(cfg: PretrainConfig, tokenizer) -> nn.Module:
     from transformers import AutoModelForCausalLM, MistralConfig
 
@@ -325,16 +307,16 @@ def pretrain(
             b = data.pad_batch([next(seqs) for _ in range(c.batch_size)], pad)
             b = {k: v.to(acc.device) for k, v in b.items()}
             with acc.accumulate(model):
-                cap = _States(layers)
-                with acc.autocast():
+                # h_0 (the first layer's input) and every layer's output, with their graph
+                with acc.autocast(), record(inputs=layers[:1], outputs=layers) as cap:
                     lm = model(**b, labels=b["input_ids"], use_cache=False).loss
-                cap.remove()
+                states = cap.inputs + cap.outputs
                 if c.reg == "none":  # log what the cosine term would be, without training on it
                     with torch.no_grad():
-                        reg = regulariser(cap.values, b["attention_mask"], "cosine")
+                        reg = regulariser(states, b["attention_mask"], "cosine")
                     loss = lm
                 else:
-                    reg = regulariser(cap.values, b["attention_mask"], c.reg, c.reg_normalize)
+                    reg = regulariser(states, b["attention_mask"], c.reg, c.reg_normalize)
                     loss = lm + c.reg_weight * reg
                 acc.backward(loss)
                 if acc.sync_gradients:

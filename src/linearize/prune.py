@@ -272,12 +272,12 @@ class _Pruner:
 
         return on_boundary
 
-    def _run(self, start: int, stop: int, hooks=None, before_batch=None) -> None:
+    def _run(self, start: int, stop: int, before_batch=None) -> None:
         """Layers [start, stop) on every batch from the stored state at ``start``; records the
         boundaries start..stop and marks them current."""
         state = None if start == 0 else (lambda b: self.store.get(self._key(start) + (b,)))
         run_from(self.model, self.pass_over(self.batches, stop - start), start, stop, state,
-                 self._record(start), hooks, before_batch)  # fmt: skip
+                 self._record(start), None, before_batch)  # fmt: skip
         self.recorded = True
         self.valid = max(self.valid, stop)
 
@@ -338,11 +338,8 @@ class _Pruner:
         yk = ("o", self._target(end))
         stats, held = PairStats(), {}
 
-        def hooks(running):
-            def keep(m, args, kwargs, out):
-                held["m"] = out
-
-            return [proj.register_forward_hook(keep, with_kwargs=True)]
+        def keep(m, args, kwargs, out):
+            held["m"] = out
 
         def on_boundary(b: int, j: int, h: Tensor) -> None:
             if j == start:
@@ -352,7 +349,7 @@ class _Pruner:
 
         key = self._key(start - 1)
         run_from(self.model, self.pass_over(self.batches, 1), start - 1, start,
-                 lambda b: self.store.get(key + (b,)), on_boundary, hooks)  # fmt: skip
+                 lambda b: self.store.get(key + (b,)), on_boundary, lambda running: [(proj, keep)])  # fmt: skip
         return stats
 
     # -- removal ------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from linearize import arch
 from linearize._io import space_errors
-from linearize.capture import _StopForward
+from linearize.capture import _StopForward, eval_mode, hooks, layer_input, layer_output
 
 
 class BoundaryStore:
@@ -89,10 +89,6 @@ class BoundaryStore:
             self._spill = None
 
 
-def _hidden_arg(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
     if args:
         return (h, *args[1:]), kwargs
@@ -107,7 +103,7 @@ def run_from(
     stop: int,
     state_at_start: Callable[[int], Tensor] | None,
     on_boundary: Callable[[int, int, Tensor], None] | None = None,
-    hooks: Callable[[list[nn.Module]], list] | None = None,
+    more_hooks: Callable[[list[nn.Module]], list[tuple[nn.Module, Callable]]] | None = None,
     before_batch: Callable[[int, dict[str, Tensor]], None] | None = None,
 ) -> None:
     """Run layers [start, stop) (current numbering) on every batch.
@@ -115,8 +111,8 @@ def run_from(
     ``state_at_start(b)`` gives batch b's stream entering layer ``start`` (None: start must be
     0, and the embedding's output is used). ``on_boundary(b, j, h)`` receives the raw stream at
     boundary j for start ≤ j ≤ stop (j = start is the state fed in; j > start is layer j−1's
-    output). ``hooks(layers)`` may register more hooks on the running layers and returns their
-    handles; every hook is removed on exit. The pass stops after layer stop−1: the final norm
+    output). ``more_hooks(layers)`` returns more (module, forward hook) pairs to put on for the
+    pass; every hook is removed on exit, whatever happens. The pass stops after layer stop−1: the final norm
     and the LM head never run.
     """
     _, layers = arch.get_layers(model)
@@ -128,10 +124,9 @@ def run_from(
     body = arch.get_body(model)
     device = model.get_input_embeddings().weight.device
     current = {"b": 0}
-    handles = []
 
     def feed(module, args, kwargs):
-        h = _hidden_arg(args, kwargs)
+        h = layer_input(args, kwargs)
         if state_at_start is not None:
             h = state_at_start(current["b"]).to(device=h.device, dtype=h.dtype).clone()
         if on_boundary is not None:
@@ -141,32 +136,23 @@ def run_from(
     def out_hook(j: int):
         def hook(module, args, kwargs, out):
             if on_boundary is not None:
-                on_boundary(current["b"], j, out if isinstance(out, Tensor) else out[0])
+                on_boundary(current["b"], j, layer_output(out))
             if j == stop:
                 raise _StopForward
 
         return hook
 
-    was_training = model.training
-    model.eval()
-    try:
-        with arch.layers_removed(model, range(start)) if start > 0 else contextlib.nullcontext():
-            handles.append(running[0].register_forward_pre_hook(feed, with_kwargs=True, prepend=True))
-            if hooks is not None:
-                handles.extend(hooks(running))
-            for i, layer in enumerate(running):
-                handles.append(layer.register_forward_hook(out_hook(start + i + 1), with_kwargs=True))
-            for b, batch in enumerate(batches):
-                current["b"] = b
-                if before_batch is not None:
-                    before_batch(b, batch)
-                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                try:
-                    body(input_ids=ids, attention_mask=mask, use_cache=False)
-                except _StopForward:
-                    pass
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    cut = arch.layers_removed(model, range(start)) if start > 0 else contextlib.nullcontext()
+    extra = more_hooks(running) if more_hooks is not None else []
+    outs = [(layer, out_hook(start + i + 1)) for i, layer in enumerate(running)]
+    with eval_mode(model), cut, hooks(pre=[(running[0], feed)], prepend=True), hooks(post=extra + outs):
+        for b, batch in enumerate(batches):
+            current["b"] = b
+            if before_batch is not None:
+                before_batch(b, batch)
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            try:
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _StopForward:
+                pass
 

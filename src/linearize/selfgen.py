@@ -22,6 +22,7 @@ from torch import nn
 
 from linearize import data, models
 from linearize._io import write_text
+from linearize.capture import eval_mode
 
 # Openings from many walks of life, none about code: the model continues each freely.
 OPENINGS = (
@@ -52,9 +53,7 @@ def _generate(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int,
     prefix = data.bos_prefix(tokenizer)
     device = model.get_input_embeddings().weight.device
     out: list[list[int]] = []
-    was_training = model.training
-    model.eval()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         i = 0
         while sum(map(len, out)) < tokens:
@@ -75,7 +74,6 @@ def _generate(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int,
             for j, p in enumerate(prompts):
                 out.append(gen[j, width - len(p):].tolist())
             i += rows
-    model.train(was_training)
     return out
 
 

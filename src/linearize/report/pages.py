@@ -248,8 +248,8 @@ def prune_page(d: dict, where: Path) -> Page:
             "Size and speed",
             table=_size_speed(d, where),
             text=[
-                "Speed appears when a bench.json sits next to the checkpoint "
-                "(linearize bench ORIGINAL THIS --out THIS)."
+                "Speed appears once `linearize bench ORIGINAL THIS --out THIS` has run: it "
+                "writes bench.json beside the checkpoint and refreshes this page."
             ],
         ),
         Section("Use it", commands=commands),
