@@ -41,7 +41,9 @@ def _batches(tok, tokens: int):
 
     dev = models.pick_device(RUN["device"])
     seqs = list(data.token_sequences(tok, "builtin", SEQ, tokens))
-    return [{k: v.to(dev) for k, v in b.items()} for b in data.batches(seqs, BATCH, data.pad_id_of(tok))]
+    return [
+        {k: v.to(dev) for k, v in b.items()} for b in data.batches(seqs, BATCH, data.pad_id_of(tok))
+    ]
 
 
 def _sync() -> None:
@@ -122,8 +124,13 @@ def child_ours(tokens: int) -> dict:
     base = _current_rss_mb()
     t = time.perf_counter()
     rep = analyze_model(model, tok, "builtin", tokens, SEQ, BATCH)
-    return {"time_s": time.perf_counter() - t, "peak_rss_mb": _rss_mb(), "after_load_mb": base,
-            "tokens": rep.tokens, "linearity": [r["linearity"] for r in rep.layers]}  # fmt: skip
+    return {
+        "time_s": time.perf_counter() - t,
+        "peak_rss_mb": _rss_mb(),
+        "after_load_mb": base,
+        "tokens": rep.tokens,
+        "linearity": [r["linearity"] for r in rep.layers],
+    }
 
 
 @torch.no_grad()
@@ -150,14 +157,33 @@ def child_paper(tokens: int) -> dict:
             per_layer[i].append(h.reshape(-1, h.shape[-1])[mask])
     states = [torch.cat(p) for p in per_layer]
     lin = [fns.procrustes_similarity(states[i], states[i + 1]) for i in range(len(states) - 1)]
-    return {"time_s": time.perf_counter() - t, "peak_rss_mb": _rss_mb(), "after_load_mb": base,
-            "tokens": int(states[0].shape[0]), "linearity": lin}  # fmt: skip
+    return {
+        "time_s": time.perf_counter() - t,
+        "peak_rss_mb": _rss_mb(),
+        "after_load_mb": base,
+        "tokens": int(states[0].shape[0]),
+        "linearity": lin,
+    }
 
 
 def _child(mode: str, tokens: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", mode, "--tokens", str(tokens),
-                          "--device", RUN["device"], "--dtype", RUN["dtype"]],
-                         capture_output=True, text=True, check=True)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--tokens",
+            str(tokens),
+            "--device",
+            RUN["device"],
+            "--dtype",
+            RUN["dtype"],
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -176,22 +202,30 @@ def main() -> None:
         print(json.dumps(fn(args.tokens)))
         return
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M "
-          f"{RUN['dtype']} on {RUN['device']}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, SmolLM2-135M "
+        f"{RUN['dtype']} on {RUN['device']}"
+    )
     tp = throughput(args.tokens)
-    print(f"\n[1] throughput on {tp['tokens']} tokens (seq {SEQ}, batch {BATCH}), per-batch "
-          "medians of 5 interleaved rounds:")  # fmt: skip
+    print(
+        f"\n[1] throughput on {tp['tokens']} tokens (seq {SEQ}, batch {BATCH}), per-batch "
+        "medians of 5 interleaved rounds:"
+    )
     for k, v in tp["tok_s"].items():
         print(f"    {k:5s} {v:8.0f} tok/s")
     print(f"    analyze ÷ full forward      = {tp['ours_vs_full']:.2f}  (goal >= 1.1)")
     print(f"    analyze ÷ body-only forward = {tp['ours_vs_body']:.2f}  (goal >= 0.9)")
-    print(f"    --exact ÷ full / ÷ body     = {tp['exact_vs_full']:.2f} / {tp['exact_vs_body']:.2f}")
+    print(
+        f"    --exact ÷ full / ÷ body     = {tp['exact_vs_full']:.2f} / {tp['exact_vs_body']:.2f}"
+    )
 
     if args.big == 0:
         return
     small, big = _child("ours", args.tokens), _child("ours", args.big)
-    print(f"\n[2] peak RSS: {small['peak_rss_mb']:.0f} MB at {small['tokens']} tokens, "
-          f"{big['peak_rss_mb']:.0f} MB at {big['tokens']} tokens")  # fmt: skip
+    print(
+        f"\n[2] peak RSS: {small['peak_rss_mb']:.0f} MB at {small['tokens']} tokens, "
+        f"{big['peak_rss_mb']:.0f} MB at {big['tokens']} tokens"
+    )
     print(f"    ratio = {big['peak_rss_mb'] / small['peak_rss_mb']:.3f}  (goal <= 1.10)")
 
     if args.paper_tokens == 0:
@@ -200,13 +234,19 @@ def main() -> None:
     paper = _child("paper", args.paper_tokens)
     print(f"\n[3] vs llm-microscope at {paper['tokens']} tokens:")
     for name, r in (("ours", ours), ("paper", paper)):
-        print(f"    {name:5s} {r['time_s']:7.1f} s   peak RSS {r['peak_rss_mb']:6.0f} MB "
-              f"(model loaded: {r['after_load_mb']:.0f} MB)")  # fmt: skip
-    print(f"    speed-up = {paper['time_s'] / ours['time_s']:.2f}x  (goal >= 5x); "
-          f"peak RSS ratio paper/ours = {paper['peak_rss_mb'] / ours['peak_rss_mb']:.2f}")
+        print(
+            f"    {name:5s} {r['time_s']:7.1f} s   peak RSS {r['peak_rss_mb']:6.0f} MB "
+            f"(model loaded: {r['after_load_mb']:.0f} MB)"
+        )
+    print(
+        f"    speed-up = {paper['time_s'] / ours['time_s']:.2f}x  (goal >= 5x); "
+        f"peak RSS ratio paper/ours = {paper['peak_rss_mb'] / ours['peak_rss_mb']:.2f}"
+    )
     diff = max(abs(a - b) for a, b in zip(ours["linearity"][:-1], paper["linearity"][:-1]))
-    print(f"    max |Δ linearity| on layers 0..28 = {diff:.2e} (the paper's last pair sees the "
-          "final norm through output_hidden_states, so layer 29 differs by design)")
+    print(
+        f"    max |Δ linearity| on layers 0..28 = {diff:.2e} (the paper's last pair sees the "
+        "final norm through output_hidden_states, so layer 29 differs by design)"
+    )
 
 
 if __name__ == "__main__":

@@ -37,16 +37,32 @@ def main() -> None:
     per_step = a.seq_len * a.batch_size
     with tempfile.TemporaryDirectory() as tmp:
         student_dir = Path(tmp) / "pruned"
-        cfg = PruneConfig(strategy="layers", layers=list(range(12, 20)), replace="linear",
-                          tokens=4096, seq_len=a.seq_len)  # fmt: skip
+        cfg = PruneConfig(
+            strategy="layers",
+            layers=list(range(12, 20)),
+            replace="linear",
+            tokens=4096,
+            seq_len=a.seq_len,
+        )
         prune(None, cfg, eval_data=None, out=student_dir, device="cpu")
 
         stamps: list[float] = []
-        dcfg = DistillConfig(tokens=per_step * a.steps, seq_len=a.seq_len, batch_size=a.batch_size,
-                             eval_data="", save_every=10**9, train=a.train,
-                             w_kl=a.w_kl)  # fmt: skip
-        distill(str(student_dir), dcfg, Path(tmp) / "d", device="cpu",
-                on_step=lambda r: stamps.append(time.perf_counter()))  # fmt: skip
+        dcfg = DistillConfig(
+            tokens=per_step * a.steps,
+            seq_len=a.seq_len,
+            batch_size=a.batch_size,
+            eval_data="",
+            save_every=10**9,
+            train=a.train,
+            w_kl=a.w_kl,
+        )
+        distill(
+            str(student_dir),
+            dcfg,
+            Path(tmp) / "d",
+            device="cpu",
+            on_step=lambda r: stamps.append(time.perf_counter()),
+        )
         distill_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
         student, tok = load(str(student_dir), dtype="float32", device="cpu")
@@ -63,8 +79,10 @@ def main() -> None:
             opt.zero_grad()
             times.append(time.perf_counter() - t0)
         plain_s = sum(times[1:]) / len(times[1:])
-    print(f"tokens per step: {per_step} (batch {a.batch_size} × seq {a.seq_len}), "
-          f"--train {a.train}, --w-kl {a.w_kl}, {a.steps} steps, first excluded")  # fmt: skip
+    print(
+        f"tokens per step: {per_step} (batch {a.batch_size} × seq {a.seq_len}), "
+        f"--train {a.train}, --w-kl {a.w_kl}, {a.steps} steps, first excluded"
+    )
     print(f"distill step : {distill_s:.2f} s  ({per_step / distill_s:.0f} tok/s)")
     print(f"plain fwd+bwd: {plain_s:.2f} s  ({per_step / plain_s:.0f} tok/s)")
     print(f"ratio distill ÷ plain tok/s: {plain_s / distill_s:.2f}  (goal >= 0.6)")

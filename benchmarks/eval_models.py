@@ -88,13 +88,41 @@ def main() -> None:
     dirs = []
     for model, label in zip(a.models, labels):
         d = out / label
-        cmd = [sys.executable, "-m", "linearize.cli", "eval", model, "--ppl-tokens", str(a.ppl_tokens),
-               "--tasks", "nextspan", "--task-include", str(tasks), "--probe", str(probe),
-               "--device", "cpu", "--out", str(d)]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "linearize.cli",
+            "eval",
+            model,
+            "--ppl-tokens",
+            str(a.ppl_tokens),
+            "--tasks",
+            "nextspan",
+            "--task-include",
+            str(tasks),
+            "--probe",
+            str(probe),
+            "--device",
+            "cpu",
+            "--out",
+            str(d),
+        ]
         subprocess.run(cmd, check=True)
         dirs.append(str(d))
-    subprocess.run([sys.executable, "-m", "linearize.cli", "compare", *dirs, "--labels", ",".join(labels),
-                    "--out", str(out / "compare")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "linearize.cli",
+            "compare",
+            *dirs,
+            "--labels",
+            ",".join(labels),
+            "--out",
+            str(out / "compare"),
+        ],
+        check=True,
+    )
 
 
 if __name__ == "__main__":

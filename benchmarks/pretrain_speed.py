@@ -40,11 +40,17 @@ def main() -> None:
             s, per_step = seconds_per_step(a.config, reg, a.steps, overrides)
             times[reg].append(s)
     best = {k: min(v) for k, v in times.items()}
-    print(f"config {a.config} {' '.join(overrides)}: {per_step} tokens per step, {a.steps} steps, "
-          f"best of {a.repeats}")  # fmt: skip
+    print(
+        f"config {a.config} {' '.join(overrides)}: {per_step} tokens per step, {a.steps} steps, "
+        f"best of {a.repeats}"
+    )
     for reg, s in best.items():
-        print(f"reg={reg:6s}: {s:.3f} s/step ({per_step / s:.0f} tok/s)  all: {[round(x, 3) for x in times[reg]]}")
-    print(f"ratio tok/s with cosine regulariser ÷ without: {best['none'] / best['cosine']:.3f}  (goal >= 0.95)")
+        print(
+            f"reg={reg:6s}: {s:.3f} s/step ({per_step / s:.0f} tok/s)  all: {[round(x, 3) for x in times[reg]]}"
+        )
+    print(
+        f"ratio tok/s with cosine regulariser ÷ without: {best['none'] / best['cosine']:.3f}  (goal >= 0.95)"
+    )
 
 
 if __name__ == "__main__":

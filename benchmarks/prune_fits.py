@@ -52,8 +52,16 @@ def main() -> None:
         prune_model_(m, tok, PruneConfig(tokens=a.tokens, **CUT, **over))
         took = time.perf_counter() - start
         ratios = [perplexity(m, tok, e, 512, a.eval_tokens, 8) / b for e, b in zip(EVALS, base)]
-        print(json.dumps({"variant": name, **{e: round(r, 3) for e, r in zip(EVALS, ratios)},
-                          "prune_s": round(took, 1)}), flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "variant": name,
+                    **{e: round(r, 3) for e, r in zip(EVALS, ratios)},
+                    "prune_s": round(took, 1),
+                }
+            ),
+            flush=True,
+        )
         del m
 
 

@@ -30,17 +30,42 @@ def main() -> None:
     a = ap.parse_args()
     out = Path(a.out)
     base = PruneConfig(tokens=a.tokens, ppl_tokens=a.ppl_tokens, score="replacement_error")
-    show = lambda r: print(f"  {r['strategy']:15s} {r['replace']:6s} k={r['k']:2d} "  # noqa: E731
-                           f"ppl={r['perplexity']}", flush=True)  # fmt: skip
-    rows = sweep(None, base, a.ks, a.strategies, a.replace, "builtin:eval", a.eval_tokens,
-                 out / "all", device="cpu", on_row=show)  # fmt: skip
+
+    def show(r: dict) -> None:
+        print(
+            f"  {r['strategy']:15s} {r['replace']:6s} k={r['k']:2d} ppl={r['perplexity']}",
+            flush=True,
+        )
+
+    rows = sweep(
+        None,
+        base,
+        a.ks,
+        a.strategies,
+        a.replace,
+        "builtin:eval",
+        a.eval_tokens,
+        out / "all",
+        device="cpu",
+        on_row=show,
+    )
     print("\n## every strategy × replacement\n")
     print(table_markdown(rows))
     if a.scores:
         for score in a.scores.split(","):
             cfg = PruneConfig(tokens=a.tokens, score=score)
-            rows = sweep(None, cfg, a.ks, "linear-greedy", "linear", "builtin:eval",
-                         a.eval_tokens, out / f"score-{score}", device="cpu", on_row=show)  # fmt: skip
+            rows = sweep(
+                None,
+                cfg,
+                a.ks,
+                "linear-greedy",
+                "linear",
+                "builtin:eval",
+                a.eval_tokens,
+                out / f"score-{score}",
+                device="cpu",
+                on_row=show,
+            )
             print(f"\n## linear-greedy / linear, --score {score}\n")
             print(table_markdown(rows))
 

@@ -28,8 +28,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "paper (local fit)": ("linear", {}),
     "original": ("linear", {"fit_target": "original"}),
-    "original, identity ridge 1e-4": ("linear", {"fit_target": "original", "prior": "identity",
-                                                  "ridge": 1e-4}),  # fmt: skip
+    "original, identity ridge 1e-4": (
+        "linear",
+        {"fit_target": "original", "prior": "identity", "ridge": 1e-4},
+    ),
     "original, rank 64": ("linear", {"fit_target": "original", "rank": 64}),
     "local, calib + self": ("linear", MIX),
     "original, calib + self": ("linear", {"fit_target": "original", **MIX}),
@@ -52,9 +54,18 @@ def main() -> None:
     out = Path(a.out)
     names = [n for n in VARIANTS if not a.only or n in a.only.split(";")]
     ks = [int(k) for k in a.ks.split(",")]
-    base_rows = sweep(None, PruneConfig(tokens=a.tokens, **PAPER), [0], "linear-greedy", "none",
-                      "builtin:eval", a.eval_tokens, out / "unpruned", device="cpu",
-                      ood_data=a.ood)  # fmt: skip
+    base_rows = sweep(
+        None,
+        PruneConfig(tokens=a.tokens, **PAPER),
+        [0],
+        "linear-greedy",
+        "none",
+        "builtin:eval",
+        a.eval_tokens,
+        out / "unpruned",
+        device="cpu",
+        ood_data=a.ood,
+    )
     b_in, b_ood = base_rows[0]["perplexity"], base_rows[0]["perplexity_ood"]
     print(f"original: in-domain {b_in:.2f}, out of domain {b_ood:.2f}", flush=True)
     table = []
@@ -62,19 +73,38 @@ def main() -> None:
         rep, over = VARIANTS[name]
         cfg = replace(PruneConfig(tokens=a.tokens), **{**PAPER, **over})
         slug = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
-        rows = sweep(None, cfg, ks, "linear-greedy", rep, "builtin:eval", a.eval_tokens,
-                     out / slug, device="cpu", ood_data=a.ood)  # fmt: skip
+        rows = sweep(
+            None,
+            cfg,
+            ks,
+            "linear-greedy",
+            rep,
+            "builtin:eval",
+            a.eval_tokens,
+            out / slug,
+            device="cpu",
+            ood_data=a.ood,
+        )
         for r in sorted(rows, key=lambda r: r["k"]):
-            line = {"variant": name, "k": r["k"], "ratio": r["perplexity"] / b_in,
-                    "ratio_ood": r["perplexity_ood"] / b_ood, "elapsed_s": r["elapsed_s"],
-                    "removed": r["removed"]}  # fmt: skip
+            line = {
+                "variant": name,
+                "k": r["k"],
+                "ratio": r["perplexity"] / b_in,
+                "ratio_ood": r["perplexity_ood"] / b_ood,
+                "elapsed_s": r["elapsed_s"],
+                "removed": r["removed"],
+            }
             table.append(line)
             print(json.dumps(line), flush=True)
-    print("\n| variant | k | × original, in-domain | × original, out of domain | time (s) | removed |")
+    print(
+        "\n| variant | k | × original, in-domain | × original, out of domain | time (s) | removed |"
+    )
     print("|---|---|---|---|---|---|")
     for r in table:
-        print(f"| {r['variant']} | {r['k']} | {r['ratio']:.2f} | {r['ratio_ood']:.2f} | "
-              f"{r['elapsed_s']} | {','.join(map(str, r['removed']))} |")  # fmt: skip
+        print(
+            f"| {r['variant']} | {r['k']} | {r['ratio']:.2f} | {r['ratio_ood']:.2f} | "
+            f"{r['elapsed_s']} | {','.join(map(str, r['removed']))} |"
+        )
 
 
 if __name__ == "__main__":

@@ -47,14 +47,22 @@ def main() -> None:
     for rep in a.replace.split(","):
         todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
         if todo and a.sweeps:
-            sub = {"none": "none", "linear": "original_calib_+_self",
-                   "fold": "fold_local_calib_+_self"}[rep]  # fmt: skip
+            sub = {
+                "none": "none",
+                "linear": "original_calib_+_self",
+                "fold": "fold_local_calib_+_self",
+            }[rep]
             rows = json.loads((Path(a.sweeps) / sub / "sweep.json").read_text())["rows"]
             for r in rows:
                 if r["k"] in todo:
                     m = copy.deepcopy(model)
-                    cfg = PruneConfig(strategy="layers", layers=r["removed"], replace=rep,
-                                      tokens=512, calib="builtin:calib")  # fmt: skip
+                    cfg = PruneConfig(
+                        strategy="layers",
+                        layers=r["removed"],
+                        replace=rep,
+                        tokens=512,
+                        calib="builtin:calib",
+                    )
                     prune_model_(m, tok, cfg)
                     save(m, tok, out / f"{rep}-{r['k']}", {"removed": r["removed"], "replace": rep})
         elif todo:
@@ -64,9 +72,13 @@ def main() -> None:
             def on_step(step: dict, m=m, rep=rep, done=done, todo=todo) -> None:
                 done.append(step["layer"])
                 if len(done) in todo:
-                    save(m, tok, out / f"{rep}-{len(done)}", {"removed": list(done), "replace": rep})
+                    save(
+                        m, tok, out / f"{rep}-{len(done)}", {"removed": list(done), "replace": rep}
+                    )
 
-            prune_model_(m, tok, PruneConfig(remove=max(todo), replace=rep, tokens=a.tokens), on_step)
+            prune_model_(
+                m, tok, PruneConfig(remove=max(todo), replace=rep, tokens=a.tokens), on_step
+            )
         dirs += [(f"{rep} k={k}", str(out / f"{rep}-{k}")) for k in ks]
     quality = {}
     qpath = out / "quality.json"
@@ -76,25 +88,39 @@ def main() -> None:
         if label in quality or a.no_quality:
             continue
         m, t = load(path, dtype="float32", device="cpu")
-        quality[label] = [perplexity(m, t, src, 512, a.eval_tokens, 8)
-                          for src in ("builtin:eval", "fortunes")]  # fmt: skip
+        quality[label] = [
+            perplexity(m, t, src, 512, a.eval_tokens, 8) for src in ("builtin:eval", "fortunes")
+        ]
         qpath.write_text(json.dumps(quality, indent=1))
         print(label, quality[label], flush=True)
-    rows = bench([None] + [p for _, p in dirs], BenchConfig(repeats=a.repeats), out / "bench",
-                 ["original"] + [lab for lab, _ in dirs], dtype="float32", device="cpu",
-                 on_round=lambda r: print(f"bench round {r} done", flush=True))  # fmt: skip
+    rows = bench(
+        [None] + [p for _, p in dirs],
+        BenchConfig(repeats=a.repeats),
+        out / "bench",
+        ["original"] + [lab for lab, _ in dirs],
+        dtype="float32",
+        device="cpu",
+        on_round=lambda r: print(f"bench round {r} done", flush=True),
+    )
     b_in, b_ood = quality.get("original", (None, None))
-    print("\n| model | layers | params (M) | prefill × | decode × (b=1) | decode × (b=4) | "
-          "peak extra MB | disk MB | ppl in-domain (×) | ppl out of domain (×) |")
+    print(
+        "\n| model | layers | params (M) | prefill × | decode × (b=1) | decode × (b=4) | "
+        "peak extra MB | disk MB | ppl in-domain (×) | ppl out of domain (×) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         q_in, q_ood = quality.get(r["model"], (None, None))
-        qual = (f"{q_in:.2f} ({q_in / b_in:.2f}) | {q_ood:.2f} ({q_ood / b_ood:.2f})"
-                if q_in and b_in else "see prune_variants | ")  # fmt: skip
-        print(f"| {r['model']} | {r['layers']} | {r['params_m']:.1f} | "
-              f"{r['prefill_tok_s_ratio']:.3f} | {r['decode_tok_s_b1_ratio']:.3f} | "
-              f"{r['decode_tok_s_batch_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {r['disk_mb']:.0f} | "
-              f"{qual} |")
+        qual = (
+            f"{q_in:.2f} ({q_in / b_in:.2f}) | {q_ood:.2f} ({q_ood / b_ood:.2f})"
+            if q_in and b_in
+            else "see prune_variants | "
+        )
+        print(
+            f"| {r['model']} | {r['layers']} | {r['params_m']:.1f} | "
+            f"{r['prefill_tok_s_ratio']:.3f} | {r['decode_tok_s_b1_ratio']:.3f} | "
+            f"{r['decode_tok_s_batch_ratio']:.3f} | {r['peak_mem_mb']:.0f} | {r['disk_mb']:.0f} | "
+            f"{qual} |"
+        )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,14 @@ VOCAB = 512
 HIDDEN = 32
 
 # Per-architecture config arguments for a 3-layer, d=32 model.
-_COMMON = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4,
-               intermediate_size=64, max_position_embeddings=256)  # fmt: skip
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=HIDDEN,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=256,
+)
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(_COMMON, num_key_value_heads=2),
     "mistral": dict(_COMMON, num_key_value_heads=2, sliding_window=None),
@@ -32,7 +38,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "phi": dict(_COMMON),
     "falcon": dict(
         vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=3, num_attention_heads=4
-    ),  # fmt: skip
+    ),
     "gpt_neox": dict(_COMMON),
     "opt": dict(
         vocab_size=VOCAB,
@@ -42,7 +48,7 @@ TINY_CONFIGS: dict[str, dict] = {
         ffn_dim=64,
         word_embed_proj_dim=HIDDEN,
         max_position_embeddings=256,
-    ),  # fmt: skip
+    ),
     "gpt2": dict(
         vocab_size=VOCAB,
         n_embd=HIDDEN,
@@ -51,7 +57,7 @@ TINY_CONFIGS: dict[str, dict] = {
         n_positions=256,
         bos_token_id=1,
         eos_token_id=2,
-    ),  # fmt: skip
+    ),
 }
 ARCHS = list(TINY_CONFIGS)
 
@@ -80,9 +86,11 @@ def tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )  # fmt: skip
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     texts = [topics[k] for k in sorted(topics)][:200]
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(

@@ -22,11 +22,17 @@ def stacked_states(model, tokenizer, source, seq_len, tokens, batch_size=4):
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.register_forward_pre_hook(
-            lambda m, a, k, i=i: xs[i].append(keep(a[0] if a else k["hidden_states"])),
-            with_kwargs=True))  # fmt: skip
-        handles.append(layer.register_forward_hook(
-            lambda m, a, o, i=i: ys[i].append(keep(o if torch.is_tensor(o) else o[0]))))  # fmt: skip
+        handles.append(
+            layer.register_forward_pre_hook(
+                lambda m, a, k, i=i: xs[i].append(keep(a[0] if a else k["hidden_states"])),
+                with_kwargs=True,
+            )
+        )
+        handles.append(
+            layer.register_forward_hook(
+                lambda m, a, o, i=i: ys[i].append(keep(o if torch.is_tensor(o) else o[0]))
+            )
+        )
     try:
         seqs = data.token_sequences(tokenizer, source, seq_len, tokens)
         for b in data.batches(seqs, batch_size, data.pad_id_of(tokenizer)):
@@ -42,11 +48,13 @@ def reference_scores(model, tokenizer, source, seq_len, tokens, batch_size=4):
     out = []
     for i, (x, y) in stacked_states(model, tokenizer, source, seq_len, tokens, batch_size).items():
         cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)
-        out.append({
-            "layer": i,
-            "linearity": procrustes_linearity(x, y),
-            "linearity_no_residual": procrustes_linearity(x, y - x),
-            "cosine": float(cos.mean()),
-            "angular_distance": float(torch.arccos(cos.clamp(-1, 1)).mean() / torch.pi),
-        })  # fmt: skip
+        out.append(
+            {
+                "layer": i,
+                "linearity": procrustes_linearity(x, y),
+                "linearity_no_residual": procrustes_linearity(x, y - x),
+                "cosine": float(cos.mean()),
+                "angular_distance": float(torch.arccos(cos.clamp(-1, 1)).mean() / torch.pi),
+            }
+        )
     return out

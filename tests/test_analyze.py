@@ -133,7 +133,9 @@ def test_anisotropy_is_optional(tokenizer):
     assert 0 < rep.layers[0]["anisotropy"] <= 1
 
 
-def test_an_exception_inside_a_capture_leaves_no_hook_and_restores_the_mode(tokenizer, hook_spy, monkeypatch):
+def test_an_exception_inside_a_capture_leaves_no_hook_and_restores_the_mode(
+    tokenizer, hook_spy, monkeypatch
+):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     model = make_tiny("llama").train()

@@ -21,8 +21,9 @@ def test_bench_rows_for_original_and_pruned(tokenizer):
     full = make_tiny("llama", num_hidden_layers=4)
     pruned = make_tiny("llama", num_hidden_layers=4)
     prune_model_(pruned, tokenizer, PruneConfig(2, tokens=600, seq_len=48, batch_size=4))
-    rows = bench_loaded([("full", full, tokenizer, None), ("pruned", pruned, tokenizer, None)],
-                        BenchConfig(**FAST))  # fmt: skip
+    rows = bench_loaded(
+        [("full", full, tokenizer, None), ("pruned", pruned, tokenizer, None)], BenchConfig(**FAST)
+    )
     assert [r["model"] for r in rows] == ["full", "pruned"]
     assert [r["layers"] for r in rows] == [4, 2]
     assert rows[1]["params_m"] < rows[0]["params_m"]
@@ -33,13 +34,31 @@ def test_bench_rows_for_original_and_pruned(tokenizer):
 
 def test_bench_cli_writes_every_file(tmp_path, tiny_dir, tokenizer):
     pruned = make_tiny("llama")
-    prune_model_(pruned, tokenizer, PruneConfig(1, replace="fold", tokens=600, seq_len=48,
-                                                batch_size=4))  # fmt: skip
+    prune_model_(
+        pruned, tokenizer, PruneConfig(1, replace="fold", tokens=600, seq_len=48, batch_size=4)
+    )
     save(pruned, tokenizer, tmp_path / "p", {"removed": "test"})
     out = tmp_path / "b"
-    res = CliRunner().invoke(app, ["bench", str(tiny_dir), str(tmp_path / "p"), "--out", str(out),
-                                   "--labels", "orig,fold", "--batch-size", "2", "--seq-len", "32",
-                                   "--new-tokens", "4", "--repeats", "3"])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "bench",
+            str(tiny_dir),
+            str(tmp_path / "p"),
+            "--out",
+            str(out),
+            "--labels",
+            "orig,fold",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "32",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "3",
+        ],
+    )
     assert res.exit_code == 0, res.output
     for name in ("bench.json", "bench.csv", "bench.md", "bench.png", "bench.html"):
         assert (out / name).stat().st_size > 0
@@ -50,9 +69,13 @@ def test_bench_cli_writes_every_file(tmp_path, tiny_dir, tokenizer):
 
 
 def test_bench_bad_input_is_one_line(tmp_path, tiny_dir):
-    res = CliRunner().invoke(app, ["bench", str(tiny_dir), "--repeats", "0", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app, ["bench", str(tiny_dir), "--repeats", "0", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 2 and res.output.startswith("error: ") and "repeats" in res.output
-    res = CliRunner().invoke(app, ["bench", str(tiny_dir), "--labels", "a,b", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        app, ["bench", str(tiny_dir), "--labels", "a,b", "--out", str(tmp_path)]
+    )
     assert res.exit_code == 2 and "labels" in res.output
 
 
@@ -72,8 +95,9 @@ def test_psutil_free_timing_still_works(monkeypatch, tokenizer):
 def test_eval_speed_goes_to_results_and_compare(tmp_path, tiny_dir):
     from linearize.compare import compare
 
-    res = CliRunner().invoke(app, ["eval", str(tiny_dir), "--ppl", "", "--speed",
-                                   "--out", str(tmp_path / "e")])  # fmt: skip
+    res = CliRunner().invoke(
+        app, ["eval", str(tiny_dir), "--ppl", "", "--speed", "--out", str(tmp_path / "e")]
+    )
     assert res.exit_code == 0, res.output
     got = json.loads((tmp_path / "e" / "results.json").read_text())
     assert got["speed"]["prefill_tok_s"] > 0 and got["speed"]["layers"] == 3

@@ -22,14 +22,23 @@ def test_analyze_writes_all_outputs(tiny_dir, tmp_path):
     res = run("analyze", tiny_dir, "--tokens", 400, "--seq-len", 40, "--out", out, "--no-progress")
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {
-        "linearity.json", "linearity.csv", "linearity.png", "report.html",
-    }  # fmt: skip
+        "linearity.json",
+        "linearity.csv",
+        "linearity.png",
+        "report.html",
+    }
     rep = json.loads((out / "linearity.json").read_text())
     for key in ("model", "data", "tokens", "seq_len", "version", "elapsed_s", "layers"):
         assert key in rep
     assert rep["tokens"] == 400 and rep["seq_len"] == 40 and len(rep["layers"]) == 3
-    assert set(rep["layers"][0]) >= {"layer", "linearity", "linearity_no_residual", "cosine",
-                                     "block_influence", "angular_distance"}  # fmt: skip
+    assert set(rep["layers"][0]) >= {
+        "layer",
+        "linearity",
+        "linearity_no_residual",
+        "cosine",
+        "block_influence",
+        "angular_distance",
+    }
     assert rep["config"]["batch_size"] == 8 and rep["config"]["transformers"]
     rows = list(csv.DictReader((out / "linearity.csv").open()))
     assert [int(r["layer"]) for r in rows] == [0, 1, 2]
@@ -41,8 +50,20 @@ def test_analyze_writes_all_outputs(tiny_dir, tmp_path):
 
 
 def test_json_flag_prints_report(tiny_dir, tmp_path):
-    res = run("analyze", tiny_dir, "--tokens", 200, "--seq-len", 40, "--out", tmp_path / "o",
-              "--json", "--no-progress", "--layers", "0,2")  # fmt: skip
+    res = run(
+        "analyze",
+        tiny_dir,
+        "--tokens",
+        200,
+        "--seq-len",
+        40,
+        "--out",
+        tmp_path / "o",
+        "--json",
+        "--no-progress",
+        "--layers",
+        "0,2",
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert [r["layer"] for r in rep["layers"]] == [0, 2]
@@ -67,8 +88,9 @@ def files(tmp_path):
     blocker.write_text("x")
     bert = tmp_path / "bert"
     bert.mkdir()
-    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures":
-                                                  ["BertForMaskedLM"]}))  # fmt: skip
+    (bert / "config.json").write_text(
+        json.dumps({"model_type": "bert", "architectures": ["BertForMaskedLM"]})
+    )
     return {"empty": empty, "binary": binary, "blocker": blocker, "bert": bert}
 
 
@@ -114,15 +136,28 @@ def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):
     from linearize import arch, load
 
     out = tmp_path / "pruned"
-    res = run("prune", tiny_dir, "--remove", 1, "--tokens", 400, "--seq-len", 40,
-              "--eval-tokens", 200, "--out", out)  # fmt: skip
+    res = run(
+        "prune",
+        tiny_dir,
+        "--remove",
+        1,
+        "--tokens",
+        400,
+        "--seq-len",
+        40,
+        "--eval-tokens",
+        200,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "prune.json").read_text())
     assert len(rep["removed"]) == 1 and rep["perplexity_after"] > 0 and rep["original_layers"] == 3
     model, _ = load(str(out), device="cpu")
     assert arch.n_layers(model) == 2
-    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
-                          pad_token_id=0).shape == (1, 6)  # fmt: skip
+    assert model.generate(
+        torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0
+    ).shape == (1, 6)
 
 
 @pytest.mark.parametrize(
@@ -148,8 +183,22 @@ def test_prune_fold_checkpoint_loads_as_a_stock_model(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "folded"
-    res = run("prune", tiny_dir, "--remove", 1, "--replace", "fold", "--tokens", 400,
-              "--seq-len", 40, "--eval-tokens", 200, "--out", out)  # fmt: skip
+    res = run(
+        "prune",
+        tiny_dir,
+        "--remove",
+        1,
+        "--replace",
+        "fold",
+        "--tokens",
+        400,
+        "--seq-len",
+        40,
+        "--eval-tokens",
+        200,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 2 and model.config.linearize["replace"] == "fold"
@@ -157,9 +206,24 @@ def test_prune_fold_checkpoint_loads_as_a_stock_model(tiny_dir, tmp_path):
 
 def test_prune_sweep_command(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
-    res = run("prune", tiny_dir, "--sweep", "0,1", "--strategy", "linear-greedy,angular-block",
-              "--replace", "none,fold", "--tokens", 300, "--seq-len", 40, "--eval-tokens", 200,
-              "--out", out)  # fmt: skip
+    res = run(
+        "prune",
+        tiny_dir,
+        "--sweep",
+        "0,1",
+        "--strategy",
+        "linear-greedy,angular-block",
+        "--replace",
+        "none,fold",
+        "--tokens",
+        300,
+        "--seq-len",
+        40,
+        "--eval-tokens",
+        200,
+        "--out",
+        out,
+    )
     assert res.exit_code == 0, res.output
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert len(rows) == 1 + 2 * 2 and "| angular-block | fold | 1 |" in res.output

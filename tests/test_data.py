@@ -92,7 +92,9 @@ def test_hub_style_source_reads_a_named_field(tmp_path):
     pytest.importorskip("datasets")
     ds = tmp_path / "ds"
     ds.mkdir()
-    (ds / "train.jsonl").write_text('{"textbook": "chapter one", "text": "x"}\n{"textbook": "two"}\n')
+    (ds / "train.jsonl").write_text(
+        '{"textbook": "chapter one", "text": "x"}\n{"textbook": "two"}\n'
+    )
     assert list(data._hf_documents(f"{ds}:::textbook")) == ["chapter one", "two"]
     with pytest.raises(LinearizeError, match="has no 'body' field"):
         list(data._hf_documents(f"{ds}:::body"))

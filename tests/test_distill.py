@@ -33,8 +33,16 @@ def _pruned(teacher_dir, tmp_path, replace="linear"):
 
 
 def _cfg(**kw):
-    base = dict(tokens=32 * 2 * 8, seq_len=32, batch_size=2, lr=3e-4, eval_tokens=256,
-                eval_every=4, save_every=4, w_kl=0.5)  # fmt: skip
+    base = dict(
+        tokens=32 * 2 * 8,
+        seq_len=32,
+        batch_size=2,
+        lr=3e-4,
+        eval_tokens=256,
+        eval_every=4,
+        save_every=4,
+        w_kl=0.5,
+    )
     return DistillConfig(**{**base, **kw})
 
 
@@ -54,8 +62,13 @@ def _identity_bridge(student: str, tmp_path):
 def test_distill_lowers_the_loss_and_writes_a_loadable_checkpoint(teacher_dir, tmp_path):
     student = _identity_bridge(_pruned(teacher_dir, tmp_path), tmp_path)
     rows = []
-    res = distill(student, _cfg(lr=1e-2, tokens=32 * 2 * 16), tmp_path / "d", device="cpu",
-                  on_step=rows.append)  # fmt: skip
+    res = distill(
+        student,
+        _cfg(lr=1e-2, tokens=32 * 2 * 16),
+        tmp_path / "d",
+        device="cpu",
+        on_step=rows.append,
+    )
     assert res["steps"] == 16 and len(rows) == 16
     first = sum(r["hidden"] for r in rows[:3]) / 3
     last = sum(r["hidden"] for r in rows[-3:]) / 3
@@ -66,8 +79,9 @@ def test_distill_lowers_the_loss_and_writes_a_loadable_checkpoint(teacher_dir, t
     assert (tmp_path / "d" / "metrics.csv").read_text().startswith("step,tokens")
     # only the bridge trained: the kept layers are the teacher's
     teacher, _ = load(str(teacher_dir), device="cpu")
-    assert torch.equal(model.model.layers[0].mlp.down_proj.weight,
-                       teacher.model.layers[0].mlp.down_proj.weight)  # fmt: skip
+    assert torch.equal(
+        model.model.layers[0].mlp.down_proj.weight, teacher.model.layers[0].mlp.down_proj.weight
+    )
 
 
 def test_resume_after_a_kill_gives_the_same_next_loss(teacher_dir, tmp_path):
@@ -75,25 +89,48 @@ def test_resume_after_a_kill_gives_the_same_next_loss(teacher_dir, tmp_path):
     full: list[dict] = []
     distill(student, _cfg(eval_data=""), tmp_path / "a", device="cpu", on_step=full.append)
     killed: list[dict] = []
-    distill(student, _cfg(eval_data=""), tmp_path / "b", device="cpu", on_step=killed.append,
-            max_steps=4)  # fmt: skip
+    distill(
+        student,
+        _cfg(eval_data=""),
+        tmp_path / "b",
+        device="cpu",
+        on_step=killed.append,
+        max_steps=4,
+    )
     assert not (tmp_path / "b" / "final").exists()
     resumed: list[dict] = []
-    distill(student, _cfg(eval_data=""), tmp_path / "b", resume=True, device="cpu",
-            on_step=resumed.append)  # fmt: skip
+    distill(
+        student,
+        _cfg(eval_data=""),
+        tmp_path / "b",
+        resume=True,
+        device="cpu",
+        on_step=resumed.append,
+    )
     assert resumed[0]["step"] == 5
     assert resumed[0]["loss"] == pytest.approx(full[4]["loss"], rel=1e-6)
     assert resumed[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("replace, train", [("fold", "replacements"), ("linear", "lora"),
-                                            ("linear", "replacements+neighbors"),
-                                            ("none", "all")])  # fmt: skip
+@pytest.mark.parametrize(
+    "replace, train",
+    [
+        ("fold", "replacements"),
+        ("linear", "lora"),
+        ("linear", "replacements+neighbors"),
+        ("none", "all"),
+    ],
+)
 def test_training_modes(replace, train, teacher_dir, tmp_path):
     student = _pruned(teacher_dir, tmp_path, replace)
     rows = []
-    distill(student, _cfg(train=train, hidden_loss="both", eval_data=""), tmp_path / "d",
-            device="cpu", on_step=rows.append)  # fmt: skip
+    distill(
+        student,
+        _cfg(train=train, hidden_loss="both", eval_data=""),
+        tmp_path / "d",
+        device="cpu",
+        on_step=rows.append,
+    )
     assert len(rows) == 8 and all(r["loss"] > 0 for r in rows)
     model, _ = load(str(tmp_path / "d" / "final"), device="cpu")
     assert arch.n_layers(model) == 3
@@ -102,8 +139,9 @@ def test_training_modes(replace, train, teacher_dir, tmp_path):
 
         stock = AutoModelForCausalLM.from_pretrained(tmp_path / "d" / "final")
         assert stock.config.num_hidden_layers == 3 and not hasattr(stock.config, "auto_map")
-    assert model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False,
-                          pad_token_id=0).shape == (1, 6)  # fmt: skip
+    assert model.generate(
+        torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0
+    ).shape == (1, 6)
 
 
 def test_bad_distill_requests(teacher_dir, tmp_path, tokenizer):
@@ -131,8 +169,13 @@ def test_cached_teacher_gives_the_same_losses(teacher_dir, tmp_path):
     """Epoch 2 reads the teacher from disk; the losses equal a run that recomputes it."""
     student = _pruned(teacher_dir, tmp_path)
     plain: list[dict] = []
-    distill(student, _cfg(eval_data="", epochs=2, cache_teacher="off"), tmp_path / "a", device="cpu",
-            on_step=plain.append)  # fmt: skip
+    distill(
+        student,
+        _cfg(eval_data="", epochs=2, cache_teacher="off"),
+        tmp_path / "a",
+        device="cpu",
+        on_step=plain.append,
+    )
     cached: list[dict] = []
     cfg = _cfg(eval_data="", epochs=2, cache_teacher=str(tmp_path / "cache"))
     res = distill(student, cfg, tmp_path / "b", device="cpu", on_step=cached.append)
@@ -140,8 +183,12 @@ def test_cached_teacher_gives_the_same_losses(teacher_dir, tmp_path):
     for a, b in zip(plain, cached, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     with pytest.raises(LinearizeError, match="other settings"):
-        distill(student, _cfg(eval_data="", seq_len=16, cache_teacher=str(tmp_path / "cache")),
-                tmp_path / "c", device="cpu")  # fmt: skip
+        distill(
+            student,
+            _cfg(eval_data="", seq_len=16, cache_teacher=str(tmp_path / "cache")),
+            tmp_path / "c",
+            device="cpu",
+        )
 
 
 def test_tensorboard_events_when_installed(teacher_dir, tmp_path):
@@ -158,10 +205,36 @@ def test_two_process_torchrun_distill(teacher_dir, tmp_path):
 
     student = _pruned(teacher_dir, tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "linearize.cli", "distill", student, "--tokens", str(32 * 2 * 2 * 4),
-           "--seq-len", "32", "--batch-size", "2", "--eval-tokens", "256", "--eval-every", "2",
-           "--save-every", "2", "--lr", "3e-4", "--device", "cpu", "--out", str(tmp_path / "d")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "linearize.cli",
+        "distill",
+        student,
+        "--tokens",
+        str(32 * 2 * 2 * 4),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--eval-tokens",
+        "256",
+        "--eval-every",
+        "2",
+        "--save-every",
+        "2",
+        "--lr",
+        "3e-4",
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "d"),
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     import json
@@ -179,7 +252,9 @@ def test_hidden_only_loss_skips_the_lm_heads_and_matches(teacher_dir, tmp_path):
     full: list[dict] = []
     distill(student, _cfg(eval_data=""), tmp_path / "a", device="cpu", on_step=full.append)
     hidden: list[dict] = []
-    distill(student, _cfg(eval_data="", w_kl=0.0), tmp_path / "b", device="cpu", on_step=hidden.append)
+    distill(
+        student, _cfg(eval_data="", w_kl=0.0), tmp_path / "b", device="cpu", on_step=hidden.append
+    )
     assert "kl" not in hidden[0] and hidden[0]["loss"] == pytest.approx(hidden[0]["hidden"])
     assert hidden[0]["hidden"] == pytest.approx(full[0]["hidden"], rel=1e-6)
 
@@ -193,8 +268,15 @@ def test_chunked_kl_equals_kl_div_and_its_gradient(tau, chunk):
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(50, 300, generator=g) * 3).requires_grad_()
     t = torch.randn(50, 300, generator=g) * 3
-    old = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True,
-                   reduction="batchmean") * tau**2  # fmt: skip
+    old = (
+        F.kl_div(
+            F.log_softmax(s / tau, -1),
+            F.log_softmax(t / tau, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * tau**2
+    )
     (want,) = torch.autograd.grad(old, s)
     new = chunked_kl(s, t, tau, chunk)
     (got,) = torch.autograd.grad(new, s)
@@ -223,7 +305,9 @@ def test_a_short_source_repeats_says_so_and_caches_the_teacher(teacher_dir, tmp_
     assert second["steps"] == 6
 
 
-def test_an_exception_inside_a_distillation_step_leaves_no_hook(teacher_dir, tmp_path, hook_spy, monkeypatch):
+def test_an_exception_inside_a_distillation_step_leaves_no_hook(
+    teacher_dir, tmp_path, hook_spy, monkeypatch
+):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     import linearize.distill
@@ -242,11 +326,17 @@ def test_an_exception_inside_a_distillation_step_leaves_no_hook(teacher_dir, tmp
         distill(student, _cfg(eval_data=""), tmp_path / "d", device="cpu")
     assert len(loaded) == 2
     ours = [h for h in hook_spy.handles if not _is_bridge_hook(h)]
-    assert len(ours) >= 4 and all(h.hooks_dict_ref() is not None for h in ours)  # teacher and student taps
+    assert len(ours) >= 4 and all(
+        h.hooks_dict_ref() is not None for h in ours
+    )  # teacher and student taps
     assert sum(h.id in h.hooks_dict_ref() for h in ours) == 0
 
 
 def _is_bridge_hook(handle) -> bool:
     """The hooks a bridged checkpoint's modeling code puts on for good (the bridges)."""
     hooks = handle.hooks_dict_ref()
-    return hooks is not None and handle.id in hooks and "bridge" in getattr(hooks[handle.id], "__qualname__", "")
+    return (
+        hooks is not None
+        and handle.id in hooks
+        and "bridge" in getattr(hooks[handle.id], "__qualname__", "")
+    )

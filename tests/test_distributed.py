@@ -11,17 +11,46 @@ import pytest
 
 
 def test_two_process_torchrun_equals_single_process(tiny_dir, tmp_path):
-    common = ["analyze", str(tiny_dir), "--tokens", "700", "--seq-len", "48", "--batch-size", "2",
-              "--dtype", "float64", "--no-progress"]  # fmt: skip
+    common = [
+        "analyze",
+        str(tiny_dir),
+        "--tokens",
+        "700",
+        "--seq-len",
+        "48",
+        "--batch-size",
+        "2",
+        "--dtype",
+        "float64",
+        "--no-progress",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "-m", "linearize.cli", *common, "--out",
-                             str(tmp_path / "one")], env=env, capture_output=True, text=True)  # fmt: skip
+    single = subprocess.run(
+        [sys.executable, "-m", "linearize.cli", *common, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr
     multi = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "linearize.cli", *common, "--out", str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "linearize.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert multi.returncode == 0, multi.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "linearity.json").read_text())
     two = json.loads((tmp_path / "two" / "linearity.json").read_text())

@@ -48,7 +48,9 @@ def _serve(answer):
 
 @pytest.fixture
 def good_judge():
-    server, url, seen = _serve(lambda b: 'Sure! {"Grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}')
+    server, url, seen = _serve(
+        lambda b: 'Sure! {"Grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}'
+    )
     yield url, seen
     server.shutdown()
 
@@ -62,7 +64,11 @@ def garbage_judge():
 
 def test_parse_scores_is_lenient_but_strict_about_range():
     assert parse_scores('{"grammar": 7, "creativity": 5, "consistency": 8, "plot": 6}') == {
-        "grammar": 7.0, "creativity": 5.0, "consistency": 8.0, "plot": 6.0}  # fmt: skip
+        "grammar": 7.0,
+        "creativity": 5.0,
+        "consistency": 8.0,
+        "plot": 6.0,
+    }
     assert parse_scores("Grammar: 8/10\nCreativity - 6\nConsistency: 7\nPlot: 5.5")["plot"] == 5.5
     assert parse_scores("grammar 7, creativity 5, plot 6") is None  # one missing
     assert parse_scores('{"grammar": 70, "creativity": 5, "consistency": 8, "plot": 6}') is None
@@ -95,8 +101,9 @@ def test_judge_over_http_and_its_failures(good_judge, garbage_judge, monkeypatch
     with pytest.raises(LinearizeError, match="no usable scores for story 1 after 2 tries"):
         score_stories(http_judge(garbage_judge, "m"), ["p"], ["s"], retries=2)
     with pytest.raises(LinearizeError, match="unreachable after 2 tries"):
-        score_stories(http_judge("http://127.0.0.1:9", "m", timeout=2), ["p"], ["s"], retries=2,
-                      backoff=0.01)  # fmt: skip
+        score_stories(
+            http_judge("http://127.0.0.1:9", "m", timeout=2), ["p"], ["s"], retries=2, backoff=0.01
+        )
 
 
 # -- perplexity protocols --------------------------------------------------------------------------
@@ -105,7 +112,9 @@ def test_sliding_window_perplexity(tiny_dir):
     plain = perplexity(model, tok, "builtin:eval", 32, 600, batch_size=4)
     # stride = a whole window (less BOS, if any): exactly the non-overlapping protocol
     body = 32 - len(bos_prefix(tok))
-    assert perplexity(model, tok, "builtin:eval", 32, 600, batch_size=3, stride=body) == pytest.approx(plain, rel=1e-9)
+    assert perplexity(
+        model, tok, "builtin:eval", 32, 600, batch_size=3, stride=body
+    ) == pytest.approx(plain, rel=1e-9)
     overlapped = perplexity(model, tok, "builtin:eval", 32, 600, batch_size=4, stride=8)
     assert overlapped != pytest.approx(plain, rel=1e-6)
     with pytest.raises(LinearizeError, match="--stride must be between"):
@@ -136,8 +145,15 @@ def test_probe_reads_a_separable_task_perfectly_at_the_embeddings(tiny_dir, tmp_
 
 
 def test_probe_superglue_formats_and_bad_files(tmp_path):
-    boolq = [{"question": f"is it {i}", "passage": f"text {i}", "label": i % 2,
-              "split": "train" if i < 8 else "validation"} for i in range(12)]  # fmt: skip
+    boolq = [
+        {
+            "question": f"is it {i}",
+            "passage": f"text {i}",
+            "label": i % 2,
+            "split": "train" if i < 8 else "validation",
+        }
+        for i in range(12)
+    ]
     task = load_task(_write_jsonl(tmp_path / "boolq.jsonl", boolq))
     assert len(task.train) == 8 and len(task.test) == 4
     assert task.train[0] == ("text 0\nquestion: is it 0?", 0)
@@ -159,8 +175,10 @@ def test_probe_superglue_formats_and_bad_files(tmp_path):
 @pytest.fixture
 def mc_task(tmp_path):
     """A local multiple-choice lm-eval task (jsonl + YAML), no network."""
-    rows = [{"question": f"Question {i}: the sky is", "choices": ["blue", "green", "loud"],
-             "label": 0} for i in range(6)]  # fmt: skip
+    rows = [
+        {"question": f"Question {i}: the sky is", "choices": ["blue", "green", "loud"], "label": 0}
+        for i in range(6)
+    ]
     data = _write_jsonl(tmp_path / "mc.jsonl", rows)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -173,12 +191,22 @@ def mc_task(tmp_path):
     return str(tasks)
 
 
-def test_suite_runs_every_part_writes_results_and_is_deterministic(tiny_dir, tmp_path, mc_task, good_judge):
+def test_suite_runs_every_part_writes_results_and_is_deterministic(
+    tiny_dir, tmp_path, mc_task, good_judge
+):
     pytest.importorskip("lm_eval")
     url, _ = good_judge
-    cfg = EvalConfig(ppl_tokens=400, seq_len=32, tasks=["tiny_mc"], task_include=[mc_task],
-                     probe=[_separable(tmp_path)], judge="stories", judge_url=url,
-                     judge_limit=2, judge_tokens=8)  # fmt: skip
+    cfg = EvalConfig(
+        ppl_tokens=400,
+        seq_len=32,
+        tasks=["tiny_mc"],
+        task_include=[mc_task],
+        probe=[_separable(tmp_path)],
+        judge="stories",
+        judge_url=url,
+        judge_limit=2,
+        judge_tokens=8,
+    )
     parts: list[str] = []
     res = evaluate_model(str(tiny_dir), cfg, tmp_path / "e1", "cpu", on_part=parts.append)
     assert parts == ["perplexity", "lm_eval", "probe sentiment", "judge"]
@@ -193,8 +221,15 @@ def test_suite_runs_every_part_writes_results_and_is_deterministic(tiny_dir, tmp
 
 
 def test_suite_keeps_finished_parts_when_the_judge_fails(tiny_dir, tmp_path, garbage_judge):
-    cfg = EvalConfig(ppl_tokens=300, seq_len=32, judge="stories", judge_url=garbage_judge,
-                     judge_limit=1, judge_tokens=4, judge_retries=1)  # fmt: skip
+    cfg = EvalConfig(
+        ppl_tokens=300,
+        seq_len=32,
+        judge="stories",
+        judge_url=garbage_judge,
+        judge_limit=1,
+        judge_tokens=4,
+        judge_retries=1,
+    )
     with pytest.raises(LinearizeError, match="no usable scores"):
         evaluate_model(str(tiny_dir), cfg, tmp_path / "e", "cpu")
     disk = json.loads((tmp_path / "e" / "results.json").read_text())
@@ -204,15 +239,47 @@ def test_suite_keeps_finished_parts_when_the_judge_fails(tiny_dir, tmp_path, gar
 def test_eval_and_compare_commands(tiny_dir, tmp_path, mc_task):
     pytest.importorskip("lm_eval")
     probe_file = _separable(tmp_path)
-    res = runner.invoke(app, ["eval", str(tiny_dir), "--ppl-tokens", "300", "--seq-len", "32",
-                              "--probe", probe_file, "--tasks", "tiny_mc", "--task-include", mc_task,
-                              "--device", "cpu", "--out", str(tmp_path / "a")])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_dir),
+            "--ppl-tokens",
+            "300",
+            "--seq-len",
+            "32",
+            "--probe",
+            probe_file,
+            "--tasks",
+            "tiny_mc",
+            "--task-include",
+            mc_task,
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "a"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["eval", str(tiny_dir), "--ppl-tokens", "200", "--seq-len", "32",
-                              "--device", "cpu", "--out", str(tmp_path / "b")])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_dir),
+            "--ppl-tokens",
+            "200",
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"),
-                              "--out", str(tmp_path / "cmp")])  # fmt: skip
+    res = runner.invoke(
+        app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")]
+    )
     assert res.exit_code == 0, res.output
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "perplexity" in md and "tiny_mc/acc" in md and "probe sentiment/best" in md
@@ -220,19 +287,42 @@ def test_eval_and_compare_commands(tiny_dir, tmp_path, mc_task):
     assert "plotly" in (tmp_path / "cmp" / "compare.html").read_text().lower()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--tasks", "no_such_task"], ["unknown lm-eval task 'no_such_task'"]),
-    (["--probe", "missing.jsonl"], ["not found"]),
-    (["--judge", "stories"], ["--judge-url"]),
-    (["--judge", "stories", "--judge-url", "http://127.0.0.1:9", "--judge-timeout", "1"], ["unreachable"]),
-    (["--ppl", ""], ["nothing to evaluate"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--tasks", "no_such_task"], ["unknown lm-eval task 'no_such_task'"]),
+        (["--probe", "missing.jsonl"], ["not found"]),
+        (["--judge", "stories"], ["--judge-url"]),
+        (
+            ["--judge", "stories", "--judge-url", "http://127.0.0.1:9", "--judge-timeout", "1"],
+            ["unreachable"],
+        ),
+        (["--ppl", ""], ["nothing to evaluate"]),
+    ],
+)
 def test_eval_bad_input_is_one_line(args, words, tiny_dir, tmp_path):
     if "--tasks" in args:
         pytest.importorskip("lm_eval")
-    res = runner.invoke(app, ["eval", str(tiny_dir), "--ppl-tokens", "100", "--seq-len", "32",
-                              "--judge-tokens", "2", "--judge-limit", "1", "--device", "cpu",
-                              "--out", str(tmp_path / "o"), *args])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            str(tiny_dir),
+            "--ppl-tokens",
+            "100",
+            "--seq-len",
+            "32",
+            "--judge-tokens",
+            "2",
+            "--judge-limit",
+            "1",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "o"),
+            *args,
+        ],
+    )
     assert res.exit_code == 2, res.output
     last = [ln for ln in res.stderr.splitlines() if ln.strip()][-1]
     assert last.startswith("error:") and "Traceback" not in res.output
@@ -249,8 +339,14 @@ def test_compare_refuses_a_broken_results_file(tmp_path):
 
 def test_local_judge_model_runs_and_garbage_is_one_line(tiny_dir, tmp_path):
     """A local HF judge goes through the same parsing; a random model answers garbage."""
-    cfg = EvalConfig(ppl=None, judge="stories", judge_model=str(tiny_dir), judge_limit=1,
-                     judge_tokens=4, judge_retries=1)  # fmt: skip
+    cfg = EvalConfig(
+        ppl=None,
+        judge="stories",
+        judge_model=str(tiny_dir),
+        judge_limit=1,
+        judge_tokens=4,
+        judge_retries=1,
+    )
     with pytest.raises(LinearizeError, match=r"judge model '.*' gave no usable scores for story 1"):
         evaluate_model(str(tiny_dir), cfg, tmp_path / "e", "cpu")
     assert len(json.loads((tmp_path / "e" / "results.json").read_text())["judge_stories"]) == 1

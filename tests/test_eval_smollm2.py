@@ -15,7 +15,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def judge_url():
-    server, url, _ = _serve(lambda b: '{"grammar": 6, "creativity": 4, "consistency": 5, "plot": 5}')
+    server, url, _ = _serve(
+        lambda b: '{"grammar": 6, "creativity": 4, "consistency": 5, "plot": 5}'
+    )
     yield url
     server.shutdown()
 
@@ -23,11 +25,23 @@ def judge_url():
 def test_every_part_on_smollm2_and_its_pruned_copy(tmp_path, judge_url):
     pytest.importorskip("lm_eval")
     pruned = tmp_path / "pruned"
-    prune(None, PruneConfig(strategy="layers", layers=[14, 15, 16, 17], replace="linear",
-                            tokens=1024, seq_len=256), eval_data=None, out=pruned, device="cpu")  # fmt: skip
-    rows = [{"question": "The capital of France is", "choices": [" Paris", " banana", " seven"],
-             "label": 0}, {"question": "Two plus two is", "choices": [" four", " purple", " dog"],
-             "label": 0}]  # fmt: skip
+    prune(
+        None,
+        PruneConfig(
+            strategy="layers", layers=[14, 15, 16, 17], replace="linear", tokens=1024, seq_len=256
+        ),
+        eval_data=None,
+        out=pruned,
+        device="cpu",
+    )
+    rows = [
+        {
+            "question": "The capital of France is",
+            "choices": [" Paris", " banana", " seven"],
+            "label": 0,
+        },
+        {"question": "Two plus two is", "choices": [" four", " purple", " dog"], "label": 0},
+    ]
     data = _write_jsonl(tmp_path / "qa.jsonl", rows)
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -36,9 +50,17 @@ def test_every_part_on_smollm2_and_its_pruned_copy(tmp_path, judge_url):
         "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{question}}'\n"
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\nmetric_list:\n  - metric: acc\n"
     )
-    cfg = EvalConfig(ppl_tokens=2048, seq_len=256, tasks=["qa"], task_include=[str(tasks)],
-                     probe=[_separable(tmp_path)], judge="stories", judge_url=judge_url,
-                     judge_limit=2, judge_tokens=16)  # fmt: skip
+    cfg = EvalConfig(
+        ppl_tokens=2048,
+        seq_len=256,
+        tasks=["qa"],
+        task_include=[str(tasks)],
+        probe=[_separable(tmp_path)],
+        judge="stories",
+        judge_url=judge_url,
+        judge_limit=2,
+        judge_tokens=16,
+    )
     base = evaluate_model(None, cfg, tmp_path / "base", "cpu")
     cut = evaluate_model(str(pruned), cfg, tmp_path / "cut", "cpu")
     assert 5 < base["perplexity"] < cut["perplexity"] < 200

@@ -30,9 +30,17 @@ def sp_model(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("sp")
     (d / "corpus.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:100]))
-    spm.SentencePieceTrainer.train(input=str(d / "corpus.txt"), model_prefix=str(d / "sp"),
-                                   vocab_size=512, model_type="bpe", bos_id=1, eos_id=2,
-                                   unk_id=0, pad_id=-1, minloglevel=2)  # fmt: skip
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"),
+        model_prefix=str(d / "sp"),
+        vocab_size=512,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
     return d / "sp.model"
 
 
@@ -76,14 +84,17 @@ def test_bridged_checkpoint_is_refused_in_one_line(tmp_path, tokenizer, sp_model
 
 
 def test_bad_outtype_and_missing_dir_are_one_line_errors(tmp_path):
-    for args in (["export", str(tmp_path), "--outtype", "q3"],
-                 ["export", str(tmp_path / "nope"), "--gguf", str(tmp_path / "x.gguf")]):  # fmt: skip
+    for args in (
+        ["export", str(tmp_path), "--outtype", "q3"],
+        ["export", str(tmp_path / "nope"), "--gguf", str(tmp_path / "x.gguf")],
+    ):
         res = CliRunner().invoke(app, args)
         assert res.exit_code == 2 and res.output.startswith("error: ")
 
 
-def test_a_users_gguf_is_pruned_through_a_cached_conversion(tmp_path, tokenizer, sp_model,
-                                                            monkeypatch):  # fmt: skip
+def test_a_users_gguf_is_pruned_through_a_cached_conversion(
+    tmp_path, tokenizer, sp_model, monkeypatch
+):
     """transformers cannot save a GGUF-loaded model: prune must convert the file first (once,
     cached) instead of failing at the save after all the work."""
     from linearize import load
@@ -91,8 +102,22 @@ def test_a_users_gguf_is_pruned_through_a_cached_conversion(tmp_path, tokenizer,
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
     _, src = _pruned_dir(tmp_path, tokenizer, sp_model, "fold")
     export_gguf(str(src), tmp_path / "user.gguf", "f32")
-    args = ["prune", str(tmp_path / "user.gguf"), "--remove", "1", "--tokens", "300", "--seq-len",
-            "30", "--calib", "builtin:calib", "--eval", "", "--eval-ood", ""]  # fmt: skip
+    args = [
+        "prune",
+        str(tmp_path / "user.gguf"),
+        "--remove",
+        "1",
+        "--tokens",
+        "300",
+        "--seq-len",
+        "30",
+        "--calib",
+        "builtin:calib",
+        "--eval",
+        "",
+        "--eval-ood",
+        "",
+    ]
     for out in ("a", "b"):  # the second run reuses the conversion
         res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out)])
         assert res.exit_code == 0, res.output
@@ -110,8 +135,15 @@ def test_pruned_smollm2_exports_and_analyze_reads_the_gguf(tmp_path, smollm2):
 
     model, tok = smollm2
     m = copy.deepcopy(model)
-    cfg = PruneConfig(2, strategy="layers", layers=[14, 15], replace="fold", tokens=1024,
-                      seq_len=256, batch_size=4)  # fmt: skip
+    cfg = PruneConfig(
+        2,
+        strategy="layers",
+        layers=[14, 15],
+        replace="fold",
+        tokens=1024,
+        seq_len=256,
+        batch_size=4,
+    )
     prune_model_(m, tok, cfg)
     save(m, tok, tmp_path / "ckpt", {"removed": [14, 15]})
     export_gguf(str(tmp_path / "ckpt"), tmp_path / "g" / "p.gguf", "f32")
@@ -121,8 +153,13 @@ def test_pruned_smollm2_exports_and_analyze_reads_the_gguf(tmp_path, smollm2):
     with torch.no_grad():
         want, got = m(ids).logits, back(ids).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
-    rep = analyze(str(tmp_path / "g" / "p.gguf"), tokens=512, seq_len=256, device="cpu",
-                  out=tmp_path / "analysis")
+    rep = analyze(
+        str(tmp_path / "g" / "p.gguf"),
+        tokens=512,
+        seq_len=256,
+        device="cpu",
+        out=tmp_path / "analysis",
+    )
     assert len(rep.layers) == 28
 
 

@@ -46,8 +46,13 @@ def one_line(res, *words, after_work: bool = False) -> str:
 def kill_run(spec: str, *args) -> None:
     """Run the CLI in a child process that SIGKILLs itself at ``spec`` (see killer.py)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(KILLER.parent))
-    done = subprocess.run([sys.executable, str(KILLER), spec, *map(str, args)], env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(KILLER), spec, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == -9, done.stderr[-2000:]
 
 
@@ -143,22 +148,54 @@ def test_float16_overflow_says_to_use_another_dtype(broken_dirs, tmp_path):
 
 
 def test_nan_model_is_not_pruned_into_a_nan_checkpoint(broken_dirs, tmp_path):
-    res = run("prune", broken_dirs["nan"], "--remove", 1, *FAST, "--calib", "builtin:calib",
-              "--eval", "", "--eval-ood", "", "--out", tmp_path / "p")  # fmt: skip
+    res = run(
+        "prune",
+        broken_dirs["nan"],
+        "--remove",
+        1,
+        *FAST,
+        "--calib",
+        "builtin:calib",
+        "--eval",
+        "",
+        "--eval-ood",
+        "",
+        "--out",
+        tmp_path / "p",
+    )
     one_line(res, "non-finite")
     assert not (tmp_path / "p").exists()
 
 
 def test_diverging_distillation_stops_before_saving(broken_dirs, tiny_dir, tmp_path):
-    res = run("distill", broken_dirs["nan"], "--teacher", tiny_dir, "--train", "all", "--tokens", 128,
-              "--seq-len", 32, "--batch-size", 2, "--eval", "", "--device", "cpu",
-              "--out", tmp_path / "d")  # fmt: skip
+    res = run(
+        "distill",
+        broken_dirs["nan"],
+        "--teacher",
+        tiny_dir,
+        "--train",
+        "all",
+        "--tokens",
+        128,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--eval",
+        "",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path / "d",
+    )
     one_line(res, "loss became nan at step 1")
     assert not (tmp_path / "d" / "final").exists()
 
 
 def test_json_is_strict_and_undefined_values_are_null_and_explained():
-    text = strict_json({"layers": [{"linearity": float("nan"), "cosine": 0.5}], "ppl": float("inf")})
+    text = strict_json(
+        {"layers": [{"linearity": float("nan"), "cosine": 0.5}], "ppl": float("inf")}
+    )
     obj = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
     assert obj["layers"][0]["linearity"] is None and obj["ppl"] is None
     assert obj["undefined"]["fields"] == ["layers[0].linearity", "ppl"]
@@ -191,8 +228,21 @@ def test_disk_full_while_saving_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mu, "safe_save_file", full)
-    res = run("prune", tiny_dir, "--remove", 1, *FAST, "--calib", "builtin:calib", "--eval", "",
-              "--eval-ood", "", "--out", tmp_path / "p")  # fmt: skip
+    res = run(
+        "prune",
+        tiny_dir,
+        "--remove",
+        1,
+        *FAST,
+        "--calib",
+        "builtin:calib",
+        "--eval",
+        "",
+        "--eval-ood",
+        "",
+        "--out",
+        tmp_path / "p",
+    )
     one_line(res, "no space left", after_work=True)
     assert not (tmp_path / "p").exists() or list((tmp_path / "p").iterdir()) == []
     no_debris(tmp_path)
@@ -212,8 +262,21 @@ def test_analyze_killed_mid_write_then_rerun(tiny_dir, tmp_path):
 
 def test_prune_killed_while_replacing_a_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "p"
-    args = ["prune", tiny_dir, "--remove", 1, *FAST, "--calib", "builtin:calib", "--eval", "",
-            "--eval-ood", "", "--out", out]  # fmt: skip
+    args = [
+        "prune",
+        tiny_dir,
+        "--remove",
+        1,
+        *FAST,
+        "--calib",
+        "builtin:calib",
+        "--eval",
+        "",
+        "--eval-ood",
+        "",
+        "--out",
+        out,
+    ]
     assert run(*args).exit_code == 0
     kill_run("replace:p:1", *args)  # the new checkpoint is complete beside the old one
     if out.exists():
@@ -229,8 +292,25 @@ def test_prune_killed_while_replacing_a_checkpoint(tiny_dir, tmp_path):
 
 def test_sweep_killed_then_resumed(tiny_dir, tmp_path):
     out = tmp_path / "s"
-    args = ["prune", tiny_dir, "--sweep", "0,1", "--strategy", "linear-greedy", "--replace", "none",
-            *FAST, "--calib", "builtin:calib", "--eval-tokens", 100, "--eval-ood", "", "--out", out]  # fmt: skip
+    args = [
+        "prune",
+        tiny_dir,
+        "--sweep",
+        "0,1",
+        "--strategy",
+        "linear-greedy",
+        "--replace",
+        "none",
+        *FAST,
+        "--calib",
+        "builtin:calib",
+        "--eval-tokens",
+        100,
+        "--eval-ood",
+        "",
+        "--out",
+        out,
+    ]
     kill_run("replace:sweep.json:2", *args)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert len(rows) == 1
@@ -255,32 +335,108 @@ def killed_at_step_4_then_resumed(args: list, out: Path, summary: str) -> None:
 
 def test_distill_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
     student = tmp_path / "student"
-    assert run("prune", tiny_dir, "--remove", 1, *FAST, "--calib", "builtin:calib", "--eval", "",
-               "--eval-ood", "", "--out", student).exit_code == 0  # fmt: skip
+    assert (
+        run(
+            "prune",
+            tiny_dir,
+            "--remove",
+            1,
+            *FAST,
+            "--calib",
+            "builtin:calib",
+            "--eval",
+            "",
+            "--eval-ood",
+            "",
+            "--out",
+            student,
+        ).exit_code
+        == 0
+    )
     out = tmp_path / "d"
-    args = ["distill", student, "--tokens", 32 * 2 * 4, "--seq-len", 32, "--batch-size", 2,
-            "--eval", "", "--save-every", 2, "--device", "cpu", "--out", out]  # fmt: skip
+    args = [
+        "distill",
+        student,
+        "--tokens",
+        32 * 2 * 4,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--eval",
+        "",
+        "--save-every",
+        2,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     killed_at_step_4_then_resumed(args, out, "distill.json")
 
 
 def test_pretrain_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
     out = tmp_path / "pt"
-    small = ["model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-             "model.num_key_value_heads=2", "model.intermediate_size=64", "seq_len=32",
-             "batch_size=2", "probe_tokens=256", "probe_every=2", "save_every=2"]  # fmt: skip
-    args = ["pretrain", "--config", "tiny", *small, "--tokenizer", tiny_dir, "--tokens", 32 * 2 * 4,
-            "--device", "cpu", "--out", out]  # fmt: skip
+    small = [
+        "model.hidden_size=32",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=4",
+        "model.num_key_value_heads=2",
+        "model.intermediate_size=64",
+        "seq_len=32",
+        "batch_size=2",
+        "probe_tokens=256",
+        "probe_every=2",
+        "save_every=2",
+    ]
+    args = [
+        "pretrain",
+        "--config",
+        "tiny",
+        *small,
+        "--tokenizer",
+        tiny_dir,
+        "--tokens",
+        32 * 2 * 4,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     killed_at_step_4_then_resumed(args, out, "pretrain.json")
 
 
 def test_eval_killed_between_parts_then_resumed(tiny_dir, tmp_path):
     probe_file = tmp_path / "t.jsonl"
-    probe_file.write_text("".join(json.dumps({"text": f"{w} item {i}", "label": int(w == "good"),
-                                              "split": "train" if i < 12 else "test"}) + "\n"
-                                  for i in range(16) for w in ("good", "bad")))  # fmt: skip
+    probe_file.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "text": f"{w} item {i}",
+                    "label": int(w == "good"),
+                    "split": "train" if i < 12 else "test",
+                }
+            )
+            + "\n"
+            for i in range(16)
+            for w in ("good", "bad")
+        )
+    )
     out = tmp_path / "e"
-    args = ["eval", tiny_dir, "--ppl-tokens", 200, "--seq-len", 32, "--probe", probe_file,
-            "--device", "cpu", "--out", out]  # fmt: skip
+    args = [
+        "eval",
+        tiny_dir,
+        "--ppl-tokens",
+        200,
+        "--seq-len",
+        32,
+        "--probe",
+        probe_file,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     kill_run("replace:results.json:3", *args)  # after the perplexity part, before the probe's
     first = json.loads((out / "results.json").read_text())
     assert "perplexity" in first and "probe" not in first
@@ -296,8 +452,19 @@ def test_dynamics_killed_then_resumed(tiny_dir, tmp_path):
 
     out, second = tmp_path / "dyn", tmp_path / "second"
     shutil.copytree(tiny_dir, second)
-    args = ["dynamics", tiny_dir, second, "--tokens", 200, "--seq-len", 20, "--device", "cpu",
-            "--out", out]  # fmt: skip
+    args = [
+        "dynamics",
+        tiny_dir,
+        second,
+        "--tokens",
+        200,
+        "--seq-len",
+        20,
+        "--device",
+        "cpu",
+        "--out",
+        out,
+    ]
     kill_run("replace:dynamics.json:2", *args)
     first = json.loads((out / "dynamics.json").read_text())["rows"]
     assert len(first) == 1

@@ -18,9 +18,19 @@ from linearize.errors import LinearizeError
 from linearize.pretrain import load_config, pretrain, regulariser
 
 runner = CliRunner()
-SMALL = ["model.hidden_size=32", "model.num_hidden_layers=3", "model.num_attention_heads=4",
-         "model.num_key_value_heads=2", "model.intermediate_size=64", "seq_len=32", "batch_size=4",
-         "probe_tokens=512", "probe_every=4", "save_every=4", "lr=3e-3"]  # fmt: skip
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_hidden_layers=3",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.intermediate_size=64",
+    "seq_len=32",
+    "batch_size=4",
+    "probe_tokens=512",
+    "probe_every=4",
+    "save_every=4",
+    "lr=3e-3",
+]
 
 
 def _cfg(tiny_dir, **kw):
@@ -56,8 +66,12 @@ def test_bad_configs_are_one_line(tmp_path, tiny_dir):
     short.write_text("just a few words")
     with pytest.raises(LinearizeError, match="shorter than one sequence"):
         pretrain(_cfg(tiny_dir, data=str(short)), tmp_path / "o", device="cpu")
-    res = runner.invoke(app, ["pretrain", "--config", "tiny", "--reg-weight", "-0.5", "--out", str(tmp_path / "x")])
-    assert res.exit_code == 2 and res.stderr.strip().splitlines() == ["error: --reg-weight must be >= 0, got -0.5"]
+    res = runner.invoke(
+        app, ["pretrain", "--config", "tiny", "--reg-weight", "-0.5", "--out", str(tmp_path / "x")]
+    )
+    assert res.exit_code == 2 and res.stderr.strip().splitlines() == [
+        "error: --reg-weight must be >= 0, got -0.5"
+    ]
     res = runner.invoke(app, ["pretrain", "--config", "tiny", "lr", "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "not KEY=VALUE" in res.stderr
 
@@ -79,9 +93,19 @@ def test_pretrain_writes_a_stock_checkpoint_and_logs_linearity(tiny_dir, tmp_pat
 
 def test_reg_none_logs_the_cosine_term_without_training_on_it(tiny_dir, tmp_path):
     none: list[dict] = []
-    pretrain(_cfg(tiny_dir, reg="none", probe_every=100), tmp_path / "n", device="cpu", on_step=none.append)
+    pretrain(
+        _cfg(tiny_dir, reg="none", probe_every=100),
+        tmp_path / "n",
+        device="cpu",
+        on_step=none.append,
+    )
     cos: list[dict] = []
-    pretrain(_cfg(tiny_dir, reg="cosine", probe_every=100), tmp_path / "c", device="cpu", on_step=cos.append)
+    pretrain(
+        _cfg(tiny_dir, reg="cosine", probe_every=100),
+        tmp_path / "c",
+        device="cpu",
+        on_step=cos.append,
+    )
     assert none[0]["loss"] == none[0]["lm_loss"] and none[0]["reg"] > 0
     assert none[0]["reg"] == pytest.approx(cos[0]["reg"], rel=1e-5)  # same init, same batch
     assert none[0]["lm_loss"] == pytest.approx(cos[0]["lm_loss"], rel=1e-5)
@@ -108,20 +132,46 @@ def test_dynamics_over_a_training_run(tiny_dir, tmp_path):
     assert len(series) == 3 and step_of(series[2], 0) == 8  # final = step 8: not twice
     assert step_of(str(tmp_path / "p" / "final"), 0) == 8
     seen: list[dict] = []
-    rows = dynamics([str(tmp_path / "p")], "builtin:eval", 512, 32, 4, tmp_path / "d", device="cpu",
-                    on_row=seen.append)  # fmt: skip
+    rows = dynamics(
+        [str(tmp_path / "p")],
+        "builtin:eval",
+        512,
+        32,
+        4,
+        tmp_path / "d",
+        device="cpu",
+        on_row=seen.append,
+    )
     assert [r["step"] for r in rows] == [4, 8] and len(seen) == 2
     assert all(0 < r["mean_linearity"] <= 1 for r in rows)
     for name in ("dynamics.json", "dynamics.csv", "dynamics.md", "dynamics.png", "dynamics.html"):
         assert (tmp_path / "d" / name).exists()
-    again = dynamics([str(tmp_path / "p")], "builtin:eval", 512, 32, 4, tmp_path / "d", device="cpu",
-                     on_row=seen.append)  # fmt: skip
+    again = dynamics(
+        [str(tmp_path / "p")],
+        "builtin:eval",
+        512,
+        32,
+        4,
+        tmp_path / "d",
+        device="cpu",
+        on_row=seen.append,
+    )
     assert len(seen) == 2 and again == json.loads(json.dumps(rows))  # resumed: nothing recomputed
     (tmp_path / "d" / "dynamics.json").write_text("{broken")  # a killed writer's leftovers: redo
-    redone = dynamics([str(tmp_path / "p")], "builtin:eval", 512, 32, 4, tmp_path / "d", device="cpu",
-                      on_row=seen.append)  # fmt: skip
+    redone = dynamics(
+        [str(tmp_path / "p")],
+        "builtin:eval",
+        512,
+        32,
+        4,
+        tmp_path / "d",
+        device="cpu",
+        on_row=seen.append,
+    )
     assert len(seen) == 4 and [r["step"] for r in redone] == [4, 8]
-    res = runner.invoke(app, ["dynamics", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "e")])
+    res = runner.invoke(
+        app, ["dynamics", str(tmp_path / "nothing-here"), "--out", str(tmp_path / "e")]
+    )
     assert res.exit_code == 2 and "error:" in res.stderr
 
 
@@ -130,16 +180,48 @@ def test_finetune_then_dynamics_against_the_base(tiny_dir, tmp_path):
     rows += [{"text": ("bad " * (2 + i % 3)) + "day", "label": 0} for i in range(16)]
     task = tmp_path / "mood.jsonl"
     task.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    res = runner.invoke(app, ["finetune", str(tiny_dir), "--task", str(task), "--epochs", "2",
-                              "--lr", "1e-3", "--batch-size", "4", "--save-steps", "5",
-                              "--device", "cpu", "--out", str(tmp_path / "ft")])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "finetune",
+            str(tiny_dir),
+            "--task",
+            str(task),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--batch-size",
+            "4",
+            "--save-steps",
+            "5",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "ft"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads((tmp_path / "ft" / "finetune.json").read_text())
     assert summary["steps"] == 12 and summary["accuracy_after"] == 1.0
     model, _ = load(str(tmp_path / "ft" / "final"), device="cpu")
     assert model.config.model_type == "llama"
-    res = runner.invoke(app, ["dynamics", str(tiny_dir), str(tmp_path / "ft"), "--tokens", "512",
-                              "--seq-len", "32", "--device", "cpu", "--out", str(tmp_path / "d")])  # fmt: skip
+    res = runner.invoke(
+        app,
+        [
+            "dynamics",
+            str(tiny_dir),
+            str(tmp_path / "ft"),
+            "--tokens",
+            "512",
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "d"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     steps = [r["step"] for r in json.loads((tmp_path / "d" / "dynamics.json").read_text())["rows"]]
     assert steps[:3] == [0, 5, 10] and steps[-1] == 12  # base, checkpoint-5/10/12 (= final)
@@ -147,9 +229,26 @@ def test_finetune_then_dynamics_against_the_base(tiny_dir, tmp_path):
 
 def test_two_process_torchrun_pretrain(tiny_dir, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "linearize.cli", "pretrain", "--tokenizer", str(tiny_dir), "--tokens", str(32 * 4 * 2 * 4),
-           "--device", "cpu", "--out", str(tmp_path / "p"), *SMALL]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "linearize.cli",
+        "pretrain",
+        "--tokenizer",
+        str(tiny_dir),
+        "--tokens",
+        str(32 * 4 * 2 * 4),
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "p"),
+        *SMALL,
+    ]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "p" / "pretrain.json").read_text())
@@ -160,14 +259,19 @@ def test_two_process_torchrun_pretrain(tiny_dir, tmp_path):
 def test_hub_revisions_name_their_step():
     from linearize.models import resolve_model
 
-    assert resolve_model("EleutherAI/pythia-160m@step1000") == ("EleutherAI/pythia-160m", {"revision": "step1000"})
+    assert resolve_model("EleutherAI/pythia-160m@step1000") == (
+        "EleutherAI/pythia-160m",
+        {"revision": "step1000"},
+    )
     assert step_of("EleutherAI/pythia-160m@step1000", 7) == 1000
     assert step_of("bigscience/bloom-560m-intermediate@global_step4000", 7) == 4000
     assert step_of("some/model", 7) == 7
     assert expand(["EleutherAI/pythia-160m@step1000"]) == ["EleutherAI/pythia-160m@step1000"]
 
 
-def test_an_exception_inside_a_pretraining_step_leaves_no_hook(tiny_dir, tmp_path, hook_spy, monkeypatch):
+def test_an_exception_inside_a_pretraining_step_leaves_no_hook(
+    tiny_dir, tmp_path, hook_spy, monkeypatch
+):
     from transformers.models.mistral.modeling_mistral import MistralDecoderLayer
 
     hook_spy.fail_in_layer(monkeypatch, MistralDecoderLayer, when=torch.is_grad_enabled, after=2)

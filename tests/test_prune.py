@@ -76,10 +76,10 @@ def test_prune_save_load_generate(model_type, replace, tokenizer, tmp_path):
     assert bridge_positions(loaded) == bridge_positions(model)
     with torch.no_grad():
         assert torch.allclose(loaded(_ids()).logits, logits, atol=1e-5)
-    out = loaded.generate(_ids(), max_new_tokens=5, do_sample=False, use_cache=True,
-                          pad_token_id=0)  # fmt: skip
-    no_cache = loaded.generate(_ids(), max_new_tokens=5, do_sample=False, use_cache=False,
-                               pad_token_id=0)  # fmt: skip
+    out = loaded.generate(_ids(), max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+    no_cache = loaded.generate(
+        _ids(), max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0
+    )
     assert out.shape == (2, 17) and torch.equal(out, no_cache)
 
 
@@ -137,7 +137,9 @@ def test_fold_of_an_identity_layer_leaves_logits_unchanged(tokenizer):
     model.model.layers[2] = _Identity()
     with torch.no_grad():
         before = model(_ids()).logits
-    prune_model_(model, tokenizer, PruneConfig(1, strategy="layers", layers=[2], replace="fold", **KW))
+    prune_model_(
+        model, tokenizer, PruneConfig(1, strategy="layers", layers=[2], replace="fold", **KW)
+    )
     with torch.no_grad():
         after = model(_ids()).logits
     assert arch.n_layers(model) == 3 and not bridge_positions(model)
@@ -164,7 +166,9 @@ def test_fold_checkpoint_is_stock(model_type, tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = make_tiny(model_type, num_hidden_layers=4)
-    prune_model_(model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 2], replace="fold", **KW))
+    prune_model_(
+        model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 2], replace="fold", **KW)
+    )
     with torch.no_grad():
         logits = model(_ids()).logits
     save(model, tokenizer, tmp_path, {"removed": [1, 2]})
@@ -189,8 +193,9 @@ def test_linear_checkpoint_loads_with_trust_remote_code(tokenizer, tmp_path):
     with torch.no_grad():
         assert torch.allclose(remote(_ids()).logits, logits, atol=1e-5)
     cached = remote.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
-    plain = remote.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0,
-                            use_cache=False)  # fmt: skip
+    plain = remote.generate(
+        _ids(), max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False
+    )
     assert torch.equal(cached, plain)
 
 
@@ -209,7 +214,9 @@ def test_angular_block_picks_the_identity_block(tokenizer):
     model = make_tiny("llama", num_hidden_layers=6)
     model.model.layers[3] = _Identity()
     model.model.layers[4] = _Identity()
-    res = prune_model_(model, tokenizer, PruneConfig(2, strategy="angular-block", replace="none", **KW))
+    res = prune_model_(
+        model, tokenizer, PruneConfig(2, strategy="angular-block", replace="none", **KW)
+    )
     assert sorted(res.removed) == [3, 4] and res.steps[0]["score"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -25,7 +25,9 @@ class _AffineLayer(torch.nn.Module):
         g = torch.Generator().manual_seed(seed)
         self.proj = torch.nn.Linear(d, d, dtype=dtype)
         with torch.no_grad():  # near the identity, as a residual layer is
-            self.proj.weight.copy_(torch.eye(d, dtype=dtype) + 0.2 * torch.randn(d, d, generator=g, dtype=dtype))
+            self.proj.weight.copy_(
+                torch.eye(d, dtype=dtype) + 0.2 * torch.randn(d, d, generator=g, dtype=dtype)
+            )
 
     def forward(self, hidden_states, *args, **kwargs):
         return self.proj(hidden_states)
@@ -89,10 +91,18 @@ def test_original_target_gives_lower_downstream_error_than_local(tokenizer, k, r
     errors = {}
     for target in ("local", "original"):
         m = copy.deepcopy(base)
-        cfg = PruneConfig(k, replace=replace, strategy="layers", layers={2: [1, 3], 3: [1, 3, 5]}[k],
-                          fit_target=target, **KW)  # fmt: skip
+        cfg = PruneConfig(
+            k,
+            replace=replace,
+            strategy="layers",
+            layers={2: [1, 3], 3: [1, 3, 5]}[k],
+            fit_target=target,
+            **KW,
+        )
         prune_model_(m, tokenizer, cfg)
-        errors[target] = float((_final_states(m, batches) - want).square().sum() / want.square().sum())
+        errors[target] = float(
+            (_final_states(m, batches) - want).square().sum() / want.square().sum()
+        )
     assert errors["original"] < errors["local"], errors
 
 
@@ -121,7 +131,9 @@ def test_spilled_states_give_the_same_result(tokenizer):
     outs = []
     for cache_gb in (4.0, 0.0):  # 0: every state goes through a safetensors file
         m = copy.deepcopy(base)
-        res = prune_model_(m, tokenizer, PruneConfig(2, fit_target="original", cache_gb=cache_gb, **KW))
+        res = prune_model_(
+            m, tokenizer, PruneConfig(2, fit_target="original", cache_gb=cache_gb, **KW)
+        )
         with torch.no_grad():
             outs.append(m(_ids()).logits)
         spilled = res.state_spilled_mb
@@ -145,7 +157,14 @@ def test_refit_keeps_the_removals_and_lowers_the_final_error(tokenizer):
 def _random_stats(d=6, n=200, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
-    y = x @ (torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)) + 1.5
+    y = (
+        x
+        @ (
+            torch.eye(d, dtype=torch.float64)
+            + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+        )
+        + 1.5
+    )
     s = PairStats()
     s.update(x, y)
     return s
@@ -164,8 +183,10 @@ def test_identity_prior_moves_from_least_squares_to_identity():
     s = _random_stats()
     ols = fit_affine(s).weight
     eye = torch.eye(6, dtype=torch.float64)
-    dists = [float((fit_affine(s, ridge=r, prior="identity").weight - eye).norm())
-             for r in (0.0, 0.1, 1.0, 100.0)]  # fmt: skip
+    dists = [
+        float((fit_affine(s, ridge=r, prior="identity").weight - eye).norm())
+        for r in (0.0, 0.1, 1.0, 100.0)
+    ]
     assert dists[0] == pytest.approx(float((ols - eye).norm()), rel=1e-9)
     assert dists == sorted(dists, reverse=True) and dists[-1] < 0.05 * dists[0]
 
@@ -216,8 +237,9 @@ def test_unknown_fit_target_and_prior_are_one_line_errors(tokenizer):
 
 def test_bridges_fitted_to_the_original_replace_rather_than_compose(tokenizer):
     m = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=4)
-    prune_model_(m, tokenizer, PruneConfig(2, strategy="layers", layers=[2, 3],
-                                           fit_target="original", **KW))  # fmt: skip
+    prune_model_(
+        m, tokenizer, PruneConfig(2, strategy="layers", layers=[2, 3], fit_target="original", **KW)
+    )
     assert bridge_positions(m) == [2] and get_bridge(m, 2) is not None
 
 

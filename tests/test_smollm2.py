@@ -29,8 +29,12 @@ def test_streaming_scores_equal_svd_reference_on_8k_tokens(smollm2):
 
 
 def test_default_command_analyzes_embedded_model(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "linearize.cli", "analyze", "--tokens", "2048",
-                          "--no-progress"], cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-m", "linearize.cli", "analyze", "--tokens", "2048", "--no-progress"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert res.returncode == 0, res.stderr
     out = tmp_path / "linearize-out" / "analyze-smollm2-135m-instruct"
     rep = json.loads((out / "linearity.json").read_text())
@@ -60,7 +64,9 @@ def test_pruned_smollm2_saves_loads_and_generates(replace, smollm2, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, pruned(ids).logits, atol=1e-4)
     cached = loaded.generate(ids, max_new_tokens=8, do_sample=False)
-    assert torch.equal(cached, loaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False))
+    assert torch.equal(
+        cached, loaded.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    )
     full = perplexity(model, tok, "builtin:eval", 512, 2048)
     cut = perplexity(loaded, tok2, "builtin:eval", 512, 2048)
     assert full < cut < 20 * full  # three middle layers cost something, not everything

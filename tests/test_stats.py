@@ -165,7 +165,8 @@ def test_float32_products_on_shifted_moments_stay_within_1e6_of_float64():
     # and the float64 path equals the stacked SVD reference
     x, y = states[1].double(), states[2].double()
     assert chains[False][1]["linearity_no_residual"] == pytest.approx(
-        procrustes_linearity(x, y - x), abs=1e-9)  # fmt: skip
+        procrustes_linearity(x, y - x), abs=1e-9
+    )
 
 
 def test_moments_about_zero_shift_are_the_same_statistics():
@@ -180,8 +181,9 @@ def test_moments_about_zero_shift_are_the_same_statistics():
     assert float(first.b.abs().max()) == 0.0 and float(second.a.abs().max()) == 0.0
     after = [first.centered(), second.centered(), first.xy, second.yy]
     for a, b in zip(before, after, strict=True):
-        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,),
-                        strict=True):  # fmt: skip
+        for u, v in zip(
+            a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True
+        ):
             assert torch.allclose(u, v, rtol=1e-10, atol=1e-8)
 
 

@@ -15,8 +15,17 @@ BASE = PruneConfig(tokens=400, seq_len=48, batch_size=4, ppl_tokens=96)
 
 def test_sweep_writes_every_cell_and_resumes(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
-    rows = sweep(str(tiny_dir), BASE, "0,1,2", "all", "none,linear,fold", "builtin:eval", 400, out,
-                 device="cpu")  # fmt: skip
+    rows = sweep(
+        str(tiny_dir),
+        BASE,
+        "0,1,2",
+        "all",
+        "none,linear,fold",
+        "builtin:eval",
+        400,
+        out,
+        device="cpu",
+    )
     # the original + 6 strategies × 3 replacements × 2 counts
     assert len(rows) == 1 + 6 * 3 * 2
     assert all(r["perplexity"] and r["perplexity"] > 1 for r in rows)
@@ -25,8 +34,18 @@ def test_sweep_writes_every_cell_and_resumes(tiny_dir, tmp_path):
         assert (out / name).stat().st_size > 0
     assert "| original | none | 0 |" in (out / "sweep.md").read_text()
     before = json.loads((out / "sweep.json").read_text())["rows"]
-    again = sweep(str(tiny_dir), BASE, "0,1,2", "all", "none,linear,fold", "builtin:eval", 400,
-                  out, device="cpu", on_row=lambda r: pytest.fail("a finished cell was redone"))  # fmt: skip
+    again = sweep(
+        str(tiny_dir),
+        BASE,
+        "0,1,2",
+        "all",
+        "none,linear,fold",
+        "builtin:eval",
+        400,
+        out,
+        device="cpu",
+        on_row=lambda r: pytest.fail("a finished cell was redone"),
+    )
     assert len(again) == len(before)
 
 

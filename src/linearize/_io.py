@@ -57,8 +57,9 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", suffix=path.suffix,
-                               dir=path.parent)  # fmt: skip
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{TMP_PREFIX}{path.name}.", suffix=path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         with space_errors(path):
@@ -110,8 +111,9 @@ def _strict(obj: Any, where: str, undefined: list[str]) -> Any:
         undefined.append(where or "value")
         return None
     if isinstance(obj, dict):
-        return {k: _strict(v, f"{where}.{k}" if where else str(k), undefined)
-                for k, v in obj.items()}  # fmt: skip
+        return {
+            k: _strict(v, f"{where}.{k}" if where else str(k), undefined) for k, v in obj.items()
+        }
     if isinstance(obj, (list, tuple)):
         return [_strict(v, f"{where}[{i}]", undefined) for i, v in enumerate(obj)]
     return obj
@@ -126,8 +128,8 @@ def strict_json(obj: Any, indent: int | None = 2) -> str:
         clean["undefined"] = {
             "fields": undefined,
             "why": "null marks a value that is not defined for this input (e.g. a score of a "
-                   "state with zero variance) or that overflowed",
-        }  # fmt: skip
+            "state with zero variance) or that overflowed",
+        }
     return json.dumps(clean, indent=indent, allow_nan=False)
 
 
@@ -210,8 +212,10 @@ def _lock(out: Path) -> tuple[Path, int]:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
-            raise LinearizeError(f"'{out}' is in use by another linearize run (pid {holder}); "
-                                 "wait for it to finish or choose another --out") from None
+            raise LinearizeError(
+                f"'{out}' is in use by another linearize run (pid {holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
         try:
             same = os.stat(lock).st_ino == os.fstat(fd).st_ino
         except FileNotFoundError:

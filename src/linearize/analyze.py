@@ -61,8 +61,10 @@ class LinearityReport:
     def means(self) -> dict[str, float]:
         """Mean linearity with and without residual over the scored layers: the one-number
         summary that pretraining probes and dynamics plot against step."""
-        return {f"mean_{k}": sum(self.column(k)) / len(self.layers)
-                for k in ("linearity", "linearity_no_residual")}  # fmt: skip
+        return {
+            f"mean_{k}": sum(self.column(k)) / len(self.layers)
+            for k in ("linearity", "linearity_no_residual")
+        }
 
     def to_csv(self) -> str:
         keys = list(self.layers[0].keys()) if self.layers else ["layer", *SCORE_KEYS]

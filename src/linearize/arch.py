@@ -188,8 +188,11 @@ def n_layers_key(config) -> str:
 def _per_layer_config_keys(config, spec: ArchSpec | None, n: int) -> list[str]:
     keys = set(spec.per_layer_keys if spec else ())
     keys |= {k for k, v in vars(config).items() if "layer" in k and isinstance(v, (list, tuple))}
-    return [k for k in sorted(keys) if isinstance(getattr(config, k, None), (list, tuple))
-            and len(getattr(config, k)) == n]  # fmt: skip
+    return [
+        k
+        for k in sorted(keys)
+        if isinstance(getattr(config, k, None), (list, tuple)) and len(getattr(config, k)) == n
+    ]
 
 
 def remove_layers_(model: nn.Module, drop: Iterable[int]) -> list[int]:
@@ -256,8 +259,14 @@ def layers_removed(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]
     """
     path, layers = get_layers(model)
     config = model.config
-    saved_cfg = {k: getattr(config, k) for k in vars(config) if isinstance(getattr(config, k), (list, tuple, int))}
-    saved_idx = [(m, m.layer_idx) for m in layers.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+    saved_cfg = {
+        k: getattr(config, k)
+        for k in vars(config)
+        if isinstance(getattr(config, k), (list, tuple, int))
+    }
+    saved_idx = [
+        (m, m.layer_idx) for m in layers.modules() if isinstance(getattr(m, "layer_idx", None), int)
+    ]
     try:
         yield remove_layers_(model, drop)
     finally:

@@ -34,8 +34,13 @@ from linearize.errors import LinearizeError
 from linearize.report import png, render_dir
 
 METRICS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_batch", "ttft_ms", "peak_mem_mb")
-HIGHER_IS_BETTER = {"prefill_tok_s": True, "decode_tok_s_b1": True, "decode_tok_s_batch": True,
-                    "ttft_ms": False, "peak_mem_mb": False}  # fmt: skip
+HIGHER_IS_BETTER = {
+    "prefill_tok_s": True,
+    "decode_tok_s_b1": True,
+    "decode_tok_s_batch": True,
+    "ttft_ms": False,
+    "peak_mem_mb": False,
+}
 
 
 @dataclass
@@ -121,21 +126,35 @@ def _disk_mb(where: str | None) -> float | None:
     path = Path(where) if where else None
     if path is None or not path.exists():
         return None
-    files = [path] if path.is_file() else [*path.glob("*.safetensors"), *path.glob("*.bin"),
-                                            *path.glob("*.gguf")]  # fmt: skip
+    files = (
+        [path]
+        if path.is_file()
+        else [*path.glob("*.safetensors"), *path.glob("*.bin"), *path.glob("*.gguf")]
+    )
     return round(sum(f.stat().st_size for f in files) / 2**20, 3)
 
 
 @torch.no_grad()
-def _one_round(model: nn.Module, tokenizer, batches: dict[str, torch.Tensor], c: BenchConfig,
-               device: torch.device) -> dict[str, float]:  # fmt: skip
+def _one_round(
+    model: nn.Module,
+    tokenizer,
+    batches: dict[str, torch.Tensor],
+    c: BenchConfig,
+    device: torch.device,
+) -> dict[str, float]:
     pad = data.pad_id_of(tokenizer)
     full, prompt = batches["prefill"].to(device), batches["prompt"].to(device)
 
     def generate(ids: torch.Tensor, n: int) -> None:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
-                             min_new_tokens=n, do_sample=False, use_cache=True,
-                             pad_token_id=pad)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+        )
         if out.shape[1] != ids.shape[1] + n:
             raise RuntimeError(f"generate() made {out.shape[1] - ids.shape[1]} tokens, not {n}")
 
@@ -145,9 +164,13 @@ def _one_round(model: nn.Module, tokenizer, batches: dict[str, torch.Tensor], c:
     t_bb, m_bb = _timed(lambda: generate(prompt, c.new_tokens), device)
     # Decode rate: the new tokens over the time after the first one (the prompt's prefill).
     rate = lambda rows, t: rows * (c.new_tokens - 1) / max(t - t_first, 1e-9)  # noqa: E731
-    return {"prefill_tok_s": full.numel() / t_pre, "ttft_ms": 1000 * t_first,
-            "decode_tok_s_b1": rate(1, t_b1), "decode_tok_s_batch": rate(prompt.shape[0], t_bb),
-            "peak_mem_mb": max(m_pre, m_b1, m_bb)}  # fmt: skip
+    return {
+        "prefill_tok_s": full.numel() / t_pre,
+        "ttft_ms": 1000 * t_first,
+        "decode_tok_s_b1": rate(1, t_b1),
+        "decode_tok_s_batch": rate(prompt.shape[0], t_bb),
+        "peak_mem_mb": max(m_pre, m_b1, m_bb),
+    }
 
 
 def bench_loaded(
@@ -163,8 +186,12 @@ def bench_loaded(
         raise LinearizeError("bench needs at least one model")
     inputs = []
     for _, _model, tok, _ in entries:
-        inputs.append({"prefill": _prompts(tok, c, c.seq_len, c.batch_size),
-                       "prompt": _prompts(tok, c, c.prompt_len, c.batch_size)})  # fmt: skip
+        inputs.append(
+            {
+                "prefill": _prompts(tok, c, c.seq_len, c.batch_size),
+                "prompt": _prompts(tok, c, c.prompt_len, c.batch_size),
+            }
+        )
     samples: list[list[dict[str, float]]] = [[] for _ in entries]
     for i, (_, model, tok, _) in enumerate(entries):  # warm-up, not counted
         dev = model.get_input_embeddings().weight.device
@@ -177,12 +204,16 @@ def bench_loaded(
             on_round(r + 1)
     rows = []
     for (label, model, _, where), runs in zip(entries, samples, strict=True):
-        row: dict = {"model": label, "path": where,
-                     "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-                     "weights_mb": round(sum(p.numel() * p.element_size()
-                                             for p in model.parameters()) / 2**20, 1),
-                     "disk_mb": _disk_mb(where),
-                     "layers": arch.n_layers(model)}  # fmt: skip
+        row: dict = {
+            "model": label,
+            "path": where,
+            "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+            "weights_mb": round(
+                sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20, 1
+            ),
+            "disk_mb": _disk_mb(where),
+            "layers": arch.n_layers(model),
+        }
         for m in METRICS:
             vals = [s[m] for s in runs]
             row[m] = statistics.median(vals)
@@ -227,8 +258,14 @@ def bench(
         entries.append((label, model, tok, path))
     rows = bench_loaded(entries, c, on_round)
     dev = entries[0][1].get_input_embeddings().weight.device
-    report = {"config": asdict(c), "device": str(dev), "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "version": __version__, "rows": rows}  # fmt: skip
+    report = {
+        "config": asdict(c),
+        "device": str(dev),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "version": __version__,
+        "rows": rows,
+    }
     write_json(out_dir / "bench.json", report)
     write_text(out_dir / "bench.csv", _csv(rows))
     write_text(out_dir / "bench.md", table_markdown(rows))
@@ -237,8 +274,16 @@ def bench(
     return rows
 
 
-CSV_COLUMNS = ("model", "layers", "params_m", "disk_mb", "weights_mb", *METRICS,
-               *(f"{m}_ratio" for m in METRICS), "path")  # fmt: skip
+CSV_COLUMNS = (
+    "model",
+    "layers",
+    "params_m",
+    "disk_mb",
+    "weights_mb",
+    *METRICS,
+    *(f"{m}_ratio" for m in METRICS),
+    "path",
+)
 
 
 def _csv(rows: list[dict]) -> str:
@@ -255,14 +300,18 @@ def _fmt(v, spec: str = ".1f") -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    head = ("| model | layers | params (M) | prefill tok/s | × | decode tok/s (b=1) | × | "
-            "decode tok/s (batch) | × | first token (ms) | peak extra memory (MB) | disk (MB) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")  # fmt: skip
+    head = (
+        "| model | layers | params (M) | prefill tok/s | × | decode tok/s (b=1) | × | "
+        "decode tok/s (batch) | × | first token (ms) | peak extra memory (MB) | disk (MB) |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
     body = ""
     for r in rows:
-        body += (f"| {r['model']} | {r['layers']} | {_fmt(r['params_m'], '.1f')} | "
-                 f"{_fmt(r['prefill_tok_s'])} | {_fmt(r['prefill_tok_s_ratio'], '.2f')} | "
-                 f"{_fmt(r['decode_tok_s_b1'])} | {_fmt(r['decode_tok_s_b1_ratio'], '.2f')} | "
-                 f"{_fmt(r['decode_tok_s_batch'])} | {_fmt(r['decode_tok_s_batch_ratio'], '.2f')} | "
-                 f"{_fmt(r['ttft_ms'])} | {_fmt(r['peak_mem_mb'])} | {_fmt(r['disk_mb'])} |\n")  # fmt: skip
+        body += (
+            f"| {r['model']} | {r['layers']} | {_fmt(r['params_m'], '.1f')} | "
+            f"{_fmt(r['prefill_tok_s'])} | {_fmt(r['prefill_tok_s_ratio'], '.2f')} | "
+            f"{_fmt(r['decode_tok_s_b1'])} | {_fmt(r['decode_tok_s_b1_ratio'], '.2f')} | "
+            f"{_fmt(r['decode_tok_s_batch'])} | {_fmt(r['decode_tok_s_batch_ratio'], '.2f')} | "
+            f"{_fmt(r['ttft_ms'])} | {_fmt(r['peak_mem_mb'])} | {_fmt(r['disk_mb'])} |\n"
+        )
     return head + body

@@ -36,7 +36,6 @@ def layer_output(out) -> Tensor:
     return out if isinstance(out, Tensor) else out[0]
 
 
-
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """The model in eval mode for the block; its own mode restored after, whatever happens."""
@@ -78,7 +77,9 @@ class Recorded:
 
 
 @contextmanager
-def record(inputs: Sequence[nn.Module] = (), outputs: Sequence[nn.Module] = ()) -> Iterator[Recorded]:
+def record(
+    inputs: Sequence[nn.Module] = (), outputs: Sequence[nn.Module] = ()
+) -> Iterator[Recorded]:
     """Keep the hidden-state input of each module in ``inputs`` and the output of each in
     ``outputs`` (with their autograd graph, if any) for the passes run inside the block."""
     rec = Recorded([None] * len(inputs), [None] * len(outputs))
@@ -89,8 +90,10 @@ def record(inputs: Sequence[nn.Module] = (), outputs: Sequence[nn.Module] = ()) 
     def keep_out(i: int) -> Callable:
         return lambda module, args, kwargs, out: rec.outputs.__setitem__(i, layer_output(out))
 
-    with hooks([(m, keep_in(i)) for i, m in enumerate(inputs)],
-               [(m, keep_out(i)) for i, m in enumerate(outputs)]):  # fmt: skip
+    with hooks(
+        [(m, keep_in(i)) for i, m in enumerate(inputs)],
+        [(m, keep_out(i)) for i, m in enumerate(outputs)],
+    ):
         yield rec
 
 
@@ -155,7 +158,9 @@ class LayerCapture:
     def __enter__(self) -> LayerCapture:
         last = self.indices[-1]
         pre = [(self.layers[i], self._pre(i)) for i in self.indices]
-        post = [(self.layers[i], self._post(i, i == last and self.stop_at_last)) for i in self.indices]
+        post = [
+            (self.layers[i], self._post(i, i == last and self.stop_at_last)) for i in self.indices
+        ]
         self._hooks.enter_context(hooks(pre, post))
         return self
 
@@ -312,8 +317,12 @@ def collect_pair_stats(
             return lambda m, args, kwargs: keep(layer_input(args, kwargs))
         return lambda m, args, kwargs, out: keep(out)
 
-    pre = [(module, hook_for(name, kind)) for name, (module, kind) in taps.items() if kind == "input"]
-    post = [(module, hook_for(name, kind)) for name, (module, kind) in taps.items() if kind != "input"]
+    pre = [
+        (module, hook_for(name, kind)) for name, (module, kind) in taps.items() if kind == "input"
+    ]
+    post = [
+        (module, hook_for(name, kind)) for name, (module, kind) in taps.items() if kind != "input"
+    ]
     with eval_mode(model), hooks(pre, post):
         for batch in batches:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -330,7 +339,9 @@ def collect_pair_stats(
     return stats
 
 
-def span_stats(model: nn.Module, batches: Iterable[dict[str, Tensor]], start: int, end: int) -> PairStats:
+def span_stats(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], start: int, end: int
+) -> PairStats:
     """(input of layer ``start``, output of layer ``end - 1``): what one affine map must do to
     stand in for the run of layers [start, end)."""
     _, layers = arch.get_layers(model)
@@ -338,7 +349,9 @@ def span_stats(model: nn.Module, batches: Iterable[dict[str, Tensor]], start: in
     return collect_pair_stats(model, batches, taps, lambda s: (s["x"], s["y"]), "y")
 
 
-def fold_stats(model: nn.Module, batches: Iterable[dict[str, Tensor]], start: int, end: int) -> PairStats:
+def fold_stats(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], start: int, end: int
+) -> PairStats:
     """Pairs for folding the run [start, end) into the MLP output projection of layer
     ``start - 1`` (ReplaceMe): x = that projection's output m, y = the value it must take so
     that the layer's output becomes the run's output: h_{end} − h_{start} + m, where h_j is the
@@ -385,13 +398,17 @@ def block_distances(
         window[j] = h
         if j >= k:
             a, b = window.pop(j - k).double(), h.double()  # (B, T, d)
-            cos = row_cosine(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).view(a.shape[:2])
+            cos = row_cosine(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])).view(
+                a.shape[:2]
+            )
             cos_all[j - k] += (1.0 - cos)[ctx["mask"]].sum().cpu()
             last = cos.gather(1, ctx["last"][:, None]).squeeze(1).clamp(-1.0, 1.0)  # (B,)
             ang[j - k] += (torch.arccos(last) / math.pi).sum().cpu()
 
     pre = [(layers[0], lambda m, args, kwargs: boundary(0, layer_input(args, kwargs)))]
-    post = [(layers[i], lambda m, a, kw, out, i=i: boundary(i + 1, layer_output(out))) for i in range(n)]
+    post = [
+        (layers[i], lambda m, a, kw, out, i=i: boundary(i + 1, layer_output(out))) for i in range(n)
+    ]
     with eval_mode(model), hooks(pre, post):
         for batch in batches:
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
@@ -401,5 +418,7 @@ def block_distances(
             window.clear()
             n_seq += ids.shape[0]
             n_tok += int(mask.sum())
-    return {"angular_last": (ang / max(n_seq, 1)).tolist(),
-            "cosine_all": (cos_all / max(n_tok, 1)).tolist()}  # fmt: skip
+    return {
+        "angular_last": (ang / max(n_seq, 1)).tolist(),
+        "cosine_all": (cos_all / max(n_tok, 1)).tolist(),
+    }

@@ -95,12 +95,17 @@ def _token_progress(total: int | None, enabled: bool, world: int):
         MofNCompleteColumn,
         Progress,
         TextColumn,
-        TimeElapsedColumn,  # fmt: skip
+        TimeElapsedColumn,
         TimeRemainingColumn,
     )
 
-    cols = [TextColumn("[bold]tokens"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn()]  # fmt: skip
+    cols = [
+        TextColumn("[bold]tokens"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    ]
     bar = Progress(*cols, console=Console(stderr=True), transient=False)
     with _lazy_task(bar, "tokens", total) as task:
         yield lambda n: bar.advance(task(), n * world)
@@ -162,9 +167,20 @@ def analyze(
         out_dir = default_out_dir(model) if out is None else out
         with _token_progress(tokens, progress and rank == 0, world) as on_batch:
             report = run_analyze(
-                model, data, tokens, seq_len, batch_size, out_dir, dtype, device, device_map,
-                _parse_layers(layers), anisotropy, on_batch, exact=exact,
-            )  # fmt: skip
+                model,
+                data,
+                tokens,
+                seq_len,
+                batch_size,
+                out_dir,
+                dtype,
+                device,
+                device_map,
+                _parse_layers(layers),
+                anisotropy,
+                on_batch,
+                exact=exact,
+            )
     except LinearizeError as e:
         _fail(str(e))
     if rank != 0:
@@ -183,8 +199,13 @@ def _print_table(report, out_dir: Path) -> None:
     for col in ("layer", "linearity", "no residual", "cosine", "angular dist."):
         t.add_column(col, justify="right")
     for r in report.layers:
-        t.add_row(str(r["layer"]), f"{r['linearity']:.4f}", f"{r['linearity_no_residual']:.4f}",
-                  f"{r['cosine']:.4f}", f"{r['angular_distance']:.4f}")  # fmt: skip
+        t.add_row(
+            str(r["layer"]),
+            f"{r['linearity']:.4f}",
+            f"{r['linearity_no_residual']:.4f}",
+            f"{r['cosine']:.4f}",
+            f"{r['angular_distance']:.4f}",
+        )
     console = Console()
     console.print(t)
     console.print(f"wrote {out_dir}/linearity.json, linearity.csv, linearity.png, report.html")
@@ -200,9 +221,11 @@ def prune(
     ] = "8",
     strategy: Annotated[
         str,
-        typer.Option(help="linear-greedy | linear-oneshot | block-influence | angular-block | "
-                     "lstsq-block | ppl-greedy | layers (with --sweep: a list, or all)"),
-    ] = "linear-greedy",  # fmt: skip
+        typer.Option(
+            help="linear-greedy | linear-oneshot | block-influence | angular-block | "
+            "lstsq-block | ppl-greedy | layers (with --sweep: a list, or all)"
+        ),
+    ] = "linear-greedy",
     replace: Annotated[
         str, typer.Option(help="none | linear | fold (with --sweep: a list)")
     ] = "linear",
@@ -211,9 +234,12 @@ def prune(
     ] = "linearity",
     layers: Annotated[str | None, typer.Option(help="with --strategy layers: e.g. 3,7,9")] = None,
     calib: Annotated[
-        str, typer.Option(help="calibration sources joined by '+'; 'self' is text sampled from "
-                          "the model itself (generated once, cached)")
-    ] = "builtin:calib+self",  # fmt: skip
+        str,
+        typer.Option(
+            help="calibration sources joined by '+'; 'self' is text sampled from "
+            "the model itself (generated once, cached)"
+        ),
+    ] = "builtin:calib+self",
     tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
     ppl_tokens: Annotated[
         int, typer.Option(help="ppl-greedy: calibration tokens scored per candidate")
@@ -222,11 +248,16 @@ def prune(
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     ridge: Annotated[float, typer.Option(help="relative ridge for the linear fits")] = 0.0,
     fit_target: Annotated[
-        str, typer.Option(help="original (the original model's state, from the pruned model's "
-                          "actual input) | local (the removed layers' own output) | auto: "
-                          "original for linear, local for fold")
-    ] = "auto",  # fmt: skip
-    prior: Annotated[str, typer.Option(help="what --ridge pulls a map towards: zero | identity")] = "zero",
+        str,
+        typer.Option(
+            help="original (the original model's state, from the pruned model's "
+            "actual input) | local (the removed layers' own output) | auto: "
+            "original for linear, local for fold"
+        ),
+    ] = "auto",
+    prior: Annotated[
+        str, typer.Option(help="what --ridge pulls a map towards: zero | identity")
+    ] = "zero",
     rank: Annotated[int | None, typer.Option(help="keep only a rank-r update W − I")] = None,
     refit: Annotated[
         bool, typer.Option(help="--fit-target original: refit every map once more at the end")
@@ -238,9 +269,12 @@ def prune(
         str, typer.Option("--eval", help="held-out perplexity source ('' to skip)")
     ] = "builtin:eval",
     eval_ood: Annotated[
-        str, typer.Option(help="out-of-domain perplexity source ('' to skip; default: "
-                          "'fortunes' when Debian's fortunes package is installed)")
-    ] = "default",  # fmt: skip
+        str,
+        typer.Option(
+            help="out-of-domain perplexity source ('' to skip; default: "
+            "'fortunes' when Debian's fortunes package is installed)"
+        ),
+    ] = "default",
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 16384,
     sweep: Annotated[
         str | None,
@@ -264,23 +298,39 @@ def prune(
         typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
 
     try:
-        config = PruneConfig(remove=remove, strategy=strategy, replace=replace, score=score,
-                             layers=chosen, calib=calib, tokens=tokens, seq_len=seq_len,
-                             batch_size=batch_size, ridge=ridge, ppl_tokens=ppl_tokens,
-                             fit_target=fit_target, prior=prior, rank=rank, refit=refit,
-                             cache_gb=cache_gb)  # fmt: skip
+        config = PruneConfig(
+            remove=remove,
+            strategy=strategy,
+            replace=replace,
+            score=score,
+            layers=chosen,
+            calib=calib,
+            tokens=tokens,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            ridge=ridge,
+            ppl_tokens=ppl_tokens,
+            fit_target=fit_target,
+            prior=prior,
+            rank=rank,
+            refit=refit,
+            cache_gb=cache_gb,
+        )
         if sweep is not None:
             _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
             return
         out = out or Path("linearize-out/pruned")
-        rep = run_prune(model, config, eval_data or None, eval_tokens, out, dtype, device, on_step,
-                        eval_ood)  # fmt: skip
+        rep = run_prune(
+            model, config, eval_data or None, eval_tokens, out, dtype, device, on_step, eval_ood
+        )
     except LinearizeError as e:
         _fail(str(e))
     ood = ""
     if rep.get("perplexity_before_ood"):
-        ood = (f"; out of domain ({rep['ood_data']}) {rep['perplexity_before_ood']} -> "
-               f"{rep['perplexity_after_ood']}")  # fmt: skip
+        ood = (
+            f"; out of domain ({rep['ood_data']}) {rep['perplexity_before_ood']} -> "
+            f"{rep['perplexity_after_ood']}"
+        )
     typer.echo(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
         f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{ood}; wrote {out}"
@@ -295,11 +345,26 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
     out = out or Path("linearize-out/sweep")
 
     def on_row(r: dict) -> None:
-        typer.echo(f"{r['strategy']} / {r['replace']} / k={r['k']}: perplexity "
-                   f"{r['perplexity'] or r['note']}", err=True)  # fmt: skip
+        typer.echo(
+            f"{r['strategy']} / {r['replace']} / k={r['k']}: perplexity "
+            f"{r['perplexity'] or r['note']}",
+            err=True,
+        )
 
-    rows = sweep(model, config, ks, config.strategy, config.replace, eval_data, eval_tokens, out,
-                 dtype, device, on_row, ood)  # fmt: skip
+    rows = sweep(
+        model,
+        config,
+        ks,
+        config.strategy,
+        config.replace,
+        eval_data,
+        eval_tokens,
+        out,
+        dtype,
+        device,
+        on_row,
+        ood,
+    )
     typer.echo(table_markdown(rows))
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 
@@ -323,13 +388,23 @@ def bench_(
     from linearize.bench import BenchConfig, bench, table_markdown
 
     _quiet_libraries()
-    specs: list[str | None] = [None if m in ("embedded", "smollm2") else m for m in (models or ["embedded"])]
+    specs: list[str | None] = [
+        None if m in ("embedded", "smollm2") else m for m in (models or ["embedded"])
+    ]
     try:
-        cfg = BenchConfig(batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens,
-                          repeats=repeats)  # fmt: skip
+        cfg = BenchConfig(
+            batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens, repeats=repeats
+        )
         cfg.check()
-        rows = bench(specs, cfg, out, _csv(labels) or None, dtype, device,
-                     lambda r: typer.echo(f"round {r}/{repeats} done", err=True))  # fmt: skip
+        rows = bench(
+            specs,
+            cfg,
+            out,
+            _csv(labels) or None,
+            dtype,
+            device,
+            lambda r: typer.echo(f"round {r}/{repeats} done", err=True),
+        )
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(table_markdown(rows))
@@ -341,7 +416,9 @@ def export(
     model: Annotated[
         str | None, typer.Argument(help="stock checkpoint directory (default: embedded SmolLM2)")
     ] = None,
-    gguf: Annotated[Path, typer.Option(help="GGUF file to write")] = Path("linearize-out/model.gguf"),
+    gguf: Annotated[Path, typer.Option(help="GGUF file to write")] = Path(
+        "linearize-out/model.gguf"
+    ),
     outtype: Annotated[str, typer.Option(help="f32 | f16 | bf16 | q8_0")] = "f16",
 ) -> None:
     """Write a checkpoint (original, pruned with --replace none|fold, distilled) as a GGUF file
@@ -352,8 +429,10 @@ def export(
         rep = export_gguf(model, gguf, outtype)
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo(f"wrote {rep['gguf']} ({rep['outtype']}, {rep['layers']} layers, "
-               f"{rep['bytes'] / 2**20:.1f} MiB)")  # fmt: skip
+    typer.echo(
+        f"wrote {rep['gguf']} ({rep['outtype']}, {rep['layers']} layers, "
+        f"{rep['bytes'] / 2**20:.1f} MiB)"
+    )
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -377,7 +456,9 @@ def distill(
     train: Annotated[
         str, typer.Option(help="replacements | replacements+neighbors | lora | all")
     ] = "replacements",
-    eval_data: Annotated[str, typer.Option("--eval", help="held-out source ('' to skip)")] = "builtin:eval",
+    eval_data: Annotated[
+        str, typer.Option("--eval", help="held-out source ('' to skip)")
+    ] = "builtin:eval",
     eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 8192,
     eval_every: Annotated[int, typer.Option(help="steps between held-out perplexities")] = 50,
     save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
@@ -386,10 +467,15 @@ def distill(
     lora_rank: Annotated[int, typer.Option(help="LoRA rank with --train lora")] = 16,
     teacher_dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
     cache_teacher: Annotated[
-        str | None, typer.Option(help="directory for teacher states, reused by later epochs/runs "
-                                 "(default: one in the user cache when batches repeat; 'off')")
+        str | None,
+        typer.Option(
+            help="directory for teacher states, reused by later epochs/runs "
+            "(default: one in the user cache when batches repeat; 'off')"
+        ),
     ] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out")
+    ] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/distilled"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
@@ -399,20 +485,40 @@ def distill(
 
     _quiet_libraries()
     try:
-        cfg = DistillConfig(teacher, data, tokens, seq_len, batch_size, grad_accum, lr, warmup,
-                            w_hidden=w_hidden, w_kl=w_kl, w_lm=w_lm, hidden_loss=hidden_loss,
-                            temperature=temperature, train=train, eval_data=eval_data,
-                            eval_tokens=eval_tokens, eval_every=eval_every,
-                            save_every=save_every, seed=seed, epochs=epochs,
-                            lora_rank=lora_rank, teacher_dtype=teacher_dtype,
-                            cache_teacher=cache_teacher)  # fmt: skip
+        cfg = DistillConfig(
+            teacher,
+            data,
+            tokens,
+            seq_len,
+            batch_size,
+            grad_accum,
+            lr,
+            warmup,
+            w_hidden=w_hidden,
+            w_kl=w_kl,
+            w_lm=w_lm,
+            hidden_loss=hidden_loss,
+            temperature=temperature,
+            train=train,
+            eval_data=eval_data,
+            eval_tokens=eval_tokens,
+            eval_every=eval_every,
+            save_every=save_every,
+            seed=seed,
+            epochs=epochs,
+            lora_rank=lora_rank,
+            teacher_dtype=teacher_dtype,
+            cache_teacher=cache_teacher,
+        )
         with _step_progress() as on_step:
             res = run_distill(student, cfg, out, resume, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo(f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
-               f"held-out perplexity {res['perplexity_before']} -> {res['perplexity_after']}; "
-               f"wrote {out}/final")  # fmt: skip
+    typer.echo(
+        f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
+        f"held-out perplexity {res['perplexity_before']} -> {res['perplexity_after']}; "
+        f"wrote {out}/final"
+    )
 
 
 def _csv(value: str | None) -> list[str]:
@@ -421,61 +527,107 @@ def _csv(value: str | None) -> list[str]:
 
 @app.command("eval")
 def eval_(
-    models_: Annotated[list[str], typer.Argument(metavar="MODEL...", help="models or checkpoint dirs; 'embedded' = SmolLM2")],
+    models_: Annotated[
+        list[str],
+        typer.Argument(metavar="MODEL...", help="models or checkpoint dirs; 'embedded' = SmolLM2"),
+    ],
     ppl: Annotated[str, typer.Option(help="perplexity source ('' to skip)")] = "builtin:eval",
     ppl_tokens: Annotated[int, typer.Option(help="perplexity tokens")] = 32768,
     seq_len: Annotated[int, typer.Option(help="window / max example length in tokens")] = 512,
-    stride: Annotated[int | None, typer.Option(help="sliding-window stride (default: non-overlapping)")] = None,
+    stride: Annotated[
+        int | None, typer.Option(help="sliding-window stride (default: non-overlapping)")
+    ] = None,
     tasks: Annotated[str, typer.Option(help="lm-eval tasks, e.g. arc_easy,hellaswag")] = "",
-    task_include: Annotated[list[str] | None, typer.Option(help="directory of lm-eval task YAMLs")] = None,
+    task_include: Annotated[
+        list[str] | None, typer.Option(help="directory of lm-eval task YAMLs")
+    ] = None,
     task_limit: Annotated[int | None, typer.Option(help="examples per lm-eval task")] = None,
-    probe: Annotated[str, typer.Option(help="probing tasks: boolq,cb,rte,wic,copa,xstorycloze-en or FILE.jsonl")] = "",
+    probe: Annotated[
+        str, typer.Option(help="probing tasks: boolq,cb,rte,wic,copa,xstorycloze-en or FILE.jsonl")
+    ] = "",
     probe_limit: Annotated[int, typer.Option(help="examples per probing split")] = 1000,
-    judge: Annotated[str, typer.Option(help="stories | tinystories | FILE of prompts ('' to skip)")] = "",
-    judge_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint (key: $LINEARIZE_JUDGE_KEY or $OPENAI_API_KEY)")] = None,
-    judge_model: Annotated[str | None, typer.Option(help="model name at --judge-url, or a local HF judge model")] = None,
+    judge: Annotated[
+        str, typer.Option(help="stories | tinystories | FILE of prompts ('' to skip)")
+    ] = "",
+    judge_url: Annotated[
+        str | None,
+        typer.Option(
+            help="OpenAI-compatible endpoint (key: $LINEARIZE_JUDGE_KEY or $OPENAI_API_KEY)"
+        ),
+    ] = None,
+    judge_model: Annotated[
+        str | None, typer.Option(help="model name at --judge-url, or a local HF judge model")
+    ] = None,
     judge_limit: Annotated[int | None, typer.Option(help="number of prompts")] = None,
     judge_tokens: Annotated[int, typer.Option(help="new tokens per story")] = 128,
     judge_timeout: Annotated[float, typer.Option(help="seconds per judge request")] = 60.0,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    speed: Annotated[bool, typer.Option(help="also measure prefill/decode speed and memory (as linearize bench)")] = False,
-    out: Annotated[Path, typer.Option(help="output directory (one subdirectory per model when several)")] = Path("linearize-out/eval"),
+    speed: Annotated[
+        bool, typer.Option(help="also measure prefill/decode speed and memory (as linearize bench)")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option(help="output directory (one subdirectory per model when several)")
+    ] = Path("linearize-out/eval"),
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
     from linearize.suite import EvalConfig, evaluate_model
 
     _quiet_libraries()
-    cfg = EvalConfig(ppl=ppl or None, ppl_tokens=ppl_tokens, seq_len=seq_len, stride=stride,
-                     tasks=_csv(tasks), task_include=task_include or [], task_limit=task_limit,
-                     probe=_csv(probe), probe_limit=probe_limit, judge=judge or None,
-                     judge_url=judge_url, judge_model=judge_model, judge_limit=judge_limit,
-                     judge_tokens=judge_tokens, judge_timeout=judge_timeout,
-                     batch_size=batch_size, dtype=dtype, speed=speed)  # fmt: skip
+    cfg = EvalConfig(
+        ppl=ppl or None,
+        ppl_tokens=ppl_tokens,
+        seq_len=seq_len,
+        stride=stride,
+        tasks=_csv(tasks),
+        task_include=task_include or [],
+        task_limit=task_limit,
+        probe=_csv(probe),
+        probe_limit=probe_limit,
+        judge=judge or None,
+        judge_url=judge_url,
+        judge_model=judge_model,
+        judge_limit=judge_limit,
+        judge_tokens=judge_tokens,
+        judge_timeout=judge_timeout,
+        batch_size=batch_size,
+        dtype=dtype,
+        speed=speed,
+    )
     for name in models_:
         where = out if len(models_) == 1 else out / Path(name).name
         label = None if name == "embedded" else name
         try:
-            res = evaluate_model(label, cfg, where, device,
-                                 on_part=lambda p: typer.echo(f"  {p} done", err=True))  # fmt: skip
+            res = evaluate_model(
+                label, cfg, where, device, on_part=lambda p: typer.echo(f"  {p} done", err=True)
+            )
         except LinearizeError as e:
             _fail(f"{name}: {e} (finished parts are in {where}/results.json)")
         summary = [f"perplexity {res['perplexity']:.3f}"] if "perplexity" in res else []
         summary += [f"{t} {m}" for t, m in res.get("lm_eval", {}).items()]
-        summary += [f"probe {t} best {max(r['accuracy'] for r in v):.3f}" for t, v in res.get("probe", {}).items()]
+        summary += [
+            f"probe {t} best {max(r['accuracy'] for r in v):.3f}"
+            for t, v in res.get("probe", {}).items()
+        ]
         if "judge" in res:
             summary.append(f"judge overall {res['judge']['mean']['overall']:.2f}")
         if "speed" in res:
-            summary.append(f"prefill {res['speed']['prefill_tok_s']:.0f} tok/s, decode "
-                           f"{res['speed']['decode_tok_s_b1']:.1f} tok/s")  # fmt: skip
+            summary.append(
+                f"prefill {res['speed']['prefill_tok_s']:.0f} tok/s, decode "
+                f"{res['speed']['decode_tok_s_b1']:.1f} tok/s"
+            )
         typer.echo(f"{name}: " + "; ".join(summary) + f" -> {where}/results.json")
 
 
 @app.command()
 def compare(
-    dirs: Annotated[list[str], typer.Argument(metavar="DIR...", help="linearize eval output directories")],
-    labels: Annotated[str, typer.Option(help="comma-separated labels (default: directory names)")] = "",
+    dirs: Annotated[
+        list[str], typer.Argument(metavar="DIR...", help="linearize eval output directories")
+    ],
+    labels: Annotated[
+        str, typer.Option(help="comma-separated labels (default: directory names)")
+    ] = "",
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compare"),
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
@@ -485,12 +637,17 @@ def compare(
         run_compare(dirs, out, _csv(labels) or None)
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo((out / "compare.md").read_text() + f"wrote {out}/compare.json, .csv, .md, .png, .html")
+    typer.echo(
+        (out / "compare.md").read_text() + f"wrote {out}/compare.json, .csv, .md, .png, .html"
+    )
 
 
 @app.command()
 def report(
-    dirs: Annotated[list[Path], typer.Argument(metavar="DIR...", help="output directories of any linearize command")],
+    dirs: Annotated[
+        list[Path],
+        typer.Argument(metavar="DIR...", help="output directories of any linearize command"),
+    ],
 ) -> None:
     """Rebuild the HTML page of each run from the JSON it wrote (e.g. a run of an older
     version): report.html, sweep.html, dynamics.html, compare.html or bench.html."""
@@ -507,15 +664,22 @@ def report(
 def pretrain(
     ctx: typer.Context,
     config: Annotated[str, typer.Option(help="tiny | 150m | 650m | FILE.yaml")] = "tiny",
-    data: Annotated[str | None, typer.Option(help="training sources, comma-separated (e.g. roneneldan/TinyStories)")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="tokenizer name or dir (default: the embedded SmolLM2's)")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(help="training sources, comma-separated (e.g. roneneldan/TinyStories)"),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer name or dir (default: the embedded SmolLM2's)")
+    ] = None,
     reg: Annotated[str | None, typer.Option(help="cosine | mse | none")] = None,
     reg_weight: Annotated[float | None, typer.Option(help="λ, the regulariser's weight")] = None,
     tokens: Annotated[int | None, typer.Option(help="training tokens")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     probe_every: Annotated[int | None, typer.Option(help="steps between linearity probes")] = None,
     save_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out")
+    ] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/pretrain"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
@@ -526,23 +690,39 @@ def pretrain(
 
     _quiet_libraries()
     try:
-        cfg = load_config(config, list(ctx.args), data=data, tokenizer=tokenizer, reg=reg,
-                          reg_weight=reg_weight, tokens=tokens, seed=seed,
-                          probe_every=probe_every, save_every=save_every)  # fmt: skip
+        cfg = load_config(
+            config,
+            list(ctx.args),
+            data=data,
+            tokenizer=tokenizer,
+            reg=reg,
+            reg_weight=reg_weight,
+            tokens=tokens,
+            seed=seed,
+            probe_every=probe_every,
+            save_every=save_every,
+        )
         with _step_progress() as on_step:
             res = run_pretrain(cfg, out, resume, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
     last = res["final"] or {}
-    typer.echo(f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
-               f"held-out perplexity {last.get('perplexity', float('nan')):.2f}, mean linearity "
-               f"{last.get('mean_linearity', float('nan')):.4f} (w/o residual "
-               f"{last.get('mean_linearity_no_residual', float('nan')):.4f}); wrote {out}/final")  # fmt: skip
+    typer.echo(
+        f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
+        f"held-out perplexity {last.get('perplexity', float('nan')):.2f}, mean linearity "
+        f"{last.get('mean_linearity', float('nan')):.4f} (w/o residual "
+        f"{last.get('mean_linearity_no_residual', float('nan')):.4f}); wrote {out}/final"
+    )
 
 
 @app.command()
 def dynamics(
-    checkpoints: Annotated[list[str], typer.Argument(metavar="CKPT...", help="dirs, training output dirs, or hub ids with @revision")],
+    checkpoints: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="CKPT...", help="dirs, training output dirs, or hub ids with @revision"
+        ),
+    ],
     data: Annotated[str, typer.Option(help="text source")] = "builtin:eval",
     tokens: Annotated[int, typer.Option(help="tokens per checkpoint")] = 16384,
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
@@ -557,8 +737,17 @@ def dynamics(
 
     _quiet_libraries()
     try:
-        rows = run_dynamics(checkpoints, data, tokens, seq_len, batch_size, out, dtype, device,
-                            on_row=lambda r: typer.echo(f"  step {r['step']}: {r['mean_linearity']:.4f}", err=True))  # fmt: skip
+        rows = run_dynamics(
+            checkpoints,
+            data,
+            tokens,
+            seq_len,
+            batch_size,
+            out,
+            dtype,
+            device,
+            on_row=lambda r: typer.echo(f"  step {r['step']}: {r['mean_linearity']:.4f}", err=True),
+        )
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(table_markdown(rows) + f"wrote {out}/dynamics.json, .csv, .md, .png, .html")
@@ -567,7 +756,9 @@ def dynamics(
 @app.command()
 def finetune(
     model: Annotated[str, typer.Argument(help="model to fine-tune ('embedded' = SmolLM2)")],
-    task: Annotated[str, typer.Option(help="a .jsonl task (boolq/cb/rte/wic fields or text/label)")],
+    task: Annotated[
+        str, typer.Option(help="a .jsonl task (boolq/cb/rte/wic fields or text/label)")
+    ],
     epochs: Annotated[float, typer.Option(help="passes over the train split")] = 1.0,
     lr: Annotated[float, typer.Option(help="learning rate")] = 2e-5,
     batch_size: Annotated[int, typer.Option(help="examples per step")] = 8,
@@ -575,7 +766,9 @@ def finetune(
     save_steps: Annotated[int, typer.Option(help="steps between checkpoints")] = 50,
     limit: Annotated[int, typer.Option(help="examples per split")] = 2000,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    resume: Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")] = False,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out")
+    ] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/finetune"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
@@ -585,12 +778,16 @@ def finetune(
 
     _quiet_libraries()
     try:
-        cfg = FinetuneConfig(epochs, lr, batch_size, max_len, save_steps=save_steps, limit=limit, seed=seed)
+        cfg = FinetuneConfig(
+            epochs, lr, batch_size, max_len, save_steps=save_steps, limit=limit, seed=seed
+        )
         res = run_finetune(None if model == "embedded" else model, task, cfg, out, resume, device)
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo(f"{res['steps']} steps on {res['task']}: held-out accuracy {res['accuracy_before']:.3f} "
-               f"-> {res['accuracy_after']:.3f}; wrote {out}/final")  # fmt: skip
+    typer.echo(
+        f"{res['steps']} steps on {res['task']}: held-out accuracy {res['accuracy_before']:.3f} "
+        f"-> {res['accuracy_after']:.3f}; wrote {out}/final"
+    )
 
 
 @contextmanager
@@ -600,13 +797,20 @@ def _step_progress():
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                   console=Console(stderr=True))  # fmt: skip
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
     with _lazy_task(bar, "starting") as task:
 
         def on_step(row: dict) -> None:
-            parts = " ".join(f"{k} {v:.4g}" for k, v in row.items()
-                             if k not in ("step", "tokens") and isinstance(v, float))  # fmt: skip
+            parts = " ".join(
+                f"{k} {v:.4g}"
+                for k, v in row.items()
+                if k not in ("step", "tokens") and isinstance(v, float)
+            )
             bar.update(task(), description=f"step {row['step']}: {parts}")
 
         yield on_step

@@ -62,9 +62,12 @@ def metrics_row(res: dict) -> dict[str, float]:
     return row
 
 
-_SPEED = (("params_m", "params (M)"), ("prefill_tok_s", "speed/prefill tok/s"),
-          ("decode_tok_s_b1", "speed/decode tok/s (b=1)"),
-          ("decode_tok_s_batch", "speed/decode tok/s (batch)"))  # fmt: skip
+_SPEED = (
+    ("params_m", "params (M)"),
+    ("prefill_tok_s", "speed/prefill tok/s"),
+    ("decode_tok_s_b1", "speed/decode tok/s (b=1)"),
+    ("decode_tok_s_batch", "speed/decode tok/s (batch)"),
+)
 
 
 @releases_output
@@ -78,9 +81,12 @@ def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) 
         raise LinearizeError("--labels needs one label per directory")
     out = Path(out)
     claim_output(out)
-    rows = [{"label": lab, "model": r["model"], **metrics_row(r)} for lab, r in zip(labels, results)]
-    cols = ["label", "model"] + sorted({k for r in rows for k in r} - {"label", "model"},
-                                       key=lambda k: (k != "perplexity", k))  # fmt: skip
+    rows = [
+        {"label": lab, "model": r["model"], **metrics_row(r)} for lab, r in zip(labels, results)
+    ]
+    cols = ["label", "model"] + sorted(
+        {k for r in rows for k in r} - {"label", "model"}, key=lambda k: (k != "perplexity", k)
+    )
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
     w.writeheader()
@@ -88,8 +94,16 @@ def compare(specs: list[str], out: str | Path, labels: list[str] | None = None) 
     write_text(out / "compare.csv", buf.getvalue())
     write_text(out / "compare.md", table_markdown(rows, cols))
     probes = {lab: r.get("probe", {}) for lab, r in zip(labels, results)}
-    write_json(out / "compare.json", {"sources": [str(s) for s in specs], "columns": cols, "rows": rows,
-                                      "probes": probes, "version": __version__})  # fmt: skip
+    write_json(
+        out / "compare.json",
+        {
+            "sources": [str(s) for s in specs],
+            "columns": cols,
+            "rows": rows,
+            "probes": probes,
+            "version": __version__,
+        },
+    )
     png.compare_png(rows, cols[2:], probes, out / "compare.png")
     render(out / "compare.json")
     return rows

@@ -35,10 +35,30 @@ _EVAL_EVERY = 10  # builtin:eval takes every 10th pydoc topic
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # The files of Debian's `fortunes` that are prose about the world, not about computers (no
 # computers/linux/perl/debian, no ASCII art, no one-author collections).
-FORTUNE_FILES = ("art", "education", "food", "humorists", "kids", "law", "literature", "love",
-                 "medicine", "men-women", "miscellaneous", "news", "people", "pets",
-                 "platitudes", "politics", "riddles", "science", "songs-poems", "sports",
-                 "wisdom", "work")  # fmt: skip
+FORTUNE_FILES = (
+    "art",
+    "education",
+    "food",
+    "humorists",
+    "kids",
+    "law",
+    "literature",
+    "love",
+    "medicine",
+    "men-women",
+    "miscellaneous",
+    "news",
+    "people",
+    "pets",
+    "platitudes",
+    "politics",
+    "riddles",
+    "science",
+    "songs-poems",
+    "sports",
+    "wisdom",
+    "work",
+)
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,9 @@ class DistillConfig:
 
     teacher: str | None = None  # default: the model recorded in the pruned checkpoint
     data: str = "builtin:calib"  # training text
-    tokens: int = 400_000  # training tokens (all processes together); ~30-45 min for SmolLM2 on 2 CPU cores
+    tokens: int = (
+        400_000  # training tokens (all processes together); ~30-45 min for SmolLM2 on 2 CPU cores
+    )
     seq_len: int = 512  # tokens per sequence
     batch_size: int = 8  # sequences per process per micro-step
     grad_accum: int = 1  # micro-steps per optimizer step
@@ -84,15 +86,24 @@ class DistillConfig:
 
     def check(self) -> None:
         if self.train not in TRAIN_MODES:
-            raise LinearizeError(f"unknown --train '{self.train}' (choose from {', '.join(TRAIN_MODES)})")
+            raise LinearizeError(
+                f"unknown --train '{self.train}' (choose from {', '.join(TRAIN_MODES)})"
+            )
         if self.hidden_loss not in HIDDEN_LOSSES:
-            raise LinearizeError(f"unknown --hidden-loss '{self.hidden_loss}' (choose from {', '.join(HIDDEN_LOSSES)})")
+            raise LinearizeError(
+                f"unknown --hidden-loss '{self.hidden_loss}' (choose from {', '.join(HIDDEN_LOSSES)})"
+            )
         if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
-            raise LinearizeError(f"unknown --teacher-dtype '{self.teacher_dtype}' (float32, bfloat16, float16)")
+            raise LinearizeError(
+                f"unknown --teacher-dtype '{self.teacher_dtype}' (float32, bfloat16, float16)"
+            )
         for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "epochs"):
             if getattr(self, name) < 1:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be at least 1")
-        if min(self.w_hidden, self.w_kl, self.w_lm) < 0 or self.w_hidden + self.w_kl + self.w_lm == 0:
+        if (
+            min(self.w_hidden, self.w_kl, self.w_lm) < 0
+            or self.w_hidden + self.w_kl + self.w_lm == 0
+        ):
             raise LinearizeError("loss weights must be >= 0 and not all 0")
         if self.temperature <= 0 or self.lr <= 0:
             raise LinearizeError("--temperature and --lr must be positive")
@@ -118,7 +129,9 @@ def boundaries(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, 
     _, s_layers = arch.get_layers(student)
     _, t_layers = arch.get_layers(teacher)
     if kept[-1] >= len(t_layers):
-        raise LinearizeError(f"the teacher has {len(t_layers)} layers; the student needs {kept[-1] + 1}")
+        raise LinearizeError(
+            f"the teacher has {len(t_layers)} layers; the student needs {kept[-1] + 1}"
+        )
     pairs = [(s_layers[j], t_layers[i]) for j, i in enumerate(kept) if j > 0 or i > 0]
     s_norm, t_norm = arch.get_final_norm(student), arch.get_final_norm(teacher)
     if s_norm is not None and t_norm is not None:
@@ -156,8 +169,10 @@ def select_trainable_(student: nn.Module, mode: str, lora_rank: int = 16) -> nn.
             for p in layers[pos].parameters():
                 p.requires_grad_(True)
     if not any(p.requires_grad for p in student.parameters()):
-        raise LinearizeError(f"--train {mode}: this student has no replacement to train "
-                             "(it was pruned with --replace none); use --train all or lora")  # fmt: skip
+        raise LinearizeError(
+            f"--train {mode}: this student has no replacement to train "
+            "(it was pruned with --replace none); use --train all or lora"
+        )
     return student
 
 
@@ -216,12 +231,20 @@ def chunked_kl(student: Tensor, teacher: Tensor, tau: float = 1.0, chunk: int = 
     return _ChunkedKL.apply(student, teacher.detach(), tau, chunk) / student.shape[0]
 
 
-def distill_loss(student_logits: Tensor, teacher_logits: Tensor, s_states: list[Tensor],
-                 t_states: list[Tensor], batch: dict[str, Tensor], c: DistillConfig) -> dict[str, Tensor]:  # fmt: skip
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    s_states: list[Tensor],
+    t_states: list[Tensor],
+    batch: dict[str, Tensor],
+    c: DistillConfig,
+) -> dict[str, Tensor]:
     mask = batch["attention_mask"].bool()  # (B, T)
     parts: dict[str, Tensor] = {}
     if c.w_hidden:
-        losses = [hidden_loss(s, t.to(s.device), mask, c.hidden_loss) for s, t in zip(s_states, t_states)]
+        losses = [
+            hidden_loss(s, t.to(s.device), mask, c.hidden_loss) for s, t in zip(s_states, t_states)
+        ]
         parts["hidden"] = torch.stack(losses).mean() if losses else s_states[0].new_zeros(())
     if c.w_kl:
         full = bool(mask.all())
@@ -232,8 +255,11 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor, s_states: list[
         ids = batch["input_ids"]
         keep = mask[:, 1:]
         parts["lm"] = F.cross_entropy(student_logits[:, :-1][keep].float(), ids[:, 1:][keep])
-    total = (c.w_hidden * parts.get("hidden", 0.0) + c.w_kl * parts.get("kl", 0.0)
-             + c.w_lm * parts.get("lm", 0.0))  # fmt: skip
+    total = (
+        c.w_hidden * parts.get("hidden", 0.0)
+        + c.w_kl * parts.get("kl", 0.0)
+        + c.w_lm * parts.get("lm", 0.0)
+    )
     return {"loss": total, **parts}
 
 
@@ -254,8 +280,10 @@ class TeacherCache:
             found = json.loads(path.read_text())
             if found != manifest:
                 diff = sorted(k for k in manifest if found.get(k) != manifest[k])
-                raise LinearizeError(f"--cache-teacher {root} was written for other settings "
-                                     f"({', '.join(diff)}); use another directory")  # fmt: skip
+                raise LinearizeError(
+                    f"--cache-teacher {root} was written for other settings "
+                    f"({', '.join(diff)}); use another directory"
+                )
         elif rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             write_json(path, manifest)
@@ -292,15 +320,18 @@ def _teacher_name(student_dir: str, student, teacher: str | None) -> str | None:
         return teacher
     rec = getattr(student.config, "linearize", None)
     if not rec:
-        raise LinearizeError(f"'{student_dir}' is not a pruned checkpoint (no config.linearize): "
-                             "name the original model with --teacher")  # fmt: skip
+        raise LinearizeError(
+            f"'{student_dir}' is not a pruned checkpoint (no config.linearize): "
+            "name the original model with --teacher"
+        )
     base = rec["base_model"]
     return None if base == models.EMBEDDED_NAME else base
 
 
 def _check_tokenizers(s_tok, t_tok, student, teacher) -> None:
     if s_tok.get_vocab() != t_tok.get_vocab() or (
-        student.get_output_embeddings().weight.shape[0] != teacher.get_output_embeddings().weight.shape[0]
+        student.get_output_embeddings().weight.shape[0]
+        != teacher.get_output_embeddings().weight.shape[0]
     ):
         raise LinearizeError("student and teacher have different tokenizers or vocabularies")
 
@@ -318,25 +349,37 @@ def _auto_cache_dir(manifest: dict, teacher: nn.Module, t_mods: list[nn.Module])
     given: the user cache, keyed by everything the states depend on (which teacher modules
     feed the boundaries included)."""
     names = {id(m): n for n, m in teacher.named_modules()}
-    key = json.dumps([manifest, models.weights_digest(teacher),
-                      [names.get(id(m), "?") for m in t_mods]], sort_keys=True)  # fmt: skip
+    key = json.dumps(
+        [manifest, models.weights_digest(teacher), [names.get(id(m), "?") for m in t_mods]],
+        sort_keys=True,
+    )
     return models.cache_dir() / "teacher-states" / hashlib.sha1(key.encode()).hexdigest()[:16]
 
 
-def _teacher_cache(c: DistillConfig, acc, teacher: nn.Module, name: str, pairs: list,
-                   passes: int) -> TeacherCache | None:  # fmt: skip
+def _teacher_cache(
+    c: DistillConfig, acc, teacher: nn.Module, name: str, pairs: list, passes: int
+) -> TeacherCache | None:
     """The teacher-state cache: ``--cache-teacher DIR``, or by itself in the user cache when a
     batch will be seen again (epochs, repeats), or none (``off``, or nothing repeats)."""
-    manifest = {"teacher": name, "data": c.data, "tokens": c.tokens, "seq_len": c.seq_len,
-                "batch_size": c.batch_size, "world_size": acc.num_processes,
-                "boundaries": len(pairs), "dtype": c.teacher_dtype}  # fmt: skip
+    manifest = {
+        "teacher": name,
+        "data": c.data,
+        "tokens": c.tokens,
+        "seq_len": c.seq_len,
+        "batch_size": c.batch_size,
+        "world_size": acc.num_processes,
+        "boundaries": len(pairs),
+        "dtype": c.teacher_dtype,
+    }
     cache_dir = c.cache_teacher
     if cache_dir is None and c.epochs * passes > 1 and arch.get_final_norm(teacher) is not None:
         cache_dir = str(_auto_cache_dir(manifest, teacher, [p[1] for p in pairs]))
     if not cache_dir or cache_dir == "off":
         return None
     if arch.get_final_norm(teacher) is None:
-        raise LinearizeError("--cache-teacher needs a model with a final norm in the architecture table")
+        raise LinearizeError(
+            "--cache-teacher needs a model with a final norm in the architecture table"
+        )
     acc.wait_for_everyone()
     return TeacherCache(cache_dir, manifest, acc.process_index)
 
@@ -373,14 +416,20 @@ def distill(
         data.resolve_source(c.eval_data)
     cpu = device == "cpu" or not torch.cuda.is_available()
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    acc = Accelerator(gradient_accumulation_steps=c.grad_accum, cpu=cpu,
-                      mixed_precision="no" if cpu else "bf16",
-                      log_with="tensorboard" if tensorboard else None, project_dir=str(out))  # fmt: skip
+    acc = Accelerator(
+        gradient_accumulation_steps=c.grad_accum,
+        cpu=cpu,
+        mixed_precision="no" if cpu else "bf16",
+        log_with="tensorboard" if tensorboard else None,
+        project_dir=str(out),
+    )
     world, rank = acc.num_processes, acc.process_index
     per_step = c.seq_len * c.batch_size * c.grad_accum * world
     if c.tokens < per_step:
-        raise LinearizeError(f"--tokens {c.tokens} is less than one optimizer step "
-                             f"({c.batch_size}×{c.seq_len}×{c.grad_accum}×{world} = {per_step} tokens)")  # fmt: skip
+        raise LinearizeError(
+            f"--tokens {c.tokens} is less than one optimizer step "
+            f"({c.batch_size}×{c.seq_len}×{c.grad_accum}×{world} = {per_step} tokens)"
+        )
     dev = "cpu" if cpu else str(acc.device)
     student, s_tok = models.load(student_dir, dtype="float32", device=dev, savable=True)
     teacher_name = _teacher_name(student_dir, student, c.teacher)
@@ -391,7 +440,9 @@ def distill(
     set_seed(c.seed)
     trainable = select_trainable_(student, c.train, c.lora_rank)
 
-    seqs = list(data.token_sequences(s_tok, c.data, c.seq_len, c.tokens, rank=rank, world_size=world))
+    seqs = list(
+        data.token_sequences(s_tok, c.data, c.seq_len, c.tokens, rank=rank, world_size=world)
+    )
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(s_tok)))
     per_epoch = max(1, len(micro) // c.grad_accum)
     micro = micro[: per_epoch * c.grad_accum]
@@ -402,9 +453,11 @@ def distill(
     cache = _teacher_cache(c, acc, teacher, name, pairs, passes)
     if passes > 1 and acc.is_main_process:
         cached = f"; teacher states cached in {cache.root}" if cache is not None else ""
-        warnings.warn(f"--data {c.data} holds {have:,} training tokens, under --tokens "
-                      f"{c.tokens:,}: repeating it {passes}× ({total_steps} steps){cached}",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"--data {c.data} holds {have:,} training tokens, under --tokens "
+            f"{c.tokens:,}: repeating it {passes}× ({total_steps} steps){cached}",
+            stacklevel=2,
+        )
     params = [p for p in trainable.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
@@ -437,7 +490,10 @@ def distill(
     unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
     # hidden-only losses need no student logits: ask for one position instead of all
     head_kw = {}
-    if not (c.w_kl or c.w_lm) and "logits_to_keep" in inspect.signature(unwrapped().forward).parameters:
+    if (
+        not (c.w_kl or c.w_lm)
+        and "logits_to_keep" in inspect.signature(unwrapped().forward).parameters
+    ):
         head_kw = {"logits_to_keep": 1}
     ppl_before = None
     if c.eval_data and step == 0 and acc.is_main_process:
@@ -470,7 +526,9 @@ def distill(
         row = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
         if c.eval_data and (step % c.eval_every == 0 or step == total_steps):
             model.eval()
-            row["perplexity"] = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
+            row["perplexity"] = perplexity(
+                unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens
+            )
             model.train()
         rows.append(row)
         if tensorboard:
@@ -480,13 +538,26 @@ def distill(
         if step % c.save_every == 0 or step == stop_at:
             save_checkpoint(acc, out, step, rows)
     elapsed = time.perf_counter() - start
-    summary = {"student": student_dir, "teacher": name,
-               "config": asdict(c), "steps": step, "total_steps": total_steps,
-               "tokens_seen": step * per_step, "elapsed_s": round(elapsed, 2),
-               "perplexity_before": ppl_before,
-               "perplexity_after": next((float(r["perplexity"]) for r in reversed(rows)
-                                         if r.get("perplexity") not in (None, "")), None),
-               "world_size": world, "version": __version__}  # fmt: skip
+    summary = {
+        "student": student_dir,
+        "teacher": name,
+        "config": asdict(c),
+        "steps": step,
+        "total_steps": total_steps,
+        "tokens_seen": step * per_step,
+        "elapsed_s": round(elapsed, 2),
+        "perplexity_before": ppl_before,
+        "perplexity_after": next(
+            (
+                float(r["perplexity"])
+                for r in reversed(rows)
+                if r.get("perplexity") not in (None, "")
+            ),
+            None,
+        ),
+        "world_size": world,
+        "version": __version__,
+    }
     if tensorboard:
         for tracker in acc.trackers:  # not acc.end_training(): it ends the process group too
             tracker.finish()

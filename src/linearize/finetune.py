@@ -73,9 +73,14 @@ def accuracy(model, tok, examples: list[tuple[str, int]], n_classes: int, max_le
 
 
 @releases_output
-def finetune(model_name: str | None, task_file: str, config: FinetuneConfig | None = None,
-             out: str | Path = "linearize-out/finetune", resume: bool = False,
-             device: str = "auto") -> dict:  # fmt: skip
+def finetune(
+    model_name: str | None,
+    task_file: str,
+    config: FinetuneConfig | None = None,
+    out: str | Path = "linearize-out/finetune",
+    resume: bool = False,
+    device: str = "auto",
+) -> dict:
     """Fine-tune ``model_name`` on ``task_file``; writes Trainer checkpoints, ``final`` and
     ``finetune.json`` (accuracy before/after) in ``out``."""
     from transformers import Trainer, TrainingArguments
@@ -99,17 +104,38 @@ def finetune(model_name: str | None, task_file: str, config: FinetuneConfig | No
     import inspect
 
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio)
-    ratio = "warmup_ratio" if "warmup_ratio" in inspect.signature(TrainingArguments).parameters else "warmup_steps"
+    ratio = (
+        "warmup_ratio"
+        if "warmup_ratio" in inspect.signature(TrainingArguments).parameters
+        else "warmup_steps"
+    )
     args = TrainingArguments(
-        output_dir=str(out), num_train_epochs=c.epochs, per_device_train_batch_size=c.batch_size,
-        learning_rate=c.lr, **{ratio: c.warmup}, lr_scheduler_type="linear", weight_decay=0.0,
-        save_strategy="steps", save_steps=c.save_steps, logging_steps=10, report_to=[],
-        seed=c.seed, data_seed=c.seed, use_cpu=cpu, bf16=not cpu and torch.cuda.is_bf16_supported(),
-        remove_unused_columns=False, disable_tqdm=False,
-    )  # fmt: skip
+        output_dir=str(out),
+        num_train_epochs=c.epochs,
+        per_device_train_batch_size=c.batch_size,
+        learning_rate=c.lr,
+        **{ratio: c.warmup},
+        lr_scheduler_type="linear",
+        weight_decay=0.0,
+        save_strategy="steps",
+        save_steps=c.save_steps,
+        logging_steps=10,
+        report_to=[],
+        seed=c.seed,
+        data_seed=c.seed,
+        use_cpu=cpu,
+        bf16=not cpu and torch.cuda.is_bf16_supported(),
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
     model.train()
-    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
-                      data_collator=_collate(data.pad_id_of(tok)))  # tokenizer saved in each checkpoint
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        processing_class=tok,
+        data_collator=_collate(data.pad_id_of(tok)),
+    )  # tokenizer saved in each checkpoint
     has_ckpt = any(out.glob("checkpoint-*"))
     result = trainer.train(resume_from_checkpoint=True if resume and has_ckpt else None)
     after = accuracy(model, tok, task.test, n_classes, c.max_len)
@@ -119,9 +145,16 @@ def finetune(model_name: str | None, task_file: str, config: FinetuneConfig | No
         tok.save_pretrained(tmp)
 
     atomic_dir(out / "final", write)
-    summary = {"model": model_name or models.EMBEDDED_NAME, "task": task.name, "config": asdict(c),
-               "train_examples": len(task.train), "test_examples": len(task.test),
-               "accuracy_before": before, "accuracy_after": after,
-               "steps": int(result.global_step), "train_loss": float(result.training_loss)}  # fmt: skip
+    summary = {
+        "model": model_name or models.EMBEDDED_NAME,
+        "task": task.name,
+        "config": asdict(c),
+        "train_examples": len(task.train),
+        "test_examples": len(task.test),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "steps": int(result.global_step),
+        "train_loss": float(result.training_loss),
+    }
     write_json(out / "finetune.json", summary)
     return summary

@@ -68,7 +68,9 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise LinearizeError(f"unknown judge prompt set '{spec}' (stories, tinystories or a file)")
+            raise LinearizeError(
+                f"unknown judge prompt set '{spec}' (stories, tinystories or a file)"
+            )
         if path.suffix == ".jsonl":
             prompts = []
             for lineno, rec in data.jsonl_records(path):
@@ -83,17 +85,27 @@ def load_prompts(spec: str, limit: int | None = None) -> list[str]:
 
 
 @torch.no_grad()
-def generate_stories(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 128) -> list[str]:
+def generate_stories(
+    model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 128
+) -> list[str]:
     """Greedy continuations, one prompt at a time (no padding effects)."""
     device = model.get_input_embeddings().weight.device
     prefix = data.bos_prefix(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     out = []
     for p in prompts:
-        ids = torch.tensor([prefix + tokenizer(p, add_special_tokens=False)["input_ids"]], device=device)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=data.pad_id_of(tokenizer),
-                             eos_token_id=eos, repetition_penalty=1.1)  # fmt: skip
+        ids = torch.tensor(
+            [prefix + tokenizer(p, add_special_tokens=False)["input_ids"]], device=device
+        )
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=data.pad_id_of(tokenizer),
+            eos_token_id=eos,
+            repetition_penalty=1.1,
+        )
         out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True).strip())
     return out
 
@@ -127,11 +139,20 @@ def http_judge(url: str, model: str, timeout: float = 60.0) -> Callable[[str], s
     if not endpoint.endswith("/chat/completions"):
         endpoint += "/chat/completions" if endpoint.endswith("/v1") else "/v1/chat/completions"
     key = os.environ.get("LINEARIZE_JUDGE_KEY") or os.environ.get("OPENAI_API_KEY")
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    headers = {
+        "Content-Type": "application/json",
+        **({"Authorization": f"Bearer {key}"} if key else {}),
+    }
 
     def ask(prompt: str) -> str:
-        body = json.dumps({"model": model, "temperature": 0, "max_tokens": 200,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()  # fmt: skip
+        body = json.dumps(
+            {
+                "model": model,
+                "temperature": 0,
+                "max_tokens": 200,
+                "messages": [{"role": "user", "content": prompt}],
+            }
+        ).encode()
         req = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
         with urllib.request.urlopen(req, timeout=timeout) as r:
             reply = json.loads(r.read().decode("utf-8"))
@@ -147,21 +168,35 @@ def local_judge(model: nn.Module, tokenizer, max_new_tokens: int = 80) -> Callab
     @torch.no_grad()
     def ask(prompt: str) -> str:
         if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                add_generation_prompt=True, return_tensors="pt",
-                                                return_dict=True)["input_ids"]  # fmt: skip
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                return_tensors="pt",
+                return_dict=True,
+            )["input_ids"]
         else:
             ids = torch.tensor([tokenizer(prompt)["input_ids"]])
         ids = ids.to(device)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, pad_token_id=data.pad_id_of(tokenizer))  # fmt: skip
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=data.pad_id_of(tokenizer),
+        )
         return tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True)
 
     return ask
 
 
-def score_stories(ask: Callable[[str], str], prompts: list[str], stories: list[str],
-                  retries: int = 3, backoff: float = 1.0, where: str = "judge") -> dict:  # fmt: skip
+def score_stories(
+    ask: Callable[[str], str],
+    prompts: list[str],
+    stories: list[str],
+    retries: int = 3,
+    backoff: float = 1.0,
+    where: str = "judge",
+) -> dict:
     """Scores of every story and their means; raises one line on an unreachable or garbled judge."""
     rows = []
     for i, (p, s) in enumerate(zip(prompts, stories)):
@@ -171,7 +206,9 @@ def score_stories(ask: Callable[[str], str], prompts: list[str], stories: list[s
                 answer = ask(RUBRIC.format(prompt=p, story=s))
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
                 if attempt == retries - 1:
-                    raise LinearizeError(f"{where} unreachable after {retries} tries: {first_line(e)}") from None
+                    raise LinearizeError(
+                        f"{where} unreachable after {retries} tries: {first_line(e)}"
+                    ) from None
                 time.sleep(backoff * 2**attempt)
                 continue
             except (KeyError, IndexError, TypeError, ValueError) as e:
@@ -181,8 +218,12 @@ def score_stories(ask: Callable[[str], str], prompts: list[str], stories: list[s
                 break
         if scores is None:
             shown = " ".join(answer.split())[:80]
-            raise LinearizeError(f"{where} gave no usable scores for story {i + 1} after "
-                                 f"{retries} tries (last answer: '{shown}')")  # fmt: skip
-        rows.append({"prompt": p, "story": s, **scores, "overall": sum(scores.values()) / len(scores)})
+            raise LinearizeError(
+                f"{where} gave no usable scores for story {i + 1} after "
+                f"{retries} tries (last answer: '{shown}')"
+            )
+        rows.append(
+            {"prompt": p, "story": s, **scores, "overall": sum(scores.values()) / len(scores)}
+        )
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in (*ASPECTS, "overall")}
     return {"n": len(rows), "mean": mean, "stories": rows}

@@ -137,9 +137,15 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16
         return torch.float32
     try:
-        return {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
-                "float16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16,
-                "fp16": torch.float16}[dtype]  # fmt: skip
+        return {
+            "float32": torch.float32,
+            "float64": torch.float64,
+            "bfloat16": torch.bfloat16,
+            "float16": torch.float16,
+            "fp32": torch.float32,
+            "bf16": torch.bfloat16,
+            "fp16": torch.float16,
+        }[dtype]
     except KeyError:
         raise LinearizeError(f"unknown dtype '{dtype}'") from None
 
@@ -194,8 +200,9 @@ def load(
         hf_logging.set_verbosity(level)
     serializable = getattr(getattr(model, "hf_quantizer", None), "is_serializable", True)
     if savable and not (serializable() if callable(serializable) else serializable):
-        raise LinearizeError(f"'{name}' is quantized in a way transformers cannot save; "
-                             "give the unquantized model")  # fmt: skip
+        raise LinearizeError(
+            f"'{name}' is quantized in a way transformers cannot save; give the unquantized model"
+        )
     if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
         from linearize.replace import restore_bridges_
 

@@ -48,19 +48,58 @@ REGS = ("cosine", "mse", "none")
 # 49,152-token SmolLM2 tokenizer, embeddings tied); the shapes are the usual ones for those sizes
 # (head dim 64/96, GQA, MLP ≈ 2.7× hidden). `tiny` (7.5M) exists to train on a CPU in minutes.
 PRESETS: dict[str, dict] = {
-    "tiny": {"model": dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
-                           num_key_value_heads=2, intermediate_size=384),
-             "seq_len": 128, "batch_size": 8, "lr": 2e-3, "tokens": 400_000, "warmup": 0.05,
-             "probe_every": 50, "probe_tokens": 4096, "save_every": 100},
-    "150m": {"model": dict(hidden_size=768, num_hidden_layers=18, num_attention_heads=12,
-                           num_key_value_heads=4, intermediate_size=2048),
-             "seq_len": 1024, "batch_size": 16, "grad_accum": 4, "lr": 6e-4,
-             "tokens": 3_000_000_000, "warmup": 0.01, "probe_every": 1000, "save_every": 2000},
-    "650m": {"model": dict(hidden_size=1536, num_hidden_layers=22, num_attention_heads=16,
-                           num_key_value_heads=8, intermediate_size=4096),
-             "seq_len": 1024, "batch_size": 16, "grad_accum": 8, "lr": 3e-4,
-             "tokens": 10_000_000_000, "warmup": 0.01, "probe_every": 1000, "save_every": 2000},
-}  # fmt: skip
+    "tiny": {
+        "model": dict(
+            hidden_size=128,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=384,
+        ),
+        "seq_len": 128,
+        "batch_size": 8,
+        "lr": 2e-3,
+        "tokens": 400_000,
+        "warmup": 0.05,
+        "probe_every": 50,
+        "probe_tokens": 4096,
+        "save_every": 100,
+    },
+    "150m": {
+        "model": dict(
+            hidden_size=768,
+            num_hidden_layers=18,
+            num_attention_heads=12,
+            num_key_value_heads=4,
+            intermediate_size=2048,
+        ),
+        "seq_len": 1024,
+        "batch_size": 16,
+        "grad_accum": 4,
+        "lr": 6e-4,
+        "tokens": 3_000_000_000,
+        "warmup": 0.01,
+        "probe_every": 1000,
+        "save_every": 2000,
+    },
+    "650m": {
+        "model": dict(
+            hidden_size=1536,
+            num_hidden_layers=22,
+            num_attention_heads=16,
+            num_key_value_heads=8,
+            intermediate_size=4096,
+        ),
+        "seq_len": 1024,
+        "batch_size": 16,
+        "grad_accum": 8,
+        "lr": 3e-4,
+        "tokens": 10_000_000_000,
+        "warmup": 0.01,
+        "probe_every": 1000,
+        "save_every": 2000,
+    },
+}
 
 
 @dataclass
@@ -112,7 +151,9 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def load_config(name: str = "tiny", overrides: list[str] | None = None, **options) -> PretrainConfig:
+def load_config(
+    name: str = "tiny", overrides: list[str] | None = None, **options
+) -> PretrainConfig:
     """A preset name or a YAML file, then ``key=value`` overrides, then keyword options."""
     import yaml
 
@@ -122,7 +163,9 @@ def load_config(name: str = "tiny", overrides: list[str] | None = None, **option
     else:
         path = Path(name)
         if not path.is_file():
-            raise LinearizeError(f"unknown config '{name}' (presets: {', '.join(PRESETS)}; or a YAML file)")
+            raise LinearizeError(
+                f"unknown config '{name}' (presets: {', '.join(PRESETS)}; or a YAML file)"
+            )
         try:
             raw = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
@@ -147,7 +190,9 @@ def load_config(name: str = "tiny", overrides: list[str] | None = None, **option
     raw.update({k: v for k, v in options.items() if v is not None})
     unknown = sorted(set(raw) - keys)
     if unknown:
-        raise LinearizeError(f"unknown config key '{unknown[0]}' (known: {', '.join(sorted(keys))})")
+        raise LinearizeError(
+            f"unknown config key '{unknown[0]}' (known: {', '.join(sorted(keys))})"
+        )
     defaults = PretrainConfig()
     for k, v in raw.items():
         raw[k] = _coerce(k, v, getattr(defaults, k))
@@ -161,7 +206,9 @@ def _coerce(key: str, value, default):
     if isinstance(default, bool) or default is None or isinstance(default, (str, dict)):
         ok = default is None or isinstance(value, type(default))
         if not ok:
-            raise LinearizeError(f"config key '{key}' must be a {type(default).__name__}, got {value!r}")
+            raise LinearizeError(
+                f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
+            )
         return value
     try:
         number = float(value)
@@ -193,15 +240,21 @@ def regulariser(states: list[Tensor], mask: Tensor, kind: str, normalize: bool =
 def build_model(cfg: PretrainConfig, tokenizer) -> nn.Module:
     from transformers import AutoModelForCausalLM, MistralConfig
 
-    kw = dict(vocab_size=len(tokenizer), max_position_embeddings=max(cfg.seq_len, 2048),
-              tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-              eos_token_id=tokenizer.eos_token_id, pad_token_id=data.pad_id_of(tokenizer))  # fmt: skip
+    kw = dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=max(cfg.seq_len, 2048),
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=data.pad_id_of(tokenizer),
+    )
     kw.update(cfg.model)
     return AutoModelForCausalLM.from_config(MistralConfig(**kw))
 
 
-def training_sequences(tokenizer, specs: str, seq_len: int, rank: int, world: int,
-                       skip: int = 0) -> Iterator[list[int]]:  # fmt: skip
+def training_sequences(
+    tokenizer, specs: str, seq_len: int, rank: int, world: int, skip: int = 0
+) -> Iterator[list[int]]:
     """Full-length packed sequences, sources interleaved one sequence at a time, repeating the
     data when it runs out; global sequence j goes to rank j mod world, after ``skip`` of them."""
     sources = [s.strip() for s in specs.split(",") if s.strip()]
@@ -250,22 +303,29 @@ def pretrain(
     out = Path(out)
     claim_output(out)
     cpu = device == "cpu" or not torch.cuda.is_available()
-    acc = Accelerator(gradient_accumulation_steps=c.grad_accum, cpu=cpu,
-                      mixed_precision="no" if cpu else "bf16")  # fmt: skip
+    acc = Accelerator(
+        gradient_accumulation_steps=c.grad_accum, cpu=cpu, mixed_precision="no" if cpu else "bf16"
+    )
     world, rank = acc.num_processes, acc.process_index
     per_step = c.seq_len * c.batch_size * c.grad_accum * world
     total_steps = c.tokens // per_step
     if total_steps < 1:
-        raise LinearizeError(f"--tokens {c.tokens} is less than one optimizer step ({per_step} tokens)")
+        raise LinearizeError(
+            f"--tokens {c.tokens} is less than one optimizer step ({per_step} tokens)"
+        )
     where, kw = models.resolve_model(c.tokenizer)
     try:
         tok = AutoTokenizer.from_pretrained(where, **kw)
     except Exception as e:
-        raise LinearizeError(f"cannot load tokenizer '{c.tokenizer}': {str(e).splitlines()[0]}") from None
+        raise LinearizeError(
+            f"cannot load tokenizer '{c.tokenizer}': {str(e).splitlines()[0]}"
+        ) from None
     next(training_sequences(tok, c.data, c.seq_len, 0, 1))  # data shorter than a sequence: fail now
     set_seed(c.seed)
     model = build_model(c, tok)
-    opt = torch.optim.AdamW(model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95)
+    )
     sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
     model, opt, sched = acc.prepare(model, opt, sched)
     step = resume_step(acc, out) if resume else 0
@@ -273,10 +333,13 @@ def pretrain(
     probes_path = out / "probe.jsonl"
     probes = []
     if resume and probes_path.exists():
-        probes = [p for p in map(json.loads, probes_path.read_text().splitlines()) if p["step"] <= step]
+        probes = [
+            p for p in map(json.loads, probes_path.read_text().splitlines()) if p["step"] <= step
+        ]
     unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
-    seqs = training_sequences(tok, c.data, c.seq_len, rank, world,
-                              skip=step * c.batch_size * c.grad_accum * world)  # fmt: skip
+    seqs = training_sequences(
+        tok, c.data, c.seq_len, rank, world, skip=step * c.batch_size * c.grad_accum * world
+    )
     pad = data.pad_id_of(tok)
 
     def probe(step: int) -> dict:
@@ -286,9 +349,14 @@ def pretrain(
             rep = analyze_model(m, tok, c.probe_data, c.probe_tokens, c.seq_len, c.batch_size)
             ppl = perplexity(m, tok, c.probe_data, c.seq_len, c.probe_tokens, c.batch_size)
         m.train()
-        return {"step": step, "tokens": step * per_step, "perplexity": ppl, **rep.means(),
-                "linearity": rep.column("linearity"),
-                "linearity_no_residual": rep.column("linearity_no_residual")}  # fmt: skip
+        return {
+            "step": step,
+            "tokens": step * per_step,
+            "perplexity": ppl,
+            **rep.means(),
+            "linearity": rep.column("linearity"),
+            "linearity_no_residual": rep.column("linearity_no_residual"),
+        }
 
     def save_model(tmp: Path) -> None:
         unwrapped().save_pretrained(tmp / "model")
@@ -325,25 +393,36 @@ def pretrain(
                 sched.step()
                 opt.zero_grad()
             for k, v in (("loss", loss), ("lm_loss", lm), ("reg", reg)):
-                logs[k] = logs.get(k, 0.0) + float(acc.reduce(v.detach().float(), "mean")) / c.grad_accum
+                logs[k] = (
+                    logs.get(k, 0.0) + float(acc.reduce(v.detach().float(), "mean")) / c.grad_accum
+                )
         check_finite_loss(logs, step)
         step += 1
         row: dict = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
         if step % c.probe_every == 0 or step == total_steps:
             p = probe(step)
             probes.append(p)
-            row.update(perplexity=p["perplexity"], mean_linearity=p["mean_linearity"],
-                       mean_linearity_no_residual=p["mean_linearity_no_residual"])  # fmt: skip
+            row.update(
+                perplexity=p["perplexity"],
+                mean_linearity=p["mean_linearity"],
+                mean_linearity_no_residual=p["mean_linearity_no_residual"],
+            )
         rows.append(row)
         if on_step is not None and acc.is_main_process:
             on_step(row)
         if step % c.save_every == 0 or step == stop_at:
             save_checkpoint(acc, out, step, rows, extra=save_model)
-    summary = {"config": asdict(c), "steps": step, "total_steps": total_steps,
-               "tokens_seen": step * per_step, "elapsed_s": round(time.perf_counter() - start, 2),
-               "parameters": sum(p.numel() for p in unwrapped().parameters()),
-               "final": probes[-1] if probes else None, "world_size": world,
-               "version": __version__}  # fmt: skip
+    summary = {
+        "config": asdict(c),
+        "steps": step,
+        "total_steps": total_steps,
+        "tokens_seen": step * per_step,
+        "elapsed_s": round(time.perf_counter() - start, 2),
+        "parameters": sum(p.numel() for p in unwrapped().parameters()),
+        "final": probes[-1] if probes else None,
+        "world_size": world,
+        "version": __version__,
+    }
     if step < total_steps:
         return summary
     acc.wait_for_everyone()

@@ -38,29 +38,55 @@ def _label(key: str, offset: int = 0) -> Callable[[dict], int]:
 
 
 FORMATS: dict[str, ProbeFormat] = {
-    "boolq": ProbeFormat(("question", "passage", "label"),
-                         lambda r: f"{r['passage']}\nquestion: {r['question']}?", _label("label"),
-                         ("aps/super_glue", "boolq")),
-    "cb": ProbeFormat(("premise", "hypothesis", "label"),
-                      lambda r: f"{r['premise']}\nhypothesis: {r['hypothesis']}", _label("label"),
-                      ("aps/super_glue", "cb")),
-    "rte": ProbeFormat(("premise", "hypothesis", "label"),
-                       lambda r: f"{r['premise']}\nhypothesis: {r['hypothesis']}", _label("label"),
-                       ("aps/super_glue", "rte")),
-    "wic": ProbeFormat(("word", "sentence1", "sentence2", "label"),
-                       lambda r: f"{r['sentence1']}\n{r['sentence2']}\nword: {r['word']}",
-                       _label("label"), ("aps/super_glue", "wic")),
-    "copa": ProbeFormat(("premise", "choice1", "choice2", "question", "label"),
-                        lambda r: f"{r['premise']} ({r['question']})\n1: {r['choice1']}\n2: {r['choice2']}",
-                        _label("label"), ("aps/super_glue", "copa")),
+    "boolq": ProbeFormat(
+        ("question", "passage", "label"),
+        lambda r: f"{r['passage']}\nquestion: {r['question']}?",
+        _label("label"),
+        ("aps/super_glue", "boolq"),
+    ),
+    "cb": ProbeFormat(
+        ("premise", "hypothesis", "label"),
+        lambda r: f"{r['premise']}\nhypothesis: {r['hypothesis']}",
+        _label("label"),
+        ("aps/super_glue", "cb"),
+    ),
+    "rte": ProbeFormat(
+        ("premise", "hypothesis", "label"),
+        lambda r: f"{r['premise']}\nhypothesis: {r['hypothesis']}",
+        _label("label"),
+        ("aps/super_glue", "rte"),
+    ),
+    "wic": ProbeFormat(
+        ("word", "sentence1", "sentence2", "label"),
+        lambda r: f"{r['sentence1']}\n{r['sentence2']}\nword: {r['word']}",
+        _label("label"),
+        ("aps/super_glue", "wic"),
+    ),
+    "copa": ProbeFormat(
+        ("premise", "choice1", "choice2", "question", "label"),
+        lambda r: f"{r['premise']} ({r['question']})\n1: {r['choice1']}\n2: {r['choice2']}",
+        _label("label"),
+        ("aps/super_glue", "copa"),
+    ),
     "xstorycloze-en": ProbeFormat(
-        ("input_sentence_1", "input_sentence_2", "input_sentence_3", "input_sentence_4",
-         "sentence_quiz1", "sentence_quiz2", "answer_right_ending"),
-        lambda r: " ".join(r[f"input_sentence_{i}"] for i in range(1, 5))
-        + f"\n1: {r['sentence_quiz1']}\n2: {r['sentence_quiz2']}",
-        _label("answer_right_ending", 1), ("juletxara/xstory_cloze", "en")),
+        (
+            "input_sentence_1",
+            "input_sentence_2",
+            "input_sentence_3",
+            "input_sentence_4",
+            "sentence_quiz1",
+            "sentence_quiz2",
+            "answer_right_ending",
+        ),
+        lambda r: (
+            " ".join(r[f"input_sentence_{i}"] for i in range(1, 5))
+            + f"\n1: {r['sentence_quiz1']}\n2: {r['sentence_quiz2']}"
+        ),
+        _label("answer_right_ending", 1),
+        ("juletxara/xstory_cloze", "en"),
+    ),
     "text": ProbeFormat(("text", "label"), lambda r: str(r["text"]), _label("label")),
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -83,7 +109,9 @@ def _format_for(name: str, first: dict, where: str) -> ProbeFormat:
         fmt = next((f for f in FORMATS.values() if all(k in first for k in f.fields)), None)
         if fmt is None:
             known = "; ".join(f"{k}: {', '.join(f.fields)}" for k, f in FORMATS.items())
-            raise LinearizeError(f"{where}: fields {sorted(first)} match no probing format ({known})")
+            raise LinearizeError(
+                f"{where}: fields {sorted(first)} match no probing format ({known})"
+            )
     return fmt
 
 
@@ -115,7 +143,9 @@ def load_task(spec: str, limit: int | None = None) -> ProbeTask:
             raise LinearizeError(f"probing file '{spec}' not found")
         rows = _read_jsonl(path)
         fmt = _format_for(path.stem, rows[0], str(path))
-        if all("split" in r for r in rows) and {"train", "validation"} <= {r["split"] for r in rows}:
+        if all("split" in r for r in rows) and {"train", "validation"} <= {
+            r["split"] for r in rows
+        }:
             tr = _examples([r for r in rows if r["split"] == "train"], fmt, str(path))
             te = _examples([r for r in rows if r["split"] == "validation"], fmt, str(path))
         else:
@@ -133,26 +163,32 @@ def load_task(spec: str, limit: int | None = None) -> ProbeTask:
         train = ds["train"] if "train" in ds else ds[list(ds)[0]]
         test = ds["validation"] if "validation" in ds else ds["test"]
     except Exception as e:  # no network, no such dataset: one line
-        raise LinearizeError(f"cannot load probing task '{spec}' ({name}): {first_line(e)}") from None
+        raise LinearizeError(
+            f"cannot load probing task '{spec}' ({name}): {first_line(e)}"
+        ) from None
     tr = _examples(list(train.select(range(min(len(train), limit or len(train))))), fmt, spec)
     te = _examples(list(test.select(range(min(len(test), limit or len(test))))), fmt, spec)
     return ProbeTask(spec, tr, te)
 
 
 @torch.no_grad()
-def embed(model: nn.Module, tokenizer, texts: list[str], max_len: int = 512,
-          batch_size: int = 8) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+def embed(
+    model: nn.Module, tokenizer, texts: list[str], max_len: int = 512, batch_size: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
     """(mean-pooled, last-token) features of shape (layers + 1, N, d), float32."""
     device = model.get_input_embeddings().weight.device
     prefix = data.bos_prefix(tokenizer)
     means, lasts = [], []
     for i in range(0, len(texts), batch_size):
-        seqs = [(prefix + tokenizer(t, add_special_tokens=False)["input_ids"])[-max_len:]
-                for t in texts[i : i + batch_size]]  # fmt: skip
+        seqs = [
+            (prefix + tokenizer(t, add_special_tokens=False)["input_ids"])[-max_len:]
+            for t in texts[i : i + batch_size]
+        ]
         b = data.pad_batch(seqs, data.pad_id_of(tokenizer))
         ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
-        hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True,
-                   use_cache=False).hidden_states  # fmt: skip
+        hs = model(
+            input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False
+        ).hidden_states
         h = torch.stack(hs).float()  # (L+1, B, T, d)
         m = mask.to(h.dtype)[None, :, :, None]
         means.append(((h * m).sum(2) / m.sum(2)).cpu())
@@ -173,8 +209,9 @@ def _accuracy(xtr: np.ndarray, ytr: np.ndarray, xte: np.ndarray, yte: np.ndarray
     return float(clf.score(xte.astype(np.float64), yte))
 
 
-def probe(model: nn.Module, tokenizer, task: ProbeTask, max_len: int = 512,
-          batch_size: int = 8) -> list[dict]:  # fmt: skip
+def probe(
+    model: nn.Module, tokenizer, task: ProbeTask, max_len: int = 512, batch_size: int = 8
+) -> list[dict]:
     """Per-layer held-out accuracy: ``[{"layer", "accuracy", "accuracy_last", …}]``.
 
     ``accuracy`` uses mean pooling, ``accuracy_last`` the last token; layer 0 is the embeddings.
@@ -186,8 +223,14 @@ def probe(model: nn.Module, tokenizer, task: ProbeTask, max_len: int = 512,
     m_tr, l_tr = embed(model, tokenizer, [t for t, _ in task.train], max_len, batch_size)
     m_te, l_te = embed(model, tokenizer, [t for t, _ in task.test], max_len, batch_size)
     majority = float((yte == np.bincount(ytr).argmax()).mean())
-    return [{"layer": layer,
-             "accuracy": _accuracy(m_tr[layer], ytr, m_te[layer], yte),
-             "accuracy_last": _accuracy(l_tr[layer], ytr, l_te[layer], yte),
-             "majority": majority, "train": len(ytr), "test": len(yte)}
-            for layer in range(m_tr.shape[0])]  # fmt: skip
+    return [
+        {
+            "layer": layer,
+            "accuracy": _accuracy(m_tr[layer], ytr, m_te[layer], yte),
+            "accuracy_last": _accuracy(l_tr[layer], ytr, l_te[layer], yte),
+            "majority": majority,
+            "train": len(ytr),
+            "test": len(yte),
+        }
+        for layer in range(m_tr.shape[0])
+    ]

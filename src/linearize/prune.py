@@ -63,8 +63,15 @@ from linearize.restart import BoundaryStore, run_from
 from linearize.selfgen import calibration_sequences
 from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
 
-STRATEGIES = ("linear-greedy", "linear-oneshot", "block-influence", "angular-block",
-              "lstsq-block", "ppl-greedy", "layers")  # fmt: skip
+STRATEGIES = (
+    "linear-greedy",
+    "linear-oneshot",
+    "block-influence",
+    "angular-block",
+    "lstsq-block",
+    "ppl-greedy",
+    "layers",
+)
 REPLACEMENTS = ("none", "linear", "fold")
 SCORES = ("linearity", "linearity_no_residual", "replacement_error")
 FIT_TARGETS = ("auto", "local", "original")
@@ -107,7 +114,9 @@ class PruneConfig:
     replace: str = "linear"  # none | linear | fold
     score: str = "linearity"  # linear-*: linearity | linearity_no_residual | replacement_error
     layers: list[int] | None = None  # with strategy "layers": original 0-based indices
-    calib: str = "builtin:calib+self"  # calibration sources joined by '+' ('self': sampled from the model)
+    calib: str = (
+        "builtin:calib+self"  # calibration sources joined by '+' ('self': sampled from the model)
+    )
     tokens: int = 32768  # calibration tokens
     seq_len: int = 512  # tokens per calibration sequence
     batch_size: int = 8  # sequences per forward pass
@@ -184,9 +193,13 @@ class PruneResult:
         return asdict(self)
 
 
-CHOSEN_BY = {"layers": "user", "block-influence": "block_influence",
-             "angular-block": "angular_distance_last_token", "lstsq-block": "cosine_distance",
-             "ppl-greedy": "calibration_perplexity"}  # fmt: skip
+CHOSEN_BY = {
+    "layers": "user",
+    "block-influence": "block_influence",
+    "angular-block": "angular_distance_last_token",
+    "lstsq-block": "cosine_distance",
+    "ppl-greedy": "calibration_perplexity",
+}
 
 
 def _score(stats: PairStats, key: str, ridge: float) -> float:
@@ -200,7 +213,11 @@ def _score(stats: PairStats, key: str, ridge: float) -> float:
 
 def _natural(key: str, ranked: float) -> float:
     """The criterion's own value from its ranking value (errors and distances were negated)."""
-    return -ranked if key in ("replacement_error", "block_influence", "calibration_perplexity") else ranked
+    return (
+        -ranked
+        if key in ("replacement_error", "block_influence", "calibration_perplexity")
+        else ranked
+    )
 
 
 def runs_of(indices: list[int]) -> list[tuple[int, int]]:
@@ -234,8 +251,10 @@ class _Pruner:
             raise LinearizeError(f"calibration source '{c.calib}' gave no tokens")
         pad = data.pad_id_of(tokenizer)
         self.batches = list(data.batches(seqs, c.batch_size, pad))
-        self.masks = [None if bool(b["attention_mask"].all())
-                      else b["attention_mask"].reshape(-1).bool() for b in self.batches]  # fmt: skip
+        self.masks = [
+            None if bool(b["attention_mask"].all()) else b["attention_mask"].reshape(-1).bool()
+            for b in self.batches
+        ]
         if c.strategy == "ppl-greedy":
             few, used = [], 0
             for s in seqs:
@@ -258,7 +277,9 @@ class _Pruner:
     def pass_over(self, batches: list, layers: int | None = None) -> list:
         """Count a pass over ``batches`` through ``layers`` layers (default: all)."""
         self.result.forward_passes += len(batches)
-        self._layer_passes += len(batches) * (arch.n_layers(self.model) if layers is None else layers)
+        self._layer_passes += len(batches) * (
+            arch.n_layers(self.model) if layers is None else layers
+        )
         return batches
 
     # -- boundary states ----------------------------------------------------------------------
@@ -276,8 +297,16 @@ class _Pruner:
         """Layers [start, stop) on every batch from the stored state at ``start``; records the
         boundaries start..stop and marks them current."""
         state = None if start == 0 else (lambda b: self.store.get(self._key(start) + (b,)))
-        run_from(self.model, self.pass_over(self.batches, stop - start), start, stop, state,
-                 self._record(start), None, before_batch)  # fmt: skip
+        run_from(
+            self.model,
+            self.pass_over(self.batches, stop - start),
+            start,
+            stop,
+            state,
+            self._record(start),
+            None,
+            before_batch,
+        )
         self.recorded = True
         self.valid = max(self.valid, stop)
 
@@ -327,8 +356,9 @@ class _Pruner:
         stream at the boundary the run [start, end) ends on."""
         self.ensure_valid(start)
         xk, yk = self._key(start), ("o", self._target(end))
-        return self._stored_pairs(lambda b: self.store.get(xk + (b,)),
-                                  lambda b: self.store.get(yk + (b,)))  # fmt: skip
+        return self._stored_pairs(
+            lambda b: self.store.get(xk + (b,)), lambda b: self.store.get(yk + (b,))
+        )
 
     def _original_fold_stats(self, start: int, end: int) -> PairStats:
         """Folding into layer start−1's MLP output m: x = m, y = Y_orig − h + m, with h that
@@ -348,13 +378,21 @@ class _Pruner:
                 stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
 
         key = self._key(start - 1)
-        run_from(self.model, self.pass_over(self.batches, 1), start - 1, start,
-                 lambda b: self.store.get(key + (b,)), on_boundary, lambda running: [(proj, keep)])  # fmt: skip
+        run_from(
+            self.model,
+            self.pass_over(self.batches, 1),
+            start - 1,
+            start,
+            lambda b: self.store.get(key + (b,)),
+            on_boundary,
+            lambda running: [(proj, keep)],
+        )
         return stats
 
     # -- removal ------------------------------------------------------------------------------
-    def remove_run(self, start: int, end: int, score: float | None,
-                   stats: PairStats | None = None) -> int:  # fmt: skip
+    def remove_run(
+        self, start: int, end: int, score: float | None, stats: PairStats | None = None
+    ) -> int:
         """Remove positions [start, end) with the configured replacement; returns the first
         position whose input changed (where the next pass must start)."""
         c, model = self.c, self.model
@@ -387,8 +425,13 @@ class _Pruner:
         del self.alive[start:end]
         self._changed(changed)
         for orig in originals:
-            step = {"step": len(self.result.removed), "layer": orig, "score": score,
-                    "fit_error": fit_error, "elapsed_s": round(time.perf_counter() - self.t0, 2)}  # fmt: skip
+            step = {
+                "step": len(self.result.removed),
+                "layer": orig,
+                "score": score,
+                "fit_error": fit_error,
+                "elapsed_s": round(time.perf_counter() - self.t0, 2),
+            }
             self.result.removed.append(orig)
             self.result.steps.append(step)
             if self.on_step is not None:
@@ -409,13 +452,17 @@ class _Pruner:
         stats = self.score_from(0)
         self.result.first_pass_s = round(time.perf_counter() - t0, 2)
         for step in range(self.k):
-            scored = {p: _score(s, self.c.score, self.c.ridge) for p, s in stats.items()
-                      if self._allowed(p)}  # fmt: skip
+            scored = {
+                p: _score(s, self.c.score, self.c.ridge)
+                for p, s in stats.items()
+                if self._allowed(p)
+            }
             if step == 0:
                 self._keep_initial(stats, scored)
             best = max(scored, key=scored.get)
-            changed = self.remove_run(best, best + 1, _natural(self.c.score, scored[best]),
-                                      stats[best])  # fmt: skip
+            changed = self.remove_run(
+                best, best + 1, _natural(self.c.score, scored[best]), stats[best]
+            )
             if step + 1 < self.k:
                 restart = changed if self.c.restart else 0
                 kept = {p: s for p, s in stats.items() if p < restart}
@@ -426,10 +473,13 @@ class _Pruner:
         indices then); layers a strategy may not remove get their scores but no criterion."""
         key = self.result.chosen_by
         self.result.initial = [
-            {"layer": p, "criterion": _natural(key, scored[p]) if p in scored else None,
-             **({k: float(v) for k, v in stats[p].scores().items()} if p in stats else {})}
+            {
+                "layer": p,
+                "criterion": _natural(key, scored[p]) if p in scored else None,
+                **({k: float(v) for k, v in stats[p].scores().items()} if p in stats else {}),
+            }
             for p in sorted(set(stats) | set(scored))
-        ]  # fmt: skip
+        ]
 
     def greedy_ppl(self) -> None:
         for step in range(self.k):
@@ -454,10 +504,16 @@ class _Pruner:
             starts = [s for s in range(len(dist[key])) if self._allowed(s)]
             best = min(starts, key=lambda s: dist[key][s])
             return {i: dist[key][best] for i in range(best, best + k)}
-        stats = self.score_from(0) if c.target == "original" else \
-            collect_stats(model, self.pass_over(self.batches))  # fmt: skip
-        scored = {p: _score(s, self.result.chosen_by, c.ridge) for p, s in stats.items()
-                  if self._allowed(p)}  # fmt: skip
+        stats = (
+            self.score_from(0)
+            if c.target == "original"
+            else collect_stats(model, self.pass_over(self.batches))
+        )
+        scored = {
+            p: _score(s, self.result.chosen_by, c.ridge)
+            for p, s in stats.items()
+            if self._allowed(p)
+        }
         self._keep_initial(stats, scored)
         top = sorted(scored, key=scored.get, reverse=True)[:k]
         return {p: _natural(self.result.chosen_by, scored[p]) for p in top}
@@ -554,17 +610,38 @@ def prune(
     def n_params() -> int:
         return sum(p.numel() for p in lm.parameters())
 
-    before = {"perplexity_before": held_out_ppl(eval_data),
-              "perplexity_before_ood": held_out_ppl(ood_data), "params_before": n_params()}  # fmt: skip
+    before = {
+        "perplexity_before": held_out_ppl(eval_data),
+        "perplexity_before_ood": held_out_ppl(ood_data),
+        "params_before": n_params(),
+    }
     res = prune_model_(lm, tok, c, on_step)
-    after = {"perplexity_after": held_out_ppl(eval_data),
-             "perplexity_after_ood": held_out_ppl(ood_data), "params_after": n_params()}  # fmt: skip
-    record = {"base_model": model or models.EMBEDDED_NAME, "original_layers": n,
-              **asdict(c), **res.to_dict(), "version": __version__}  # fmt: skip
-    ratios = {f"ratio{sfx}": after[f"perplexity_after{sfx}"] / before[f"perplexity_before{sfx}"]
-              for sfx in ("", "_ood") if before[f"perplexity_before{sfx}"]}  # fmt: skip
-    report = {**record, "eval_data": eval_data, "ood_data": ood_data, "eval_tokens": eval_tokens,
-              **before, **after, **ratios}  # fmt: skip
+    after = {
+        "perplexity_after": held_out_ppl(eval_data),
+        "perplexity_after_ood": held_out_ppl(ood_data),
+        "params_after": n_params(),
+    }
+    record = {
+        "base_model": model or models.EMBEDDED_NAME,
+        "original_layers": n,
+        **asdict(c),
+        **res.to_dict(),
+        "version": __version__,
+    }
+    ratios = {
+        f"ratio{sfx}": after[f"perplexity_after{sfx}"] / before[f"perplexity_before{sfx}"]
+        for sfx in ("", "_ood")
+        if before[f"perplexity_before{sfx}"]
+    }
+    report = {
+        **record,
+        "eval_data": eval_data,
+        "ood_data": ood_data,
+        "eval_tokens": eval_tokens,
+        **before,
+        **after,
+        **ratios,
+    }
 
     def write(tmp: Path) -> None:
         save(lm, tok, tmp, record)

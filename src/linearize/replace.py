@@ -45,7 +45,9 @@ def bridge_target(model: nn.Module, position: int) -> nn.Module:
         return layers[position]
     norm = arch.get_final_norm(model)
     if norm is None:
-        raise LinearizeError("cannot replace the last layers: no final norm is known for this model")
+        raise LinearizeError(
+            "cannot replace the last layers: no final norm is known for this model"
+        )
     return norm
 
 
@@ -56,7 +58,9 @@ def get_bridge(model: nn.Module, position: int) -> AffineBridge | None:
 def ensure_bridge(model: nn.Module, position: int) -> AffineBridge:
     """The bridge at ``position``, created as the identity if absent."""
     p = next(model.parameters())
-    return attach_bridge(bridge_target(model, position), model.config.hidden_size, p.dtype, p.device)
+    return attach_bridge(
+        bridge_target(model, position), model.config.hidden_size, p.dtype, p.device
+    )
 
 
 def bridge_positions(model: nn.Module) -> list[int]:
@@ -76,8 +80,11 @@ def replace_span_(model: nn.Module, start: int, end: int, fit: AffineMap | None)
     fitted map stands in for them. Bridges already around the run compose into one:
     input bridge → this map → output bridge, placed at the next kept module."""
     before, after = get_bridge(model, start), get_bridge(model, end)
-    maps = [as_affine(before) if before is not None else None, fit,
-            as_affine(after) if after is not None else None]  # fmt: skip
+    maps = [
+        as_affine(before) if before is not None else None,
+        fit,
+        as_affine(after) if after is not None else None,
+    ]
     maps = [m for m in maps if m is not None]
     arch.remove_layers_(model, range(start, end))  # the input bridge goes with its layer
     if maps:
@@ -151,8 +158,10 @@ def _write_remote_code(model: nn.Module, out: Path) -> None:
     if getattr(transformers, base.__name__, None) is not base:
         return  # not a stock transformers class: nothing we could name from the file
     src = inspect.getsource(_remote_modeling)
-    tail = (f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
-            f"LinearizedForCausalLM = with_bridges({base.__name__})\n")  # fmt: skip
+    tail = (
+        f"\n\nfrom transformers import {base.__name__}  # noqa: E402\n\n"
+        f"LinearizedForCausalLM = with_bridges({base.__name__})\n"
+    )
     (out / REMOTE_FILE).write_text(src + tail, encoding="utf-8")
     model.config.auto_map = {"AutoModelForCausalLM": "modeling_linearize.LinearizedForCausalLM"}
 
@@ -196,7 +205,9 @@ def restore_bridges_(model: nn.Module, path: Path) -> None:
                     tensors[k] = sf.get_tensor(k)
     p = next(model.parameters())
     for target in targets:
-        bridge = attach_bridge(model.get_submodule(target), model.config.hidden_size, p.dtype, p.device)
+        bridge = attach_bridge(
+            model.get_submodule(target), model.config.hidden_size, p.dtype, p.device
+        )
         with torch.no_grad():
             for pname, param in bridge.named_parameters():
                 key = f"{target}.{BRIDGE}.{pname}"

@@ -145,7 +145,12 @@ def run_from(
     cut = arch.layers_removed(model, range(start)) if start > 0 else contextlib.nullcontext()
     extra = more_hooks(running) if more_hooks is not None else []
     outs = [(layer, out_hook(start + i + 1)) for i, layer in enumerate(running)]
-    with eval_mode(model), cut, hooks(pre=[(running[0], feed)], prepend=True), hooks(post=extra + outs):
+    with (
+        eval_mode(model),
+        cut,
+        hooks(pre=[(running[0], feed)], prepend=True),
+        hooks(post=extra + outs),
+    ):
         for b, batch in enumerate(batches):
             current["b"] = b
             if before_batch is not None:
@@ -155,4 +160,3 @@ def run_from(
                 body(input_ids=ids, attention_mask=mask, use_cache=False)
             except _StopForward:
                 pass
-

@@ -26,29 +26,65 @@ from linearize.capture import eval_mode
 
 # Openings from many walks of life, none about code: the model continues each freely.
 OPENINGS = (
-    "Once upon a time", "The history of", "Yesterday the city council", "Scientists have discovered",
-    "My grandmother always said", "The best way to cook", "Dear friend,", "In the summer of",
-    "The team won", "Doctors recommend", "The law states that", "She opened the door and",
-    "A good teacher", "The river", "When I was young", "The economy", "Travelers visiting",
-    "The poem begins", "He looked at the sky", "The museum", "Farmers in the valley",
-    "The old house on the hill", "According to the report,", "Music has always",
-    "The children ran", "In ancient Rome,", "The recipe calls for", "After the storm,",
-    "Every morning, the baker", "The election", "Birds migrate", "The letter arrived",
-)  # fmt: skip
+    "Once upon a time",
+    "The history of",
+    "Yesterday the city council",
+    "Scientists have discovered",
+    "My grandmother always said",
+    "The best way to cook",
+    "Dear friend,",
+    "In the summer of",
+    "The team won",
+    "Doctors recommend",
+    "The law states that",
+    "She opened the door and",
+    "A good teacher",
+    "The river",
+    "When I was young",
+    "The economy",
+    "Travelers visiting",
+    "The poem begins",
+    "He looked at the sky",
+    "The museum",
+    "Farmers in the valley",
+    "The old house on the hill",
+    "According to the report,",
+    "Music has always",
+    "The children ran",
+    "In ancient Rome,",
+    "The recipe calls for",
+    "After the storm,",
+    "Every morning, the baker",
+    "The election",
+    "Birds migrate",
+    "The letter arrived",
+)
 SAMPLING = {"temperature": 1.0, "top_p": 0.95}
 
 
 def _fingerprint(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int) -> str:
     """A key that changes with the weights, the tokenizer and every setting."""
     h = hashlib.sha256(models.weights_digest(model).encode())
-    h.update(json.dumps([len(tokenizer), tokenizer("The river")["input_ids"], seq_len, tokens,
-                         seed, OPENINGS, SAMPLING]).encode())  # fmt: skip
+    h.update(
+        json.dumps(
+            [
+                len(tokenizer),
+                tokenizer("The river")["input_ids"],
+                seq_len,
+                tokens,
+                seed,
+                OPENINGS,
+                SAMPLING,
+            ]
+        ).encode()
+    )
     return h.hexdigest()[:24]
 
 
 @torch.no_grad()
-def _generate(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int,
-              batch_size: int) -> list[list[int]]:  # fmt: skip
+def _generate(
+    model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int, batch_size: int
+) -> list[list[int]]:
     pad = data.pad_id_of(tokenizer)
     prefix = data.bos_prefix(tokenizer)
     device = model.get_input_embeddings().weight.device
@@ -58,27 +94,44 @@ def _generate(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int,
         i = 0
         while sum(map(len, out)) < tokens:
             rows = min(batch_size, -(-(tokens - sum(map(len, out))) // seq_len))
-            prompts = [prefix + tokenizer(OPENINGS[(i + j) % len(OPENINGS)],
-                                          add_special_tokens=False)["input_ids"]
-                       for j in range(rows)]  # fmt: skip
+            prompts = [
+                prefix
+                + tokenizer(OPENINGS[(i + j) % len(OPENINGS)], add_special_tokens=False)[
+                    "input_ids"
+                ]
+                for j in range(rows)
+            ]
             width = max(map(len, prompts))
             ids = torch.full((rows, width), pad, dtype=torch.long)
             mask = torch.zeros((rows, width), dtype=torch.long)
             for j, p in enumerate(prompts):  # left padding: every row ends where generation starts
-                ids[j, width - len(p):] = torch.tensor(p)
-                mask[j, width - len(p):] = 1
+                ids[j, width - len(p) :] = torch.tensor(p)
+                mask[j, width - len(p) :] = 1
             new = seq_len - width
-            gen = model.generate(ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                                 max_new_tokens=new, min_new_tokens=new, pad_token_id=pad,
-                                 **SAMPLING)  # fmt: skip
+            gen = model.generate(
+                ids.to(device),
+                attention_mask=mask.to(device),
+                do_sample=True,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=pad,
+                **SAMPLING,
+            )
             for j, p in enumerate(prompts):
-                out.append(gen[j, width - len(p):].tolist())
+                out.append(gen[j, width - len(p) :].tolist())
             i += rows
     return out
 
 
-def self_sequences(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int = 0,
-                   batch_size: int = 32, cache: Path | None = None) -> list[list[int]]:  # fmt: skip
+def self_sequences(
+    model: nn.Module,
+    tokenizer,
+    seq_len: int,
+    tokens: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    cache: Path | None = None,
+) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from ``model``, as sequences of ``seq_len``
     tokens (the last one cut to the total), generated once and then read from the cache."""
     from linearize.models import cache_dir
@@ -90,8 +143,10 @@ def self_sequences(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed:
     try:
         seqs = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        warnings.warn(f"sampling {tokens:,} calibration tokens from the model (once; cached in "
-                      f"{root})", stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"sampling {tokens:,} calibration tokens from the model (once; cached in {root})",
+            stacklevel=2,
+        )
         seqs = _generate(model, tokenizer, seq_len, tokens, seed, batch_size)
         try:
             write_text(path, json.dumps(seqs))
@@ -106,8 +161,9 @@ def self_sequences(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed:
     return keep
 
 
-def calibration_sequences(model: nn.Module, tokenizer, spec: str, seq_len: int,
-                          tokens: int) -> list[list[int]]:  # fmt: skip
+def calibration_sequences(
+    model: nn.Module, tokenizer, spec: str, seq_len: int, tokens: int
+) -> list[list[int]]:
     """The calibration sequences of a spec such as ``builtin:calib+self``: each part gets an
     equal share of ``tokens``, and the parts are interleaved sequence by sequence, so any
     prefix of the list (a batch, SLEB's scoring subset) mixes them."""

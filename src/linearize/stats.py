@@ -62,8 +62,9 @@ class PairStats:
         self._carry: tuple | None = None  # (y rows, y − b, ‖y‖) of the last update
 
     # -- accumulation -------------------------------------------------------------------
-    def _alloc(self, d: int, device: torch.device, x: Tensor | None = None,
-               y: Tensor | None = None) -> None:  # fmt: skip
+    def _alloc(
+        self, d: int, device: torch.device, x: Tensor | None = None, y: Tensor | None = None
+    ) -> None:
         z = lambda *s: torch.zeros(*s, dtype=_F64, device=device)  # noqa: E731
         # shifts are rounded to the working precision, so x − a is what the books say it is
         shift = lambda v: v.mean(0, dtype=_F64).to(self._work(v)).to(_F64)  # noqa: E731
@@ -163,8 +164,9 @@ class PairStats:
         """Raw Σx yᵀ, with x = x' + a and y = x' + d' + b."""
         s1, g = self._x_moments()
         a, b, n = self.a, self.b, self.n
-        return (g + self.p + torch.outer(s1, b) + torch.outer(a, s1 + self.sd)
-                + n * torch.outer(a, b))  # fmt: skip
+        return (
+            g + self.p + torch.outer(s1, b) + torch.outer(a, s1 + self.sd) + n * torch.outer(a, b)
+        )
 
     def owned_tensors(self) -> list[Tensor]:
         """The buffers this object owns (borrowed ones excluded), e.g. for an all-reduce."""
@@ -179,9 +181,12 @@ class PairStats:
         c = self.b - a
         s1, g = self._x_moments()
         sd, outer = self.sd, torch.outer
-        new = {"sd": sd + n * c, "b": torch.zeros_like(c),
-               "p": self.p + outer(s1, c) + outer(a, sd) + n * outer(a, c),
-               "q": self.q + outer(sd, c) + outer(c, sd) + n * outer(c, c)}  # fmt: skip
+        new = {
+            "sd": sd + n * c,
+            "b": torch.zeros_like(c),
+            "p": self.p + outer(s1, c) + outer(a, sd) + n * outer(a, c),
+            "q": self.q + outer(sd, c) + outer(c, sd) + n * outer(c, c),
+        }
         if self.x_source is None:
             new["_s1"], new["_g"] = self._raw(s1, g, a, n)
             new["_a"] = torch.zeros_like(a)
@@ -264,8 +269,9 @@ def row_cosine(x: Tensor, y: Tensor, eps: float = 1e-30) -> Tensor:
     return dots / (x.norm(dim=-1) * y.norm(dim=-1)).clamp_min(eps)
 
 
-def cosine_angle_from_norms(nx: Tensor, ny: Tensor, nd: Tensor,
-                            eps: float = 1e-30) -> tuple[Tensor, Tensor]:  # fmt: skip
+def cosine_angle_from_norms(
+    nx: Tensor, ny: Tensor, nd: Tensor, eps: float = 1e-30
+) -> tuple[Tensor, Tensor]:
     """cos and angle of row pairs from ‖x‖, ‖y‖ and ‖y − x‖.
 
     With s = ‖x̂ − ŷ‖² = (‖y − x‖² − (‖y‖ − ‖x‖)²) / (‖x‖‖y‖), cos = 1 − s/2 and
@@ -399,9 +405,14 @@ def relative_error(stats: PairStats, fit: AffineMap) -> float:
     """‖XW + b − Y‖²_F / ‖Y‖²_F of a map on the accumulated pairs, from the raw moments alone:
     the share of Y's energy (mean included) that the map gets wrong."""
     w, b = fit.weight.to(stats.xx), fit.bias.to(stats.xx)
-    err = (torch.trace(w.T @ stats.xx @ w) - 2 * torch.trace(w.T @ stats.xy)
-           + torch.trace(stats.yy) + stats.n * b @ b
-           + 2 * b @ (w.T @ stats.sx) - 2 * b @ stats.sy)  # fmt: skip
+    err = (
+        torch.trace(w.T @ stats.xx @ w)
+        - 2 * torch.trace(w.T @ stats.xy)
+        + torch.trace(stats.yy)
+        + stats.n * b @ b
+        + 2 * b @ (w.T @ stats.sx)
+        - 2 * b @ stats.sy
+    )
     return float(err / torch.trace(stats.yy))
 
 

@@ -50,11 +50,14 @@ class EvalConfig:
 
     def check(self) -> None:
         if not (self.ppl or self.tasks or self.probe or self.judge or self.speed):
-            raise LinearizeError("nothing to evaluate: give --ppl, --tasks, --probe, --judge "
-                                 "or --speed")  # fmt: skip
+            raise LinearizeError(
+                "nothing to evaluate: give --ppl, --tasks, --probe, --judge or --speed"
+            )
         if self.judge and not (self.judge_url or self.judge_model):
-            raise LinearizeError("--judge needs --judge-url (an OpenAI-compatible server) or "
-                                 "--judge-model (a local model)")  # fmt: skip
+            raise LinearizeError(
+                "--judge needs --judge-url (an OpenAI-compatible server) or "
+                "--judge-model (a local model)"
+            )
         if self.judge_retries < 1 or self.judge_timeout <= 0:
             raise LinearizeError("--judge-retries must be >= 1 and --judge-timeout positive")
 
@@ -94,7 +97,11 @@ def evaluate_model(
     probe_tasks = [probe.load_task(p, c.probe_limit) for p in c.probe]
     prompts = judge.load_prompts(c.judge, c.judge_limit) if c.judge else []
     model, tok = models.load(name, dtype=c.dtype, device=device)
-    result: dict = {"model": name or models.EMBEDDED_NAME, "config": asdict(c), "version": __version__}
+    result: dict = {
+        "model": name or models.EMBEDDED_NAME,
+        "config": asdict(c),
+        "version": __version__,
+    }
     path = out / "results.json"
     result.update(_finished_parts(path, result))  # a run killed midway resumes after its last part
 
@@ -107,10 +114,15 @@ def evaluate_model(
     write_json(path, result)
     if c.ppl and "perplexity" not in result:
         torch.manual_seed(c.seed)
-        result["perplexity"] = perplexity(model, tok, c.ppl, c.seq_len, c.ppl_tokens, c.batch_size,
-                                          stride=c.stride)  # fmt: skip
-        result["perplexity_protocol"] = {"source": c.ppl, "tokens": c.ppl_tokens,
-                                         "seq_len": c.seq_len, "stride": c.stride}  # fmt: skip
+        result["perplexity"] = perplexity(
+            model, tok, c.ppl, c.seq_len, c.ppl_tokens, c.batch_size, stride=c.stride
+        )
+        result["perplexity_protocol"] = {
+            "source": c.ppl,
+            "tokens": c.ppl_tokens,
+            "seq_len": c.seq_len,
+            "stride": c.stride,
+        }
         part("perplexity")
     if c.speed and "speed" not in result:
         from linearize.bench import BenchConfig, bench_loaded
@@ -123,8 +135,9 @@ def evaluate_model(
     if c.tasks and "lm_eval" not in result:
         from linearize.harness import run_tasks
 
-        result["lm_eval"] = run_tasks(model, tok, c.tasks, c.task_include, c.task_limit,
-                                      c.batch_size, seed=c.seed)  # fmt: skip
+        result["lm_eval"] = run_tasks(
+            model, tok, c.tasks, c.task_include, c.task_limit, c.batch_size, seed=c.seed
+        )
         part("lm_eval")
     if probe_tasks:
         result.setdefault("probe", {})
@@ -140,7 +153,9 @@ def evaluate_model(
             j_model, j_tok = models.load(c.judge_model, dtype=c.dtype, device=device)
             ask, where = judge.local_judge(j_model, j_tok), f"judge model '{c.judge_model}'"
         try:
-            result["judge"] = judge.score_stories(ask, prompts, stories, c.judge_retries, where=where)
+            result["judge"] = judge.score_stories(
+                ask, prompts, stories, c.judge_retries, where=where
+            )
         except LinearizeError:
             result["judge_stories"] = [{"prompt": p, "story": s} for p, s in zip(prompts, stories)]
             write_json(path, result)

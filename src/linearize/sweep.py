@@ -28,8 +28,19 @@ from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 from linearize.report import png, render
 
 SEQUENTIAL = ("linear-greedy", "ppl-greedy")
-COLUMNS = ("strategy", "replace", "k", "perplexity", "ratio", "perplexity_ood", "ratio_ood",
-           "removed", "elapsed_s", "forward_passes", "note")  # fmt: skip
+COLUMNS = (
+    "strategy",
+    "replace",
+    "k",
+    "perplexity",
+    "ratio",
+    "perplexity_ood",
+    "ratio_ood",
+    "removed",
+    "elapsed_s",
+    "forward_passes",
+    "note",
+)
 
 
 def parse_list(text: str, choices: tuple[str, ...], what: str) -> list[str]:
@@ -78,10 +89,16 @@ def sweep(
 
     out = Path(out)
     claim_output(out)
-    strategies = parse_list(strategies, STRATEGIES, "strategy") if isinstance(strategies, str) \
-        else list(strategies)  # fmt: skip
-    replacements = parse_list(replacements, REPLACEMENTS, "replacement") \
-        if isinstance(replacements, str) else list(replacements)  # fmt: skip
+    strategies = (
+        parse_list(strategies, STRATEGIES, "strategy")
+        if isinstance(strategies, str)
+        else list(strategies)
+    )
+    replacements = (
+        parse_list(replacements, REPLACEMENTS, "replacement")
+        if isinstance(replacements, str)
+        else list(replacements)
+    )
     hf_config = models.load_config(model)
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     ks = parse_ks(ks, n) if isinstance(ks, str) else sorted(set(ks))
@@ -94,9 +111,14 @@ def sweep(
     ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
     if ood_data:
         data.resolve_source(ood_data)
-    settings = {"model": model or models.EMBEDDED_NAME, "config": asdict(base), "ks": ks,
-                "eval_data": eval_data, "ood_data": ood_data,
-                "eval_tokens": eval_tokens}  # fmt: skip
+    settings = {
+        "model": model or models.EMBEDDED_NAME,
+        "config": asdict(base),
+        "ks": ks,
+        "eval_data": eval_data,
+        "ood_data": ood_data,
+        "eval_tokens": eval_tokens,
+    }
     rows = previous_rows(out / "sweep.json", settings)
     done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
     lm, tok = models.load(model, dtype=dtype, device=device)
@@ -132,8 +154,9 @@ def sweep(
                         add(_na(s, r, k, str(e)))
                     continue
             if s in SEQUENTIAL:
-                _run_sequential(lm, tok, replace(base, strategy=s, replace=r, remove=max(todo)),
-                                todo, ppl, add)  # fmt: skip
+                _run_sequential(
+                    lm, tok, replace(base, strategy=s, replace=r, remove=max(todo)), todo, ppl, add
+                )
             else:
                 for k in todo:
                     m = copy.deepcopy(lm)
@@ -158,8 +181,17 @@ def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add) -> None:
 
 
 def _row(s, r, k, ppl: tuple[float | None, float | None], removed, elapsed, passes) -> dict:
-    return {"strategy": s, "replace": r, "k": k, "perplexity": ppl[0], "perplexity_ood": ppl[1],
-            "removed": removed, "elapsed_s": elapsed, "forward_passes": passes, "note": ""}  # fmt: skip
+    return {
+        "strategy": s,
+        "replace": r,
+        "k": k,
+        "perplexity": ppl[0],
+        "perplexity_ood": ppl[1],
+        "removed": removed,
+        "elapsed_s": elapsed,
+        "forward_passes": passes,
+        "note": "",
+    }
 
 
 def _na(s, r, k, why) -> dict:
@@ -173,8 +205,9 @@ def _with_ratio(rows: list[dict]) -> list[dict]:
         base, value = orig.get(key), r.get(key)
         return value / base if base and value else None
 
-    return [dict(r, ratio=ratio(r, "perplexity"), ratio_ood=ratio(r, "perplexity_ood"))
-            for r in rows]  # fmt: skip
+    return [
+        dict(r, ratio=ratio(r, "perplexity"), ratio_ood=ratio(r, "perplexity_ood")) for r in rows
+    ]
 
 
 def _num(x: float | None, fmt: str = ".2f") -> str:
@@ -182,20 +215,26 @@ def _num(x: float | None, fmt: str = ".2f") -> str:
 
 
 def table_markdown(rows: list[dict]) -> str:
-    head = ("| strategy | replace | k | perplexity | × original | out-of-domain perplexity | "
-            "× original (ood) | removed (original numbering) | time (s) |\n")  # fmt: skip
+    head = (
+        "| strategy | replace | k | perplexity | × original | out-of-domain perplexity | "
+        "× original (ood) | removed (original numbering) | time (s) |\n"
+    )
     head += "|---|---|---|---|---|---|---|---|---|\n"
     body = ""
     for r in _with_ratio(rows):
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else (r["note"] or "n/a")
-        body += (f"| {r['strategy']} | {r['replace']} | {r['k']} | {ppl} | {_num(r['ratio'])} | "
-                 f"{_num(r.get('perplexity_ood'))} | {_num(r['ratio_ood'])} | "
-                 f"{','.join(map(str, r['removed']))} | {r['elapsed_s']} |\n")  # fmt: skip
+        body += (
+            f"| {r['strategy']} | {r['replace']} | {r['k']} | {ppl} | {_num(r['ratio'])} | "
+            f"{_num(r.get('perplexity_ood'))} | {_num(r['ratio_ood'])} | "
+            f"{','.join(map(str, r['removed']))} | {r['elapsed_s']} |\n"
+        )
     return head + body
 
 
 def _write(out: Path, settings: dict, rows: list[dict], version: str) -> None:
-    rows = sorted(rows, key=lambda r: (r["strategy"] != "original", r["strategy"], r["replace"], r["k"]))
+    rows = sorted(
+        rows, key=lambda r: (r["strategy"] != "original", r["strategy"], r["replace"], r["k"])
+    )
     full = _with_ratio(rows)
     write_json(out / "sweep.json", {"settings": settings, "version": version, "rows": rows})
     buf = io.StringIO()

@@ -20,9 +20,11 @@ def check_finite_loss(logs: dict[str, float], step: int) -> None:
     stay as they are, so ``--resume`` restarts from the last good one)."""
     loss = logs.get("loss")
     if loss is not None and not math.isfinite(loss):
-        raise LinearizeError(f"the loss became {loss} at step {step + 1}: the run diverged or "
-                             "the model holds NaN/inf (try a lower --lr); nothing of this step "
-                             "was saved")  # fmt: skip
+        raise LinearizeError(
+            f"the loss became {loss} at step {step + 1}: the run diverged or "
+            "the model holds NaN/inf (try a lower --lr); nothing of this step "
+            "was saved"
+        )
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -57,13 +59,16 @@ def write_metrics(out: Path, rows: list[dict]) -> None:
     write_text(Path(out) / "metrics.csv", buf.getvalue())
 
 
-def save_checkpoint(acc, out: Path, step: int, rows: list[dict],
-                    extra: Callable[[Path], None] | None = None) -> None:  # fmt: skip
+def save_checkpoint(
+    acc, out: Path, step: int, rows: list[dict], extra: Callable[[Path], None] | None = None
+) -> None:
     """Every process writes its part of the state into a temporary directory; the main one
     renames it into place, so a kill never leaves a half-written checkpoint behind.
     ``extra(tmp)`` (main process) may add files, e.g. a loadable model for ``dynamics``."""
     final = Path(out) / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(f"{TMP_PREFIX}step-{step}")  # a kill leaves it for the next claim to sweep
+    tmp = final.with_name(
+        f"{TMP_PREFIX}step-{step}"
+    )  # a kill leaves it for the next claim to sweep
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()

@@ -269,14 +269,33 @@ def _ratio(row: dict, base: dict, key: str) -> float | None:
 
 def _sweep_table(rows: list[dict]) -> Table:
     base = next((r for r in rows if r["strategy"] == "original"), {})
-    cols = ["strategy", "replace", "k", "perplexity", "÷ original", "perplexity (OOD)",
-            "÷ original (OOD)", "removed", "time (s)", "note"]  # fmt: skip
+    cols = [
+        "strategy",
+        "replace",
+        "k",
+        "perplexity",
+        "÷ original",
+        "perplexity (OOD)",
+        "÷ original (OOD)",
+        "removed",
+        "time (s)",
+        "note",
+    ]
     cells = [
-        [r["strategy"], r["replace"], r["k"], r.get("perplexity"), _ratio(r, base, "perplexity"),
-         r.get("perplexity_ood"), _ratio(r, base, "perplexity_ood"), fmt(r["removed"]),
-         r.get("elapsed_s"), r.get("note", "")]
+        [
+            r["strategy"],
+            r["replace"],
+            r["k"],
+            r.get("perplexity"),
+            _ratio(r, base, "perplexity"),
+            r.get("perplexity_ood"),
+            _ratio(r, base, "perplexity_ood"),
+            fmt(r["removed"]),
+            r.get("elapsed_s"),
+            r.get("note", ""),
+        ]
         for r in rows
-    ]  # fmt: skip
+    ]
     return Table(cols, cells)
 
 
