@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from linearize import arch, data
+from linearize._fields import option
 from linearize._io import claim_output, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
@@ -47,12 +48,12 @@ HIGHER_IS_BETTER = {
 class BenchConfig:
     """How each model is measured."""
 
-    batch_size: int = 4  # sequences per prefill forward and per batched decode
-    seq_len: int = 256  # prefill tokens per sequence
-    prompt_len: int = 32  # decode: prompt tokens per sequence
-    new_tokens: int = 128  # decode: greedy tokens generated
-    repeats: int = 3  # interleaved rounds; the median is reported
-    text: str = "builtin:eval"  # where the prompts come from
+    batch_size: int = option(4, "sequences per prefill forward and per batched decode")
+    seq_len: int = option(256, "prefill tokens per sequence")
+    prompt_len: int = option(32, "decode: prompt tokens per sequence")
+    new_tokens: int = option(128, "decode: greedy tokens generated")
+    repeats: int = option(3, "interleaved rounds; the median is reported")
+    text: str = option("builtin:eval", "where the prompts come from")
 
     def check(self) -> None:
         for name in ("batch_size", "seq_len", "prompt_len", "new_tokens", "repeats"):

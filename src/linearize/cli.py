@@ -6,17 +6,27 @@ on stderr with exit code 2 (no traceback).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import os
 import sys
+import typing
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from linearize._fields import int_list
 from linearize._io import strict_json
+from linearize.bench import BenchConfig
+from linearize.distill import DistillConfig
 from linearize.errors import LinearizeError
+from linearize.prune import PruneConfig
+from linearize.suite import EvalConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -29,6 +39,59 @@ app = typer.Typer(
 def _fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)
+
+
+def _is_argument(p: inspect.Parameter) -> bool:
+    meta = getattr(p.annotation, "__metadata__", ())
+    return any(isinstance(m, typer.models.ArgumentInfo) for m in meta)
+
+
+def with_config(cls: type, name: str = "config") -> Callable:
+    """Give a command one option per field of the dataclass ``cls`` (help, default and type
+    from the field, see linearize._fields.option) and call it with ``name=cls(...)``: the
+    fields are declared once, in the config."""
+
+    def options() -> list[inspect.Parameter]:
+        hints = typing.get_type_hints(cls)
+        params = []
+        for f in dataclasses.fields(cls):
+            if "help" not in f.metadata:
+                continue
+            typ = f.metadata.get("cli", hints[f.name])
+            default = f.default if f.default is not dataclasses.MISSING else None  # lists: empty
+            flags = [f.metadata["flag"]] if "flag" in f.metadata else []
+            ann = Annotated[typ, typer.Option(*flags, help=f.metadata["help"])]
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann
+                )
+            )
+        return params
+
+    def decorate(fn: Callable) -> Callable:
+        fields = options()
+        own = [
+            p for p in inspect.signature(fn, eval_str=True).parameters.values() if p.name != name
+        ]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {f.name: kwargs.pop(f.name) for f in fields}
+            for f in dataclasses.fields(cls):
+                if "parse" in f.metadata and f.name in values:
+                    try:
+                        values[f.name] = f.metadata["parse"](values[f.name])
+                    except LinearizeError as e:
+                        _fail(str(e))
+            return fn(**kwargs, **{name: cls(**values)})
+
+        # the command's arguments, then the config's options, then the command's own options
+        args = [p for p in own if _is_argument(p)]
+        rest = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p not in args]
+        command.__signature__ = inspect.Signature(args + fields + rest)
+        return command
+
+    return decorate
 
 
 def _quiet_libraries() -> None:
@@ -111,15 +174,6 @@ def _token_progress(total: int | None, enabled: bool, world: int):
         yield lambda n: bar.advance(task(), n * world)
 
 
-def _parse_layers(text: str | None) -> list[int] | None:
-    if not text:
-        return None
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        _fail(f"--layers takes comma-separated integers, got '{text}'")
-
-
 @app.command()
 def analyze(
     model: Annotated[
@@ -176,7 +230,7 @@ def analyze(
                 dtype,
                 device,
                 device_map,
-                _parse_layers(layers),
+                int_list(layers),
                 anisotropy,
                 on_batch,
                 exact=exact,
@@ -212,59 +266,12 @@ def _print_table(report, out_dir: Path) -> None:
 
 
 @app.command()
+@with_config(PruneConfig)
 def prune(
     model: Annotated[
         str | None, typer.Argument(help="model to prune (default: embedded SmolLM2)")
     ] = None,
-    remove: Annotated[
-        str, typer.Option(help="layers to remove: a count (8) or a share (25%)")
-    ] = "8",
-    strategy: Annotated[
-        str,
-        typer.Option(
-            help="linear-greedy | linear-oneshot | block-influence | angular-block | "
-            "lstsq-block | ppl-greedy | layers (with --sweep: a list, or all)"
-        ),
-    ] = "linear-greedy",
-    replace: Annotated[
-        str, typer.Option(help="none | linear | fold (with --sweep: a list)")
-    ] = "linear",
-    score: Annotated[
-        str, typer.Option(help="linear-*: linearity | linearity_no_residual | replacement_error")
-    ] = "linearity",
-    layers: Annotated[str | None, typer.Option(help="with --strategy layers: e.g. 3,7,9")] = None,
-    calib: Annotated[
-        str,
-        typer.Option(
-            help="calibration sources joined by '+'; 'self' is text sampled from "
-            "the model itself (generated once, cached)"
-        ),
-    ] = "builtin:calib+self",
-    tokens: Annotated[int, typer.Option(help="calibration tokens")] = 32768,
-    ppl_tokens: Annotated[
-        int, typer.Option(help="ppl-greedy: calibration tokens scored per candidate")
-    ] = 4096,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
-    ridge: Annotated[float, typer.Option(help="relative ridge for the linear fits")] = 0.0,
-    fit_target: Annotated[
-        str,
-        typer.Option(
-            help="original (the original model's state, from the pruned model's "
-            "actual input) | local (the removed layers' own output) | auto: "
-            "original for linear, local for fold"
-        ),
-    ] = "auto",
-    prior: Annotated[
-        str, typer.Option(help="what --ridge pulls a map towards: zero | identity")
-    ] = "zero",
-    rank: Annotated[int | None, typer.Option(help="keep only a rank-r update W − I")] = None,
-    refit: Annotated[
-        bool, typer.Option(help="--fit-target original: refit every map once more at the end")
-    ] = False,
-    cache_gb: Annotated[
-        float, typer.Option(help="RAM for stored calibration states (the rest spills to disk)")
-    ] = 4.0,
+    config: PruneConfig | None = None,
     eval_data: Annotated[
         str, typer.Option("--eval", help="held-out perplexity source ('' to skip)")
     ] = "builtin:eval",
@@ -286,42 +293,30 @@ def prune(
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
-    from linearize.prune import PruneConfig
     from linearize.prune import prune as run_prune
 
     _quiet_libraries()
-    chosen = _parse_layers(layers)
-    if chosen is not None and strategy == "linear-greedy":
-        strategy = "layers"
+    if config.layers is not None and config.strategy == "linear-greedy":
+        config.strategy = "layers"
 
     def on_step(step: dict) -> None:
         typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
 
     try:
-        config = PruneConfig(
-            remove=remove,
-            strategy=strategy,
-            replace=replace,
-            score=score,
-            layers=chosen,
-            calib=calib,
-            tokens=tokens,
-            seq_len=seq_len,
-            batch_size=batch_size,
-            ridge=ridge,
-            ppl_tokens=ppl_tokens,
-            fit_target=fit_target,
-            prior=prior,
-            rank=rank,
-            refit=refit,
-            cache_gb=cache_gb,
-        )
         if sweep is not None:
             _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
             return
         out = out or Path("linearize-out/pruned")
         rep = run_prune(
-            model, config, eval_data or None, eval_tokens, out, dtype, device, on_step, eval_ood
+            model,
+            config,
+            eval_data=eval_data or None,
+            eval_tokens=eval_tokens,
+            out=out,
+            dtype=dtype,
+            device=device,
+            on_step=on_step,
+            ood_data=eval_ood,
         )
     except LinearizeError as e:
         _fail(str(e))
@@ -370,40 +365,35 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
 
 
 @app.command("bench")
+@with_config(BenchConfig)
 def bench_(
     models: Annotated[
         list[str] | None, typer.Argument(help="models to compare; the first is the reference")
     ] = None,
+    config: BenchConfig | None = None,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/bench"),
     labels: Annotated[str | None, typer.Option(help="comma-separated names for the table")] = None,
-    batch_size: Annotated[int, typer.Option(help="sequences per prefill and batched decode")] = 4,
-    seq_len: Annotated[int, typer.Option(help="prefill tokens per sequence")] = 256,
-    new_tokens: Annotated[int, typer.Option(help="greedy tokens generated")] = 128,
-    repeats: Annotated[int, typer.Option(help="interleaved rounds (median reported)")] = 3,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Prefill and decode speed, time to first token, memory, parameters and size on disk of
     each model, measured interleaved in one process, with ratios to the first."""
-    from linearize.bench import BenchConfig, bench, table_markdown
+    from linearize.bench import bench, table_markdown
 
     _quiet_libraries()
     specs: list[str | None] = [
         None if m in ("embedded", "smollm2") else m for m in (models or ["embedded"])
     ]
     try:
-        cfg = BenchConfig(
-            batch_size=batch_size, seq_len=seq_len, new_tokens=new_tokens, repeats=repeats
-        )
-        cfg.check()
+        config.check()
         rows = bench(
             specs,
-            cfg,
+            config,
             out,
             _csv(labels) or None,
             dtype,
             device,
-            lambda r: typer.echo(f"round {r}/{repeats} done", err=True),
+            lambda r: typer.echo(f"round {r}/{config.repeats} done", err=True),
         )
     except LinearizeError as e:
         _fail(str(e))
@@ -436,43 +426,10 @@ def export(
 
 
 @app.command(context_settings={"allow_extra_args": False})
+@with_config(DistillConfig)
 def distill(
     student: Annotated[str, typer.Argument(help="a checkpoint written by linearize prune")],
-    teacher: Annotated[
-        str | None, typer.Option(help="the original model (default: the one recorded in STUDENT)")
-    ] = None,
-    data: Annotated[str, typer.Option(help="training text source")] = "builtin:calib",
-    tokens: Annotated[int, typer.Option(help="training tokens, all processes together")] = 400_000,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    batch_size: Annotated[int, typer.Option(help="sequences per process per micro-step")] = 8,
-    grad_accum: Annotated[int, typer.Option(help="micro-steps per optimizer step")] = 1,
-    lr: Annotated[float, typer.Option(help="peak learning rate")] = 1e-4,
-    warmup: Annotated[float, typer.Option(help="share of steps spent warming up")] = 0.05,
-    w_hidden: Annotated[float, typer.Option(help="weight of the layer-wise hidden loss")] = 1.0,
-    w_kl: Annotated[float, typer.Option(help="weight of KL(teacher || student)")] = 1.0,
-    w_lm: Annotated[float, typer.Option(help="weight of the LM loss")] = 0.0,
-    hidden_loss: Annotated[str, typer.Option(help="mse | cosine | both")] = "mse",
-    temperature: Annotated[float, typer.Option(help="KL temperature")] = 1.0,
-    train: Annotated[
-        str, typer.Option(help="replacements | replacements+neighbors | lora | all")
-    ] = "replacements",
-    eval_data: Annotated[
-        str, typer.Option("--eval", help="held-out source ('' to skip)")
-    ] = "builtin:eval",
-    eval_tokens: Annotated[int, typer.Option(help="held-out tokens")] = 8192,
-    eval_every: Annotated[int, typer.Option(help="steps between held-out perplexities")] = 50,
-    save_every: Annotated[int, typer.Option(help="steps between checkpoints")] = 100,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    epochs: Annotated[int, typer.Option(help="passes over the --tokens training tokens")] = 1,
-    lora_rank: Annotated[int, typer.Option(help="LoRA rank with --train lora")] = 16,
-    teacher_dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16")] = "float32",
-    cache_teacher: Annotated[
-        str | None,
-        typer.Option(
-            help="directory for teacher states, reused by later epochs/runs "
-            "(default: one in the user cache when batches repeat; 'off')"
-        ),
-    ] = None,
+    config: DistillConfig | None = None,
     resume: Annotated[
         bool, typer.Option(help="continue from the last checkpoint in --out")
     ] = False,
@@ -480,38 +437,12 @@ def distill(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Heal a pruned model: train its replacements against the original's hidden states."""
-    from linearize.distill import DistillConfig
     from linearize.distill import distill as run_distill
 
     _quiet_libraries()
     try:
-        cfg = DistillConfig(
-            teacher,
-            data,
-            tokens,
-            seq_len,
-            batch_size,
-            grad_accum,
-            lr,
-            warmup,
-            w_hidden=w_hidden,
-            w_kl=w_kl,
-            w_lm=w_lm,
-            hidden_loss=hidden_loss,
-            temperature=temperature,
-            train=train,
-            eval_data=eval_data,
-            eval_tokens=eval_tokens,
-            eval_every=eval_every,
-            save_every=save_every,
-            seed=seed,
-            epochs=epochs,
-            lora_rank=lora_rank,
-            teacher_dtype=teacher_dtype,
-            cache_teacher=cache_teacher,
-        )
         with _step_progress() as on_step:
-            res = run_distill(student, cfg, out, resume, device, on_step)
+            res = run_distill(student, config, out, resume, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(
@@ -526,75 +457,23 @@ def _csv(value: str | None) -> list[str]:
 
 
 @app.command("eval")
+@with_config(EvalConfig)
 def eval_(
     models_: Annotated[
         list[str],
         typer.Argument(metavar="MODEL...", help="models or checkpoint dirs; 'embedded' = SmolLM2"),
     ],
-    ppl: Annotated[str, typer.Option(help="perplexity source ('' to skip)")] = "builtin:eval",
-    ppl_tokens: Annotated[int, typer.Option(help="perplexity tokens")] = 32768,
-    seq_len: Annotated[int, typer.Option(help="window / max example length in tokens")] = 512,
-    stride: Annotated[
-        int | None, typer.Option(help="sliding-window stride (default: non-overlapping)")
-    ] = None,
-    tasks: Annotated[str, typer.Option(help="lm-eval tasks, e.g. arc_easy,hellaswag")] = "",
-    task_include: Annotated[
-        list[str] | None, typer.Option(help="directory of lm-eval task YAMLs")
-    ] = None,
-    task_limit: Annotated[int | None, typer.Option(help="examples per lm-eval task")] = None,
-    probe: Annotated[
-        str, typer.Option(help="probing tasks: boolq,cb,rte,wic,copa,xstorycloze-en or FILE.jsonl")
-    ] = "",
-    probe_limit: Annotated[int, typer.Option(help="examples per probing split")] = 1000,
-    judge: Annotated[
-        str, typer.Option(help="stories | tinystories | FILE of prompts ('' to skip)")
-    ] = "",
-    judge_url: Annotated[
-        str | None,
-        typer.Option(
-            help="OpenAI-compatible endpoint (key: $LINEARIZE_JUDGE_KEY or $OPENAI_API_KEY)"
-        ),
-    ] = None,
-    judge_model: Annotated[
-        str | None, typer.Option(help="model name at --judge-url, or a local HF judge model")
-    ] = None,
-    judge_limit: Annotated[int | None, typer.Option(help="number of prompts")] = None,
-    judge_tokens: Annotated[int, typer.Option(help="new tokens per story")] = 128,
-    judge_timeout: Annotated[float, typer.Option(help="seconds per judge request")] = 60.0,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
-    dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float16 | auto")] = "float32",
+    config: EvalConfig | None = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    speed: Annotated[
-        bool, typer.Option(help="also measure prefill/decode speed and memory (as linearize bench)")
-    ] = False,
     out: Annotated[
         Path, typer.Option(help="output directory (one subdirectory per model when several)")
     ] = Path("linearize-out/eval"),
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
-    from linearize.suite import EvalConfig, evaluate_model
+    from linearize.suite import evaluate_model
 
     _quiet_libraries()
-    cfg = EvalConfig(
-        ppl=ppl or None,
-        ppl_tokens=ppl_tokens,
-        seq_len=seq_len,
-        stride=stride,
-        tasks=_csv(tasks),
-        task_include=task_include or [],
-        task_limit=task_limit,
-        probe=_csv(probe),
-        probe_limit=probe_limit,
-        judge=judge or None,
-        judge_url=judge_url,
-        judge_model=judge_model,
-        judge_limit=judge_limit,
-        judge_tokens=judge_tokens,
-        judge_timeout=judge_timeout,
-        batch_size=batch_size,
-        dtype=dtype,
-        speed=speed,
-    )
+    cfg = config
     for name in models_:
         where = out if len(models_) == 1 else out / Path(name).name
         label = None if name == "embedded" else name

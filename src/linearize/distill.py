@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
+from linearize._fields import option
 from linearize._io import atomic_dir, atomic_write, claim_output, releases_output, write_json
 from linearize.capture import record
 from linearize.errors import LinearizeError
@@ -52,37 +53,44 @@ HIDDEN_LOSSES = ("mse", "cosine", "both")
 
 @dataclass
 class DistillConfig:
-    """One distillation run. Every field can be set from the command line."""
+    """One distillation run. Every field is an option of ``linearize distill``."""
 
-    teacher: str | None = None  # default: the model recorded in the pruned checkpoint
-    data: str = "builtin:calib"  # training text
-    tokens: int = (
-        400_000  # training tokens (all processes together); ~30-45 min for SmolLM2 on 2 CPU cores
+    teacher: str | None = option(None, "the original model (default: the one recorded in STUDENT)")
+    data: str = option("builtin:calib", "training text source")
+    tokens: int = option(
+        400_000,
+        "training tokens, all processes together (~30-45 min for SmolLM2 on 2 CPU cores)",
     )
-    seq_len: int = 512  # tokens per sequence
-    batch_size: int = 8  # sequences per process per micro-step
-    grad_accum: int = 1  # micro-steps per optimizer step
-    lr: float = 1e-4  # peak learning rate (the maps start at their least-squares optimum)
-    warmup: float = 0.05  # share of steps spent warming up
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    w_hidden: float = 1.0  # weight of the layer-wise hidden-state loss
-    w_kl: float = 1.0  # weight of KL(teacher ‖ student) on logits
-    w_lm: float = 0.0  # weight of the language-modelling loss
-    hidden_loss: str = "mse"  # mse | cosine | both
-    temperature: float = 1.0  # for the KL term
-    train: str = "replacements"  # replacements | replacements+neighbors | lora | all
-    lora_rank: int = 16  # with train=lora
-    eval_data: str = "builtin:eval"  # held-out perplexity source ('' to skip)
-    eval_tokens: int = 8192
-    eval_every: int = 50  # steps between held-out perplexity measurements
-    save_every: int = 100  # steps between checkpoints
-    seed: int = 0
-    epochs: int = 1  # passes over the ``tokens`` training tokens
-    teacher_dtype: str = "float32"  # float32 | bfloat16 | float16 (halves teacher memory)
-    # directory of teacher states, reused across epochs/runs; None: one in the user cache
-    # whenever a batch is seen more than once (epochs, or a source shorter than tokens); "off"
-    cache_teacher: str | None = None
+    seq_len: int = option(512, "tokens per sequence")
+    batch_size: int = option(8, "sequences per process per micro-step")
+    grad_accum: int = option(1, "micro-steps per optimizer step")
+    lr: float = option(1e-4, "peak learning rate (the maps start at their least-squares optimum)")
+    warmup: float = option(0.05, "share of steps spent warming up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    max_grad_norm: float = option(1.0, "gradient clipping norm")
+    w_hidden: float = option(1.0, "weight of the layer-wise hidden-state loss")
+    w_kl: float = option(1.0, "weight of KL(teacher || student) on logits")
+    w_lm: float = option(0.0, "weight of the language-modelling loss")
+    hidden_loss: str = option("mse", "mse | cosine | both")
+    temperature: float = option(1.0, "KL temperature")
+    train: str = option("replacements", "replacements | replacements+neighbors | lora | all")
+    lora_rank: int = option(16, "LoRA rank with --train lora")
+    eval_data: str = option(
+        "builtin:eval", "held-out perplexity source ('' to skip)", flag="--eval"
+    )
+    eval_tokens: int = option(8192, "held-out tokens")
+    eval_every: int = option(50, "steps between held-out perplexities")
+    save_every: int = option(100, "steps between checkpoints")
+    seed: int = option(0, "random seed")
+    epochs: int = option(1, "passes over the --tokens training tokens")
+    teacher_dtype: str = option(
+        "float32", "float32 | bfloat16 | float16 (bfloat16/float16 halve the teacher's memory)"
+    )
+    cache_teacher: str | None = option(
+        None,
+        "directory for teacher states, reused by later epochs/runs (default: one in the user "
+        "cache when batches repeat; 'off')",
+    )
 
     def check(self) -> None:
         if self.train not in TRAIN_MODES:

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from linearize import arch, data
+from linearize._fields import int_list, option
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize._version import __version__
 from linearize.capture import (
@@ -109,25 +110,44 @@ def _one_of(value: str, choices: tuple[str, ...], what: str) -> None:
 class PruneConfig:
     """One pruning request; every command and API entry point takes this."""
 
-    remove: str | int = 8  # layers to remove: a count (8) or a share ("25%")
-    strategy: str = "linear-greedy"  # one of STRATEGIES
-    replace: str = "linear"  # none | linear | fold
-    score: str = "linearity"  # linear-*: linearity | linearity_no_residual | replacement_error
-    layers: list[int] | None = None  # with strategy "layers": original 0-based indices
-    calib: str = (
-        "builtin:calib+self"  # calibration sources joined by '+' ('self': sampled from the model)
+    remove: str | int = option(8, "layers to remove: a count (8) or a share (25%)", cli=str)
+    strategy: str = option(
+        "linear-greedy",
+        "linear-greedy | linear-oneshot | block-influence | angular-block | lstsq-block | "
+        "ppl-greedy | layers (with --sweep: a list, or all)",
     )
-    tokens: int = 32768  # calibration tokens
-    seq_len: int = 512  # tokens per calibration sequence
-    batch_size: int = 8  # sequences per forward pass
-    ridge: float = 0.0  # ridge for the linear fits, relative to tr(XᵀX)/d
-    ppl_tokens: int = 4096  # ppl-greedy: calibration tokens scored per candidate removal
-    fit_target: str = "auto"  # original | local | auto: original for linear, local for fold
-    prior: str = "zero"  # what --ridge pulls the map towards: zero | identity
-    rank: int | None = None  # keep only a rank-r update W − I (None: full)
-    refit: bool = False  # original target: refit every map once more at the end
-    restart: bool = True  # greedy: re-run only the layers after each cut (False: full passes)
-    cache_gb: float = 4.0  # RAM for stored boundary states; the rest spills to disk
+    replace: str = option("linear", "none | linear | fold (with --sweep: a list)")
+    score: str = option(
+        "linearity", "linear-*: linearity | linearity_no_residual | replacement_error"
+    )
+    layers: list[int] | None = option(
+        None,
+        "with --strategy layers: original 0-based indices, e.g. 3,7,9",
+        cli=str,
+        parse=int_list,
+    )
+    calib: str = option(
+        "builtin:calib+self",
+        "calibration sources joined by '+'; 'self' is text sampled from the model itself "
+        "(generated once, cached)",
+    )
+    tokens: int = option(32768, "calibration tokens")
+    seq_len: int = option(512, "tokens per calibration sequence")
+    batch_size: int = option(8, "sequences per forward pass")
+    ridge: float = option(0.0, "ridge for the linear fits, relative to tr(XᵀX)/d")
+    ppl_tokens: int = option(4096, "ppl-greedy: calibration tokens scored per candidate removal")
+    fit_target: str = option(
+        "auto",
+        "original (the original model's state, from the pruned model's actual input) | local "
+        "(the removed layers' own output) | auto: original for linear, local for fold",
+    )
+    prior: str = option("zero", "what --ridge pulls a map towards: zero | identity")
+    rank: int | None = option(None, "keep only a rank-r update W − I (default: full)")
+    refit: bool = option(False, "--fit-target original: refit every map once more at the end")
+    restart: bool = option(
+        True, "greedy: re-run only the layers after each cut (--no-restart: full passes)"
+    )
+    cache_gb: float = option(4.0, "RAM for stored calibration states (the rest spills to disk)")
 
     def check(self, n: int, hf_config=None) -> int:
         """Validate against a model of ``n`` layers (and its config, for ``fold``); returns k.

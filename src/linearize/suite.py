@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from linearize import models, report
+from linearize._fields import option, or_none, str_list
 from linearize._io import claim_output, previous_json, releases_output, write_json
 from linearize._version import __version__
 from linearize.errors import LinearizeError
@@ -27,26 +28,46 @@ from linearize.errors import LinearizeError
 
 @dataclass
 class EvalConfig:
-    ppl: str | None = "builtin:eval"  # perplexity source (None: skip)
-    ppl_tokens: int | None = 32768
-    seq_len: int = 512
-    stride: int | None = None  # sliding windows (see linearize.evaluate)
-    tasks: list[str] = field(default_factory=list)  # lm-eval task names
-    task_include: list[str] = field(default_factory=list)  # directories of task YAMLs
-    task_limit: int | None = None  # examples per lm-eval task
-    probe: list[str] = field(default_factory=list)  # probing task names or .jsonl files
-    probe_limit: int | None = 1000  # examples per probing split
-    judge: str | None = None  # stories | tinystories | FILE
-    judge_url: str | None = None  # OpenAI-compatible endpoint
-    judge_model: str | None = None  # model name at the endpoint, or a local HF model
-    judge_limit: int | None = None
-    judge_tokens: int = 128  # new tokens per story
-    judge_timeout: float = 60.0
-    judge_retries: int = 3
-    batch_size: int = 8
-    dtype: str = "float32"
-    seed: int = 0
-    speed: bool = False  # also measure prefill/decode speed and memory (linearize.bench)
+    ppl: str | None = option(
+        "builtin:eval", "perplexity source ('' to skip)", cli=str, parse=or_none
+    )
+    ppl_tokens: int | None = option(32768, "perplexity tokens")
+    seq_len: int = option(512, "window / max example length in tokens")
+    stride: int | None = option(
+        None, "sliding-window stride (default: non-overlapping; see linearize.evaluate)"
+    )
+    tasks: list[str] = option(
+        factory=list, help="lm-eval tasks, e.g. arc_easy,hellaswag", cli=str, parse=str_list
+    )
+    task_include: list[str] = option(
+        factory=list,
+        help="directory of lm-eval task YAMLs (repeatable)",
+        cli=list[str] | None,
+        parse=str_list,
+    )
+    task_limit: int | None = option(None, "examples per lm-eval task")
+    probe: list[str] = option(
+        factory=list,
+        help="probing tasks: boolq,cb,rte,wic,copa,xstorycloze-en or FILE.jsonl",
+        cli=str,
+        parse=str_list,
+    )
+    probe_limit: int | None = option(1000, "examples per probing split")
+    judge: str | None = option(
+        None, "stories | tinystories | FILE of prompts (default: no judge)", cli=str, parse=or_none
+    )
+    judge_url: str | None = option(
+        None, "OpenAI-compatible endpoint (key: $LINEARIZE_JUDGE_KEY or $OPENAI_API_KEY)"
+    )
+    judge_model: str | None = option(None, "model name at --judge-url, or a local HF judge model")
+    judge_limit: int | None = option(None, "number of prompts")
+    judge_tokens: int = option(128, "new tokens per story")
+    judge_timeout: float = option(60.0, "seconds per judge request")
+    judge_retries: int = option(3, "tries per judge request")
+    batch_size: int = option(8, "sequences per forward pass")
+    dtype: str = option("float32", "float32 | bfloat16 | float16 | auto")
+    seed: int = option(0, "random seed")
+    speed: bool = option(False, "also measure prefill/decode speed and memory (as linearize bench)")
 
     def check(self) -> None:
         if not (self.ppl or self.tasks or self.probe or self.judge or self.speed):
