@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from linearize.cli import app
@@ -227,3 +228,68 @@ def test_prune_sweep_command(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert len(rows) == 1 + 2 * 2 and "| angular-block | fold | 1 |" in res.output
+
+
+@pytest.mark.parametrize(
+    "command, config",
+    [
+        ("prune", "linearize.prune:PruneConfig"),
+        ("distill", "linearize.distill:DistillConfig"),
+        ("eval", "linearize.suite:EvalConfig"),
+        ("bench", "linearize.bench:BenchConfig"),
+    ],
+)
+def test_every_config_field_is_an_option_with_its_default(command, config):
+    import dataclasses
+    import importlib
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
+    for f in dataclasses.fields(cls):
+        assert f.name in params, f"{command} has no option for {name}.{f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        assert params[f.name].default == default, (f.name, params[f.name].default, default)
+        assert params[f.name].help == f.metadata["help"]
+
+
+def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
+    pruned = tmp_path / "p"
+    run(
+        "prune",
+        tiny_dir,
+        "--strategy",
+        "layers",
+        "--layers",
+        "1",
+        "--tokens",
+        256,
+        "--seq-len",
+        32,
+        "--eval",
+        "",
+        "--out",
+        pruned,
+    )
+    res = run(
+        "distill",
+        pruned,
+        "--tokens",
+        256,
+        "--seq-len",
+        32,
+        "--batch-size",
+        2,
+        "--eval",
+        "",
+        "--weight-decay",
+        0.25,
+        "--max-grad-norm",
+        0.5,
+        "--out",
+        tmp_path / "d",
+    )
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "d" / "distill.json").read_text())["config"]
+    assert cfg["weight_decay"] == 0.25 and cfg["max_grad_norm"] == 0.5 and cfg["eval_data"] == ""
+    assert cfg["tokens"] == 256 and cfg["teacher"] is None
