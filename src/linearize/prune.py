@@ -666,7 +666,7 @@ def prune(
     def write(tmp: Path) -> None:
         save(lm, tok, tmp, record)
         write_json(tmp / "prune.json", report)
-        render(tmp / "prune.json")
 
     atomic_dir(out_dir, write)
+    render(Path(out_dir) / "prune.json")  # in place: the page names the directory it is in
     return report

@@ -133,7 +133,7 @@ def _prune_table(d: dict) -> Table:
         "removed (order)",
         "score when removed",
         "fit error",
-        "time (s)",
+        "done at (s)",
     ]
     return Table(cols, rows, marked)
 
