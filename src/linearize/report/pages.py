@@ -379,16 +379,27 @@ def dynamics_page(d: dict, where: Path) -> Page:
 def _probe_section(probe: dict) -> Section:
     tasks = sorted(probe)
     layers = sorted({r["layer"] for t in tasks for r in probe[t]})
-    acc = {t: {r["layer"]: r["accuracy"] for r in probe[t]} for t in tasks}
-    rows = [{"layer": layer, **{t: acc[t].get(layer) for t in tasks}} for layer in layers]
-    fig = figures.layer_curves(rows, tasks, tasks, "probe accuracy (mean pooling)")
+    pooling = (("accuracy", "mean"), ("accuracy_last", "last token"))
+    cols = [f"{t} ({name})" for t in tasks for _, name in pooling]
+    by_layer = {t: {r["layer"]: r for r in probe[t]} for t in tasks}
+    rows = [
+        {"layer": layer}
+        | {
+            f"{t} ({name})": by_layer[t].get(layer, {}).get(key)
+            for t in tasks
+            for key, name in pooling
+        }
+        for layer in layers
+    ]
+    fig = figures.layer_curves(rows, cols, cols, "probe accuracy")
+    chance = ", ".join(f"{t} {probe[t][0].get('majority', float('nan')):.3f}" for t in tasks)
     return Section(
         "Linear probing",
         figure=figure_html(fig),
         table=Table.from_dicts(rows),
         text=[
-            "Accuracy of a logistic-regression probe on each layer's mean-pooled "
-            "hidden states (layer 0: the embeddings)."
+            "Accuracy of a logistic-regression probe on each layer's hidden states, mean-pooled "
+            f"over the text or at its last token (layer 0: the embeddings). Majority class: {chance}."
         ],
     )
 
