@@ -28,7 +28,12 @@ def test_every_part_on_smollm2_and_its_pruned_copy(tmp_path, judge_url):
     prune(
         None,
         PruneConfig(
-            strategy="layers", layers=[14, 15, 16, 17], replace="linear", tokens=1024, seq_len=256
+            strategy="layers",
+            layers=[14, 15, 16, 17],
+            replace="linear",
+            tokens=1024,
+            seq_len=256,
+            calib="builtin:calib",  # no text sampled from the model: tiny-model tests cover 'self'
         ),
         eval_data=None,
         out=pruned,

@@ -273,3 +273,12 @@ def test_runs_of():
     from linearize.prune import runs_of
 
     assert runs_of([7, 3, 4]) == [(3, 5), (7, 8)] and runs_of([]) == []
+
+
+def test_dropping_named_layers_reads_no_calibration_text(tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    model = make_tiny("llama")
+    cfg = PruneConfig(strategy="layers", layers=[1], replace="none", calib="self", tokens=4096)
+    res = prune_model_(model, tokenizer, cfg)
+    assert res.removed == [1] and res.forward_passes == 0 and arch.n_layers(model) == 2
+    assert not (tmp_path / "self-text").exists()  # nothing sampled from the model

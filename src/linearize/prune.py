@@ -266,8 +266,12 @@ class _Pruner:
         n = arch.n_layers(model)
         self.n_orig = n
         self.k = c.check(n, model.config)
-        seqs = calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens)
-        if not seqs:
+        # dropping named layers fits nothing: no calibration text (nor sampling from the model)
+        needed = not (c.strategy == "layers" and c.replace == "none")
+        seqs = (
+            calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens) if needed else []
+        )
+        if needed and not seqs:
             raise LinearizeError(f"calibration source '{c.calib}' gave no tokens")
         pad = data.pad_id_of(tokenizer)
         self.batches = list(data.batches(seqs, c.batch_size, pad))
