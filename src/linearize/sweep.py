@@ -198,18 +198,6 @@ def _na(s, r, k, why) -> dict:
     return {**_row(s, r, k, (None, None), [], 0.0, 0), "note": why}
 
 
-def _with_ratio(rows: list[dict]) -> list[dict]:
-    orig = next((r for r in rows if r["strategy"] == "original"), {})
-
-    def ratio(r: dict, key: str) -> float | None:
-        base, value = orig.get(key), r.get(key)
-        return value / base if base and value else None
-
-    return [
-        dict(r, ratio=ratio(r, "perplexity"), ratio_ood=ratio(r, "perplexity_ood")) for r in rows
-    ]
-
-
 def _num(x: float | None, fmt: str = ".2f") -> str:
     return format(x, fmt) if x else ""
 
@@ -221,7 +209,7 @@ def table_markdown(rows: list[dict]) -> str:
     )
     head += "|---|---|---|---|---|---|---|---|---|\n"
     body = ""
-    for r in _with_ratio(rows):
+    for r in png.with_ratios(rows):
         ppl = f"{r['perplexity']:.2f}" if r["perplexity"] else (r["note"] or "n/a")
         body += (
             f"| {r['strategy']} | {r['replace']} | {r['k']} | {ppl} | {_num(r['ratio'])} | "
@@ -235,7 +223,7 @@ def _write(out: Path, settings: dict, rows: list[dict], version: str) -> None:
     rows = sorted(
         rows, key=lambda r: (r["strategy"] != "original", r["strategy"], r["replace"], r["k"])
     )
-    full = _with_ratio(rows)
+    full = png.with_ratios(rows)
     write_json(out / "sweep.json", {"settings": settings, "version": version, "rows": rows})
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")

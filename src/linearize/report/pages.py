@@ -15,7 +15,7 @@ from linearize.errors import LinearizeError
 from linearize.models import EMBEDDED_NAME
 from linearize.report import figures
 from linearize.report.html import Page, Section, Table, figure_html, fmt, write_page
-from linearize.report.png import sweep_series
+from linearize.report.png import sweep_series, with_ratios
 
 SCORE_KEYS = ("linearity", "linearity_no_residual", "cosine", "block_influence", "angular_distance")
 PAPER_CURVES = ("linearity", "linearity_no_residual")  # the two curves of the paper's figures
@@ -163,8 +163,7 @@ def _quality(d: dict) -> Table | None:
     ):
         before, after = d.get(f"perplexity_before{suffix}"), d.get(f"perplexity_after{suffix}")
         if before is not None or after is not None:
-            ratio = after / before if before and after else None
-            rows.append([f"{label} ({src})", before, after, ratio])
+            rows.append([f"{label} ({src})", before, after, d.get(f"ratio{suffix}")])
     return Table(["perplexity", "before", "after", "after ÷ before"], rows) if rows else None
 
 
@@ -263,12 +262,7 @@ def prune_page(d: dict, where: Path) -> Page:
 
 
 # -- sweep ----------------------------------------------------------------------------------------
-def _ratio(row: dict, base: dict, key: str) -> float | None:
-    return row[key] / base[key] if row.get(key) and base.get(key) else None
-
-
 def _sweep_table(rows: list[dict]) -> Table:
-    base = next((r for r in rows if r["strategy"] == "original"), {})
     cols = [
         "strategy",
         "replace",
@@ -287,14 +281,14 @@ def _sweep_table(rows: list[dict]) -> Table:
             r["replace"],
             r["k"],
             r.get("perplexity"),
-            _ratio(r, base, "perplexity"),
+            r["ratio"],
             r.get("perplexity_ood"),
-            _ratio(r, base, "perplexity_ood"),
+            r["ratio_ood"],
             fmt(r["removed"]),
             r.get("elapsed_s"),
             r.get("note", ""),
         ]
-        for r in rows
+        for r in with_ratios(rows)
     ]
     return Table(cols, cells)
 

@@ -69,6 +69,19 @@ def curves_png(
     _save_png(fig, path)
 
 
+def with_ratios(rows: list[dict]) -> list[dict]:
+    """Sweep rows with ``ratio`` / ``ratio_ood``: perplexity ÷ the original model's."""
+    orig = next((r for r in rows if r["strategy"] == "original"), {})
+
+    def ratio(r: dict, key: str) -> float | None:
+        base, value = orig.get(key), r.get(key)
+        return value / base if base and value else None
+
+    return [
+        dict(r, ratio=ratio(r, "perplexity"), ratio_ood=ratio(r, "perplexity_ood")) for r in rows
+    ]
+
+
 def sweep_series(rows: list[dict], key: str = "perplexity") -> Series:
     """``key`` against layers removed, one series per strategy / replacement, each starting
     at the original model."""
