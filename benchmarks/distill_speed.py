@@ -4,7 +4,7 @@
 
 Prunes the embedded SmolLM2 by 8 layers (12–19, one affine map; the paper's choice on this
 model), then measures in one process:
-  * distill: seconds per optimizer step of ``linearize.distill`` itself (teacher forward, student
+  * distill: seconds per optimizer step of ``linearize.train.distill`` itself (teacher forward, student
     forward with the boundary hooks, losses, backward, AdamW), timed between ``on_step`` calls
     with checkpoints and held-out evaluation switched off, first step excluded;
   * plain: ``student(**batch, labels=ids).loss.backward()`` plus the same optimizer step, on the
@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from linearize import data, load
-from linearize.distill import DistillConfig, distill, select_trainable_
-from linearize.prune import PruneConfig, prune
+from linearize.surgery.prune import PruneConfig, prune
+from linearize.train.distill import DistillConfig, distill, select_trainable_
 
 
 def main() -> None:

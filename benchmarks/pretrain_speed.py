@@ -2,7 +2,7 @@
 
     python benchmarks/pretrain_speed.py [--config tiny] [--steps 12] [KEY=VALUE ...]
 
-Runs ``linearize.pretrain`` twice in this process on the same config, seed and data, with
+Runs ``linearize.train.pretrain`` twice in this process on the same config, seed and data, with
 ``reg=cosine`` and ``reg=none`` (probes and checkpoints pushed past the end), and times the
 optimizer steps between ``on_step`` calls, the first two excluded. Interleaves the two runs'
 repeats (none, cosine, none, cosine) so that drift in machine load hits both alike.
@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from linearize.pretrain import load_config, pretrain
+from linearize.train.pretrain import load_config, pretrain
 
 
 def seconds_per_step(config: str, reg: str, steps: int, overrides: list[str]) -> tuple[float, int]:

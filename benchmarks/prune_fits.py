@@ -17,8 +17,8 @@ import json
 import time
 
 from linearize import load
-from linearize.evaluate import perplexity
-from linearize.prune import PruneConfig, prune_model_
+from linearize.eval.perplexity import perplexity
+from linearize.surgery.prune import PruneConfig, prune_model_
 
 CUT = dict(strategy="layers", layers=list(range(12, 20)), fit_target="original")
 VARIANTS = {

@@ -2,7 +2,7 @@
 
     python benchmarks/prune_quality.py [--ks 0,4,8,12] [--tokens 8192] [--eval-tokens 16384]
 
-Runs ``linearize.sweep`` (all strategies × none/linear/fold), then the paper's greedy method
+Runs ``linearize.surgery.sweep`` (all strategies × none/linear/fold), then the paper's greedy method
 with each selection score (linearity, linearity without residual, replacement error) so the
 default score is chosen by measurement. Prints Markdown tables whose ratios are to the unpruned
 model measured in the same run. Resumable: rerun the same command after an interruption.
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from linearize.prune import SCORES, PruneConfig
-from linearize.sweep import sweep, table_markdown
+from linearize.surgery.prune import SCORES, PruneConfig
+from linearize.surgery.sweep import sweep, table_markdown
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/prune_variants.py [--ks 4,8,12] [--tokens 8192] [--eval-tokens 8192]
                                         [--only "NAME;NAME"] [--out DIR]
 
-Each variant is one ``linearize.sweep`` run (greedy up to the largest k, perplexity taken as
+Each variant is one ``linearize.surgery.sweep`` run (greedy up to the largest k, perplexity taken as
 the loop passes each k) on SmolLM2, calibrated on ``builtin:calib``. Perplexity is measured on
 ``builtin:eval`` (Python documentation, the calibration domain) and on ``fortunes`` (English of
 another kind, never used for calibration). ``calib + self`` variants calibrate on half
@@ -18,8 +18,8 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from linearize.prune import PruneConfig
-from linearize.sweep import sweep
+from linearize.surgery.prune import PruneConfig
+from linearize.surgery.sweep import sweep
 
 # name → (replacement, PruneConfig overrides)
 MIX = {"calib": "builtin:calib+self"}

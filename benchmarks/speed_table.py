@@ -6,7 +6,7 @@
 For each replacement, the default greedy pruning (``linearize prune`` defaults, with
 ``--tokens`` calibration tokens) runs once to the largest k and saves a checkpoint as it passes
 each k. Every checkpoint then gets held-out perplexity in-domain (``builtin:eval``) and out of
-domain (``fortunes``), and all of them, the original first, are measured by ``linearize.bench``
+domain (``fortunes``), and all of them, the original first, are measured by ``linearize.eval.bench``
 in one process, interleaved. Checkpoints already in ``--out`` are reused.
 
 Speed does not depend on the fitted values, only on the shapes, so with ``--sweeps DIR`` (the
@@ -23,10 +23,10 @@ import json
 from pathlib import Path
 
 from linearize import load
-from linearize.bench import BenchConfig, bench
-from linearize.evaluate import perplexity
-from linearize.prune import PruneConfig, prune_model_
-from linearize.replace import save
+from linearize.eval.bench import BenchConfig, bench
+from linearize.eval.perplexity import perplexity
+from linearize.surgery.prune import PruneConfig, prune_model_
+from linearize.surgery.replace import save
 
 
 def main() -> None:

@@ -233,10 +233,10 @@ def test_prune_sweep_command(tiny_dir, tmp_path):
 @pytest.mark.parametrize(
     "command, config",
     [
-        ("prune", "linearize.prune:PruneConfig"),
-        ("distill", "linearize.distill:DistillConfig"),
-        ("eval", "linearize.suite:EvalConfig"),
-        ("bench", "linearize.bench:BenchConfig"),
+        ("prune", "linearize.surgery.prune:PruneConfig"),
+        ("distill", "linearize.train.distill:DistillConfig"),
+        ("eval", "linearize.eval.suite:EvalConfig"),
+        ("bench", "linearize.eval.bench:BenchConfig"),
     ],
 )
 def test_every_config_field_is_an_option_with_its_default(command, config):

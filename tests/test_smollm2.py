@@ -49,9 +49,9 @@ def test_pruned_smollm2_saves_loads_and_generates(replace, smollm2, tmp_path):
     import torch
 
     from linearize import arch, load
-    from linearize.evaluate import perplexity
-    from linearize.prune import PruneConfig, prune_model_
-    from linearize.replace import save
+    from linearize.eval.perplexity import perplexity
+    from linearize.surgery.prune import PruneConfig, prune_model_
+    from linearize.surgery.replace import save
 
     model, tok = smollm2
     pruned = copy.deepcopy(model)

@@ -22,11 +22,11 @@ import typer
 
 from linearize._fields import int_list
 from linearize._io import strict_json
-from linearize.bench import BenchConfig
-from linearize.distill import DistillConfig
 from linearize.errors import LinearizeError
-from linearize.prune import PruneConfig
-from linearize.suite import EvalConfig
+from linearize.eval.bench import BenchConfig
+from linearize.eval.suite import EvalConfig
+from linearize.surgery.prune import PruneConfig
+from linearize.train.distill import DistillConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -293,7 +293,7 @@ def prune(
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
-    from linearize.prune import prune as run_prune
+    from linearize.surgery.prune import prune as run_prune
 
     _quiet_libraries()
     if config.layers is not None and config.strategy == "linear-greedy":
@@ -333,7 +333,7 @@ def prune(
 
 
 def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, ood) -> None:
-    from linearize.sweep import sweep, table_markdown
+    from linearize.surgery.sweep import sweep, table_markdown
 
     if not eval_data:
         raise LinearizeError("--sweep needs a held-out source (--eval)")
@@ -378,7 +378,7 @@ def bench_(
 ) -> None:
     """Prefill and decode speed, time to first token, memory, parameters and size on disk of
     each model, measured interleaved in one process, with ratios to the first."""
-    from linearize.bench import bench, table_markdown
+    from linearize.eval.bench import bench, table_markdown
 
     _quiet_libraries()
     specs: list[str | None] = [
@@ -413,7 +413,7 @@ def export(
 ) -> None:
     """Write a checkpoint (original, pruned with --replace none|fold, distilled) as a GGUF file
     for llama.cpp and Ollama, with llama.cpp's own converter."""
-    from linearize.export import export_gguf
+    from linearize.surgery.export import export_gguf
 
     try:
         rep = export_gguf(model, gguf, outtype)
@@ -437,7 +437,7 @@ def distill(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Heal a pruned model: train its replacements against the original's hidden states."""
-    from linearize.distill import distill as run_distill
+    from linearize.train.distill import distill as run_distill
 
     _quiet_libraries()
     try:
@@ -470,7 +470,7 @@ def eval_(
     ] = Path("linearize-out/eval"),
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
-    from linearize.suite import evaluate_model
+    from linearize.eval.suite import evaluate_model
 
     _quiet_libraries()
     cfg = config
@@ -510,7 +510,7 @@ def compare(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compare"),
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
-    from linearize.compare import compare as run_compare
+    from linearize.eval.compare import compare as run_compare
 
     try:
         run_compare(dirs, out, _csv(labels) or None)
@@ -564,8 +564,8 @@ def pretrain(
 ) -> None:
     """Pretrain a Mistral model with the linearity regulariser. Extra KEY=VALUE arguments
     override the config (model.hidden_size=256 lr=1e-3 ...)."""
-    from linearize.pretrain import load_config
-    from linearize.pretrain import pretrain as run_pretrain
+    from linearize.train.pretrain import load_config
+    from linearize.train.pretrain import pretrain as run_pretrain
 
     _quiet_libraries()
     try:
@@ -611,8 +611,8 @@ def dynamics(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/dynamics"),
 ) -> None:
     """Linearity across a series of checkpoints: dynamics.json/.csv/.md/.png/.html."""
-    from linearize.dynamics import dynamics as run_dynamics
-    from linearize.dynamics import table_markdown
+    from linearize.train.dynamics import dynamics as run_dynamics
+    from linearize.train.dynamics import table_markdown
 
     _quiet_libraries()
     try:
@@ -652,8 +652,8 @@ def finetune(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Fine-tune on a classification task (HF Trainer); compare with `linearize dynamics BASE OUT`."""
-    from linearize.finetune import FinetuneConfig
-    from linearize.finetune import finetune as run_finetune
+    from linearize.train.finetune import FinetuneConfig
+    from linearize.train.finetune import finetune as run_finetune
 
     _quiet_libraries()
     try:

@@ -204,7 +204,7 @@ def load(
             f"'{name}' is quantized in a way transformers cannot save; give the unquantized model"
         )
     if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
-        from linearize.replace import restore_bridges_
+        from linearize.surgery.replace import restore_bridges_
 
         restore_bridges_(model, Path(where))
     if device_map is None:

@@ -43,9 +43,9 @@ from linearize._fields import option
 from linearize._io import atomic_dir, atomic_write, claim_output, releases_output, write_json
 from linearize.capture import record
 from linearize.errors import LinearizeError
-from linearize.prune import runs_of
-from linearize.replace import BRIDGE
-from linearize.training import check_finite_loss, read_metrics, resume_step, save_checkpoint
+from linearize.surgery.prune import runs_of
+from linearize.surgery.replace import BRIDGE
+from linearize.train.loop import check_finite_loss, read_metrics, resume_step, save_checkpoint
 
 TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
 HIDDEN_LOSSES = ("mse", "cosine", "both")
@@ -412,8 +412,8 @@ def distill(
     from transformers import get_cosine_schedule_with_warmup
 
     from linearize._version import __version__
-    from linearize.evaluate import perplexity
-    from linearize.replace import save
+    from linearize.eval.perplexity import perplexity
+    from linearize.surgery.replace import save
 
     c = config or DistillConfig()
     c.check()

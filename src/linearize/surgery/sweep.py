@@ -3,7 +3,7 @@
 The model is loaded once; each cell prunes a fresh copy of it. Greedy strategies are run once
 up to the largest k, and held-out perplexity is taken as the loop passes each k of the sweep,
 which is what the same run stopped at that k would give. Perplexity follows
-``linearize.evaluate.perplexity`` on a source disjoint from the calibration data.
+``linearize.eval.perplexity.perplexity`` on a source disjoint from the calibration data.
 
 ``sweep.json`` is rewritten (atomically) after every cell, with ``sweep.csv``, ``sweep.md``,
 ``sweep.png`` and ``sweep.html``. A rerun with the same settings skips the cells already done,
@@ -24,8 +24,8 @@ from linearize import arch, data
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
-from linearize.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 from linearize.report import png, render
+from linearize.surgery.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 
 SEQUENTIAL = ("linear-greedy", "ppl-greedy")
 COLUMNS = (
@@ -85,7 +85,7 @@ def sweep(
     text) and ``ood_data``, English of another kind ("default": ``data.default_ood()``), so
     that a method that only fits its calibration domain shows it."""
     from linearize import models
-    from linearize.evaluate import perplexity
+    from linearize.eval.perplexity import perplexity
 
     out = Path(out)
     claim_output(out)

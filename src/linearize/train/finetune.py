@@ -7,7 +7,7 @@ task stays a language-modelling problem, so every checkpoint is a stock causal L
 (`` no``/`` yes`` for two classes, `` 0``, `` 1``, … otherwise), and the loss is the
 cross-entropy of the verbaliser tokens only. Accuracy (the verbaliser with the higher
 log-probability at the answer position) is measured on the held-out split before and after.
-Examples and splits come from ``linearize.probe.load_task`` (SuperGLUE fields or text/label).
+Examples and splits come from ``linearize.eval.probe.load_task`` (SuperGLUE fields or text/label).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def finetune(
     ``finetune.json`` (accuracy before/after) in ``out``."""
     from transformers import Trainer, TrainingArguments
 
-    from linearize.probe import load_task
+    from linearize.eval.probe import load_task
 
     c = config or FinetuneConfig()
     if c.batch_size < 1 or c.epochs <= 0 or c.lr <= 0:

@@ -9,10 +9,10 @@ import torch
 from conftest import make_tiny
 from typer.testing import CliRunner
 
-from linearize.bench import METRICS, BenchConfig, bench_loaded
 from linearize.cli import app
-from linearize.prune import PruneConfig, prune_model_
-from linearize.replace import save
+from linearize.eval.bench import METRICS, BenchConfig, bench_loaded
+from linearize.surgery.prune import PruneConfig, prune_model_
+from linearize.surgery.replace import save
 
 FAST = dict(batch_size=2, seq_len=32, prompt_len=8, new_tokens=6, repeats=3)
 
@@ -80,7 +80,7 @@ def test_bench_bad_input_is_one_line(tmp_path, tiny_dir):
 
 
 def test_psutil_free_timing_still_works(monkeypatch, tokenizer):
-    import linearize.bench as b
+    import linearize.eval.bench as b
 
     def no_psutil():
         raise ImportError
@@ -93,7 +93,7 @@ def test_psutil_free_timing_still_works(monkeypatch, tokenizer):
 
 
 def test_eval_speed_goes_to_results_and_compare(tmp_path, tiny_dir):
-    from linearize.compare import compare
+    from linearize.eval.compare import compare
 
     res = CliRunner().invoke(
         app, ["eval", str(tiny_dir), "--ppl", "", "--speed", "--out", str(tmp_path / "e")]

@@ -6,7 +6,7 @@ Two kinds of replacement for a run of removed layers [start, end):
   the layer list, where every architecture's forward, mask selection and KV cache expect real
   decoder layers. It sits at the *input* of the next kept module (the next decoder layer, or
   the final norm when the run ended the stack) as a submodule named ``linearize_bridge``,
-  applied by a forward pre-hook (see linearize._remote_modeling). The model stays a stock
+  applied by a forward pre-hook (see linearize.surgery._remote_modeling). The model stays a stock
   architecture with fewer layers plus the bridge tensors; ``config.linearize`` records where
   they go, ``load`` puts them back, and the shipped ``modeling_linearize.py`` lets
   ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` do the same.
@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from linearize import _remote_modeling, arch
-from linearize._remote_modeling import BRIDGE, AffineBridge, attach_bridge
+from linearize import arch
 from linearize.errors import LinearizeError
 from linearize.stats import AffineMap
+from linearize.surgery import _remote_modeling
+from linearize.surgery._remote_modeling import BRIDGE, AffineBridge, attach_bridge
 
 REMOTE_FILE = "modeling_linearize.py"
 

@@ -14,10 +14,10 @@ from linearize import load
 from linearize.cli import app
 from linearize.data import bos_prefix
 from linearize.errors import LinearizeError
-from linearize.evaluate import perplexity
-from linearize.judge import parse_scores, score_stories
-from linearize.probe import load_task, probe
-from linearize.suite import EvalConfig, evaluate_model
+from linearize.eval.judge import parse_scores, score_stories
+from linearize.eval.perplexity import perplexity
+from linearize.eval.probe import load_task, probe
+from linearize.eval.suite import EvalConfig, evaluate_model
 
 runner = CliRunner()
 
@@ -75,7 +75,7 @@ def test_parse_scores_is_lenient_but_strict_about_range():
 
 
 def test_judge_prompt_files(tmp_path):
-    from linearize.judge import load_prompts
+    from linearize.eval.judge import load_prompts
 
     (tmp_path / "p.jsonl").write_text('{"prompt": "Once upon a time"}\n\n{"prompt": "Tom ran"}\n')
     assert load_prompts(str(tmp_path / "p.jsonl")) == ["Once upon a time", "Tom ran"]
@@ -90,7 +90,7 @@ def test_judge_prompt_files(tmp_path):
 
 
 def test_judge_over_http_and_its_failures(good_judge, garbage_judge, monkeypatch):
-    from linearize.judge import http_judge
+    from linearize.eval.judge import http_judge
 
     url, seen = good_judge
     monkeypatch.setenv("LINEARIZE_JUDGE_KEY", "k123")

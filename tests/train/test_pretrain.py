@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from linearize import load
 from linearize.cli import app
-from linearize.dynamics import dynamics, expand, step_of
 from linearize.errors import LinearizeError
-from linearize.pretrain import load_config, pretrain, regulariser
+from linearize.train.dynamics import dynamics, expand, step_of
+from linearize.train.pretrain import load_config, pretrain, regulariser
 
 runner = CliRunner()
 SMALL = [

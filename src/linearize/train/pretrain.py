@@ -295,8 +295,8 @@ def pretrain(
 
     from linearize._version import __version__
     from linearize.analyze import analyze_model
-    from linearize.evaluate import perplexity
-    from linearize.training import check_finite_loss, read_metrics, resume_step, save_checkpoint
+    from linearize.eval.perplexity import perplexity
+    from linearize.train.loop import check_finite_loss, read_metrics, resume_step, save_checkpoint
 
     c = config or PretrainConfig()
     c.check()

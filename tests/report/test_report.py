@@ -4,7 +4,7 @@ one table row per layer, sorting on click, no horizontal scroll at a phone's 390
 
 The JSON under tests/data/pages comes from real runs on the embedded SmolLM2 (the commands are
 in tests/data/pages/README.md), so the screenshots in the README show real pages:
-``LINEARIZE_SCREENSHOTS=docs/pages pytest tests/test_report.py`` rewrites them.
+``LINEARIZE_SCREENSHOTS=docs/pages pytest tests/report/test_report.py`` rewrites them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from linearize.cli import app
 from linearize.errors import LinearizeError
 from linearize.report import PAGES, render
 
-DATA = Path(__file__).parent / "data" / "pages"
+DATA = Path(__file__).parent.parent / "data" / "pages"
 
 
 def _layers(d: dict) -> int:
@@ -247,7 +247,7 @@ def test_page_in_chromium(kind, browser, tmp_path):
 def test_command_pages_render_in_chromium(browser, tiny_dir, tmp_path):
     """The pages the commands themselves write (tiny model): analyze and prune."""
     from linearize import analyze
-    from linearize.prune import PruneConfig, prune
+    from linearize.surgery.prune import PruneConfig, prune
 
     analyze(str(tiny_dir), "builtin", tokens=1024, seq_len=64, out=tmp_path / "a")
     prune(

@@ -16,7 +16,7 @@ Strategies (``--strategy``), each faithful to where it comes from:
   calibration perplexity least;
 - ``layers``: the user's own list.
 
-Replacements (``--replace``, see linearize.replace): ``none`` drops the layers; ``linear``
+Replacements (``--replace``, see linearize.surgery.replace): ``none`` drops the layers; ``linear``
 puts one affine map (least squares on raw states, float64 normal equations, optional ridge)
 where each run of removed layers was; ``fold`` multiplies that map into the MLP output
 projection of the layer before the run, leaving a stock checkpoint.
@@ -51,7 +51,10 @@ from linearize.capture import (
     span_stats,
 )
 from linearize.errors import LinearizeError
-from linearize.replace import (
+from linearize.report import render
+from linearize.selfgen import calibration_sequences
+from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
+from linearize.surgery.replace import (
     bridge_positions,
     fold_span_,
     proj_has_bias,
@@ -59,10 +62,7 @@ from linearize.replace import (
     set_bridge_,
     set_span_map_,
 )
-from linearize.report import render
-from linearize.restart import BoundaryStore, run_from
-from linearize.selfgen import calibration_sequences
-from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
+from linearize.surgery.restart import BoundaryStore, run_from
 
 STRATEGIES = (
     "linear-greedy",
@@ -254,7 +254,7 @@ def runs_of(indices: list[int]) -> list[tuple[int, int]]:
 class _Pruner:
     """The state of one pruning run: the model, its calibration batches, and the record.
 
-    Boundary states (see linearize.restart) let every pass after the first start at the first
+    Boundary states (see linearize.surgery.restart) let every pass after the first start at the first
     layer that a cut changed. Keys in the store: ("o", j, b) is the original model's stream
     entering original layer j on batch b (j = n: after the last layer); ("c", p, b) the
     pruned model's raw stream entering position p, kept only for p > ``clean``, the last
@@ -570,7 +570,7 @@ class _Pruner:
 @torch.no_grad()
 def _batches_ppl(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
     """Perplexity over already tokenised batches (SLEB's calibration criterion)."""
-    from linearize.evaluate import batch_nll
+    from linearize.eval.perplexity import batch_nll
 
     nll, count = 0.0, 0
     for b in batches:
@@ -610,8 +610,8 @@ def prune(
     count against ``remove`` / ``layers``, whether ``fold`` is possible for the architecture.
     """
     from linearize import models
-    from linearize.evaluate import perplexity
-    from linearize.replace import save
+    from linearize.eval.perplexity import perplexity
+    from linearize.surgery.replace import save
 
     c = config or PruneConfig()
     out_dir = Path(out) if out is not None else Path("linearize-out") / "pruned"

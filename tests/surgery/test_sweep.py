@@ -7,8 +7,8 @@ import json
 import pytest
 
 from linearize.errors import LinearizeError
-from linearize.prune import PruneConfig
-from linearize.sweep import parse_ks, parse_list, sweep
+from linearize.surgery.prune import PruneConfig
+from linearize.surgery.sweep import parse_ks, parse_list, sweep
 
 BASE = PruneConfig(tokens=400, seq_len=48, batch_size=4, ppl_tokens=96)
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from test_eval import _separable, _serve, _write_jsonl
 
-from linearize.prune import PruneConfig, prune
-from linearize.suite import EvalConfig, evaluate_model
+from linearize.eval.suite import EvalConfig, evaluate_model
+from linearize.surgery.prune import PruneConfig, prune
 
 pytestmark = pytest.mark.slow
 

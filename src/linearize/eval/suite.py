@@ -34,7 +34,7 @@ class EvalConfig:
     ppl_tokens: int | None = option(32768, "perplexity tokens")
     seq_len: int = option(512, "window / max example length in tokens")
     stride: int | None = option(
-        None, "sliding-window stride (default: non-overlapping; see linearize.evaluate)"
+        None, "sliding-window stride (default: non-overlapping; see linearize.eval.perplexity)"
     )
     tasks: list[str] = option(
         factory=list, help="lm-eval tasks, e.g. arc_easy,hellaswag", cli=str, parse=str_list
@@ -107,8 +107,8 @@ def evaluate_model(
     """Run every requested part on ``name`` and write ``out/results.json``; returns it."""
     import torch
 
-    from linearize import judge, probe
-    from linearize.evaluate import perplexity
+    from linearize.eval import judge, probe
+    from linearize.eval.perplexity import perplexity
 
     c = config
     c.check()
@@ -146,7 +146,7 @@ def evaluate_model(
         }
         part("perplexity")
     if c.speed and "speed" not in result:
-        from linearize.bench import BenchConfig, bench_loaded
+        from linearize.eval.bench import BenchConfig, bench_loaded
 
         where, kw = models.resolve_model(name)
         where = str(Path(where) / kw["gguf_file"]) if "gguf_file" in kw else where
@@ -154,7 +154,7 @@ def evaluate_model(
         result["speed"] = {k: v for k, v in row.items() if not k.endswith("_ratio")}
         part("speed")
     if c.tasks and "lm_eval" not in result:
-        from linearize.harness import run_tasks
+        from linearize.eval.harness import run_tasks
 
         result["lm_eval"] = run_tasks(
             model, tok, c.tasks, c.task_include, c.task_limit, c.batch_size, seed=c.seed

@@ -10,9 +10,9 @@ import torch
 from conftest import make_tiny
 
 from linearize import arch, load
-from linearize.distill import DistillConfig, distill
 from linearize.errors import LinearizeError
-from linearize.prune import PruneConfig, prune
+from linearize.surgery.prune import PruneConfig, prune
+from linearize.train.distill import DistillConfig, distill
 
 CAL = dict(tokens=600, seq_len=48, batch_size=4)
 
@@ -48,7 +48,7 @@ def _cfg(**kw):
 
 def _identity_bridge(student: str, tmp_path):
     """The pruned student with its bridge reset to the identity: something left to learn."""
-    from linearize.replace import get_bridge, save
+    from linearize.surgery.replace import get_bridge, save
 
     model, tok = load(student, device="cpu")
     with torch.no_grad():
@@ -263,7 +263,7 @@ def test_hidden_only_loss_skips_the_lm_heads_and_matches(teacher_dir, tmp_path):
 def test_chunked_kl_equals_kl_div_and_its_gradient(tau, chunk):
     import torch.nn.functional as F
 
-    from linearize.distill import chunked_kl
+    from linearize.train.distill import chunked_kl
 
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(50, 300, generator=g) * 3).requires_grad_()
@@ -310,16 +310,16 @@ def test_an_exception_inside_a_distillation_step_leaves_no_hook(
 ):
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    import linearize.distill
+    import linearize.train.distill
 
     student = _pruned(teacher_dir, tmp_path)
     loaded = []  # keep student and teacher alive, so their hook tables can be read after the failure
 
-    def keep(*args, _load=linearize.distill.models.load, **kwargs):
+    def keep(*args, _load=linearize.train.distill.models.load, **kwargs):
         loaded.append(_load(*args, **kwargs))
         return loaded[-1]
 
-    monkeypatch.setattr(linearize.distill.models, "load", keep)
+    monkeypatch.setattr(linearize.train.distill.models, "load", keep)
     hook_spy.handles.clear()  # the pruning run's own hooks
     hook_spy.fail_in_layer(monkeypatch, LlamaDecoderLayer, when=torch.is_grad_enabled, after=2)
     with pytest.raises(RuntimeError, match="boom"):

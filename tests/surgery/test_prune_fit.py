@@ -11,10 +11,10 @@ from conftest import make_tiny
 
 from linearize import arch, data
 from linearize.capture import _masked_rows
-from linearize.prune import PruneConfig, prune_model_
-from linearize.replace import bridge_positions, get_bridge
-from linearize.restart import BoundaryStore
 from linearize.stats import PairStats, fit_affine
+from linearize.surgery.prune import PruneConfig, prune_model_
+from linearize.surgery.replace import bridge_positions, get_bridge
+from linearize.surgery.restart import BoundaryStore
 
 KW = dict(tokens=1200, seq_len=48, batch_size=4, calib="builtin:calib")
 

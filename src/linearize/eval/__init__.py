@@ -1,0 +1,1 @@
+"""Evaluation: perplexity protocol, lm-eval, probing, judge, speed, the eval command."""

@@ -1,0 +1,1 @@
+"""Surgery: choose layers to remove, replace them (bridges, folds), sweep, export."""
