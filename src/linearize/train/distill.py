@@ -24,11 +24,9 @@ TensorBoard event files under ``out/tensorboard`` when tensorboard is installed)
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import inspect
 import json
 import math
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,12 +38,13 @@ from torch import Tensor, nn
 
 from linearize import arch, data, models
 from linearize._fields import option
-from linearize._io import atomic_dir, atomic_write, claim_output, releases_output, write_json
+from linearize._io import atomic_write, claim_output, releases_output, write_json
 from linearize.capture import record
 from linearize.errors import LinearizeError
+from linearize.eval.perplexity import perplexity
 from linearize.surgery.prune import runs_of
-from linearize.surgery.replace import BRIDGE
-from linearize.train.loop import check_finite_loss, read_metrics, resume_step, save_checkpoint
+from linearize.surgery.replace import BRIDGE, save
+from linearize.train.loop import Every, Loop, Schedule
 
 TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
 HIDDEN_LOSSES = ("mse", "cosine", "both")
@@ -392,6 +391,92 @@ def _teacher_cache(
     return TeacherCache(cache_dir, manifest, acc.process_index)
 
 
+def _load_pair(student_dir: str, c: DistillConfig, device: str):
+    """(student, its tokenizer, the frozen teacher, the teacher's name) on ``device``."""
+    student, s_tok = models.load(student_dir, dtype="float32", device=device, savable=True)
+    teacher_name = _teacher_name(student_dir, student, c.teacher)
+    teacher, t_tok = models.load(teacher_name, dtype=c.teacher_dtype, device=device)
+    _check_tokenizers(s_tok, t_tok, student, teacher)
+    teacher.requires_grad_(False)
+    return student, s_tok, teacher, teacher_name or models.EMBEDDED_NAME
+
+
+def _micro_batches(
+    c: DistillConfig, tok, loop: Loop, per_step: int
+) -> tuple[list[dict[str, Tensor]], int, int, int]:
+    """This process's micro-batches of one pass over ``--data``, the optimizer steps of the
+    whole run, how often the source repeats to give ``--tokens``, and the tokens it holds."""
+    seqs = list(
+        data.token_sequences(
+            tok, c.data, c.seq_len, c.tokens, rank=loop.rank, world_size=loop.world
+        )
+    )
+    micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(tok)))
+    per_epoch = max(1, len(micro) // c.grad_accum)
+    have = sum(len(q) for q in seqs) * loop.world
+    passes = _passes(c, have, per_epoch * per_step)
+    return micro[: per_epoch * c.grad_accum], per_epoch * c.epochs * passes, passes, have
+
+
+def _teacher_pass(
+    teacher: nn.Module,
+    t_mods: list[nn.Module],
+    b: dict[str, Tensor],
+    index: int,
+    cache: TeacherCache | None,
+    want_logits: bool,
+) -> tuple[Tensor | None, list[Tensor]]:
+    """Teacher logits (when the loss needs them) and boundary states for micro-batch
+    ``index``, read from the cache when it holds them."""
+    states = cache.get(index, b["input_ids"].device) if cache is not None else None
+    with torch.no_grad():
+        if states is not None:
+            return (logits_from_final(teacher, states[-1]) if want_logits else None), states
+        with record(inputs=t_mods) as t_in:
+            if want_logits:
+                logits = teacher(**b, use_cache=False).logits
+            else:  # only the states are needed: the body alone, no LM head
+                teacher.base_model(**b, use_cache=False)
+                logits = None
+    if cache is not None:
+        cache.put(index, t_in.inputs)
+    return logits, t_in.inputs
+
+
+@dataclass
+class _Step:
+    """The loss of one micro-batch: everything else is the loop's."""
+
+    c: DistillConfig
+    loop: Loop
+    teacher: nn.Module
+    pairs: list[tuple[nn.Module, nn.Module]]
+    micro: list[dict[str, Tensor]]
+    cache: TeacherCache | None
+
+    def __post_init__(self) -> None:
+        # hidden-only losses need no student logits: ask for one position instead of all
+        forward = inspect.signature(self.loop.unwrapped().forward).parameters
+        hidden_only = not (self.c.w_kl or self.c.w_lm)
+        self.head_kw = {"logits_to_keep": 1} if hidden_only and "logits_to_keep" in forward else {}
+
+    def __call__(self, index: int) -> dict[str, Tensor]:
+        index %= len(self.micro)  # the same batches every epoch
+        b = {k: v.to(self.loop.acc.device) for k, v in self.micro[index].items()}
+        t_mods, s_mods = [p[1] for p in self.pairs], [p[0] for p in self.pairs]
+        t_logits, t_states = _teacher_pass(
+            self.teacher, t_mods, b, index, self.cache, bool(self.c.w_kl)
+        )
+        with self.loop.acc.autocast(), record(inputs=s_mods) as s_in:
+            s_logits = self.loop.model(**b, use_cache=False, **self.head_kw).logits
+        return distill_loss(s_logits, t_logits, s_in.inputs, t_states, b, self.c)
+
+
+def _last_perplexity(rows: list[dict]) -> float | None:
+    found = [r["perplexity"] for r in rows if r.get("perplexity") not in (None, "")]
+    return float(found[-1]) if found else None
+
+
 @releases_output
 def distill(
     student_dir: str,
@@ -407,182 +492,73 @@ def distill(
     ``max_steps`` stops early (after saving a checkpoint), as a kill would; the schedule still
     follows ``config.tokens``.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
-
-    from linearize._version import __version__
-    from linearize.eval.perplexity import perplexity
-    from linearize.surgery.replace import save
 
     c = config or DistillConfig()
     c.check()
     out = Path(out)
     claim_output(out)
-    data.resolve_source(c.data)
-    if c.eval_data:
-        data.resolve_source(c.eval_data)
-    cpu = device == "cpu" or not torch.cuda.is_available()
-    tensorboard = importlib.util.find_spec("tensorboard") is not None
-    acc = Accelerator(
-        gradient_accumulation_steps=c.grad_accum,
-        cpu=cpu,
-        mixed_precision="no" if cpu else "bf16",
-        log_with="tensorboard" if tensorboard else None,
-        project_dir=str(out),
-    )
-    world, rank = acc.num_processes, acc.process_index
-    per_step = c.seq_len * c.batch_size * c.grad_accum * world
-    if c.tokens < per_step:
-        raise LinearizeError(
-            f"--tokens {c.tokens} is less than one optimizer step "
-            f"({c.batch_size}×{c.seq_len}×{c.grad_accum}×{world} = {per_step} tokens)"
-        )
-    dev = "cpu" if cpu else str(acc.device)
-    student, s_tok = models.load(student_dir, dtype="float32", device=dev, savable=True)
-    teacher_name = _teacher_name(student_dir, student, c.teacher)
-    teacher, t_tok = models.load(teacher_name, dtype=c.teacher_dtype, device=dev)
-    _check_tokenizers(s_tok, t_tok, student, teacher)
-    teacher.requires_grad_(False)
+    for source in filter(None, (c.data, c.eval_data)):
+        data.resolve_source(source)
+    loop = Loop(out, c.grad_accum, device)
+    per_step = loop.tokens_per_step(c.seq_len, c.batch_size, c.tokens)
+    student, tok, teacher, name = _load_pair(student_dir, c, loop.device)
     pairs = boundaries(student, teacher)
     set_seed(c.seed)
     trainable = select_trainable_(student, c.train, c.lora_rank)
+    micro, total_steps, passes, have = _micro_batches(c, tok, loop, per_step)
+    cache = _teacher_cache(c, loop.acc, teacher, name, pairs, passes)
+    if passes > 1 and loop.is_main:
+        _say_repeats(c, have, passes, total_steps, cache)
+    schedule = Schedule(c.lr, total_steps, c.warmup, c.weight_decay, c.max_grad_norm)
+    loop.prepare(trainable, schedule, resume)
 
-    seqs = list(
-        data.token_sequences(s_tok, c.data, c.seq_len, c.tokens, rank=rank, world_size=world)
-    )
-    micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(s_tok)))
-    per_epoch = max(1, len(micro) // c.grad_accum)
-    micro = micro[: per_epoch * c.grad_accum]
-    have = sum(len(q) for q in seqs) * world
-    passes = _passes(c, have, per_epoch * per_step)
-    total_steps = per_epoch * c.epochs * passes
-    name = teacher_name or models.EMBEDDED_NAME
-    cache = _teacher_cache(c, acc, teacher, name, pairs, passes)
-    if passes > 1 and acc.is_main_process:
-        cached = f"; teacher states cached in {cache.root}" if cache is not None else ""
-        warnings.warn(
-            f"--data {c.data} holds {have:,} training tokens, under --tokens "
-            f"{c.tokens:,}: repeating it {passes}× ({total_steps} steps){cached}",
-            stacklevel=2,
-        )
-    params = [p for p in trainable.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
-    model, opt, sched = acc.prepare(trainable, opt, sched)
+    def held_out(step: int) -> dict:
+        return {
+            "perplexity": perplexity(loop.unwrapped(), tok, c.eval_data, c.seq_len, c.eval_tokens)
+        }
 
-    rows: list[dict] = []
-    step = 0
-    if resume:
-        step = resume_step(acc, out)
-        rows = read_metrics(out, step)
-
-    s_mods, t_mods = [p[0] for p in pairs], [p[1] for p in pairs]
-
-    def teacher_pass(b: dict[str, Tensor], index: int) -> tuple[Tensor | None, list[Tensor]]:
-        """Teacher logits and boundary states for micro-batch ``index`` (from disk if cached)."""
-        states = cache.get(index, acc.device) if cache is not None else None
-        if states is not None:
-            with torch.no_grad():
-                return (logits_from_final(teacher, states[-1]) if c.w_kl else None), states
-        with torch.no_grad(), record(inputs=t_mods) as t_in:
-            if c.w_kl:
-                logits = teacher(**b, use_cache=False).logits
-            else:  # only the states are needed: the body alone, no LM head
-                teacher.base_model(**b, use_cache=False)
-                logits = None
-        if cache is not None:
-            cache.put(index, t_in.inputs)
-        return logits, t_in.inputs
-
-    unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
-    # hidden-only losses need no student logits: ask for one position instead of all
-    head_kw = {}
-    if (
-        not (c.w_kl or c.w_lm)
-        and "logits_to_keep" in inspect.signature(unwrapped().forward).parameters
-    ):
-        head_kw = {"logits_to_keep": 1}
-    ppl_before = None
-    if c.eval_data and step == 0 and acc.is_main_process:
-        ppl_before = perplexity(unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens)
-    start = time.perf_counter()
-    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    if tensorboard:
-        acc.init_trackers("tensorboard")
-    model.train()
-    while step < stop_at:
-        logs: dict[str, float] = {}
-        for j in range(c.grad_accum):
-            index = (step * c.grad_accum + j) % len(micro)  # the same batches every epoch
-            b = {k: v.to(acc.device) for k, v in micro[index].items()}
-            with acc.accumulate(model):
-                t_logits, t_states = teacher_pass(b, index)
-                with acc.autocast(), record(inputs=s_mods) as s_in:
-                    s_logits = model(**b, use_cache=False, **head_kw).logits
-                parts = distill_loss(s_logits, t_logits, s_in.inputs, t_states, b, c)
-                acc.backward(parts["loss"])
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(params, c.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-            for k, v in parts.items():  # the mean over processes, for the log
-                logs[k] = logs.get(k, 0.0) + float(acc.reduce(v.detach(), "mean")) / c.grad_accum
-        check_finite_loss(logs, step)
-        step += 1
-        row = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
-        if c.eval_data and (step % c.eval_every == 0 or step == total_steps):
-            model.eval()
-            row["perplexity"] = perplexity(
-                unwrapped(), s_tok, c.eval_data, c.seq_len, c.eval_tokens
-            )
-            model.train()
-        rows.append(row)
-        if tensorboard:
-            acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
-        if on_step is not None and acc.is_main_process:
-            on_step(row)
-        if step % c.save_every == 0 or step == stop_at:
-            save_checkpoint(acc, out, step, rows)
-    elapsed = time.perf_counter() - start
+    before = None
+    if c.eval_data and loop.step == 0 and loop.is_main:
+        before = held_out(0)["perplexity"]
+    every = Every(c.save_every, c.eval_every, held_out if c.eval_data else None, on_step=on_step)
+    loop.run(_Step(c, loop, teacher, pairs, micro, cache), per_step, every, max_steps)
     summary = {
         "student": student_dir,
         "teacher": name,
         "config": asdict(c),
-        "steps": step,
-        "total_steps": total_steps,
-        "tokens_seen": step * per_step,
-        "elapsed_s": round(elapsed, 2),
-        "perplexity_before": ppl_before,
-        "perplexity_after": next(
-            (
-                float(r["perplexity"])
-                for r in reversed(rows)
-                if r.get("perplexity") not in (None, "")
-            ),
-            None,
-        ),
-        "world_size": world,
-        "version": __version__,
+        **loop.summary(per_step),
+        "perplexity_before": before,
+        "perplexity_after": _last_perplexity(loop.rows),
     }
-    if tensorboard:
-        for tracker in acc.trackers:  # not acc.end_training(): it ends the process group too
-            tracker.finish()
-    if step < total_steps:
-        return summary  # stopped early: the checkpoint holds the state
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        final = unwrapped()
+    if loop.finished:  # a run stopped early keeps its state in the checkpoint
+        _save_final(loop, c, tok, summary)
+    return summary
+
+
+def _say_repeats(
+    c: DistillConfig, have: int, passes: int, total_steps: int, cache: TeacherCache | None
+) -> None:
+    cached = f"; teacher states cached in {cache.root}" if cache is not None else ""
+    warnings.warn(
+        f"--data {c.data} holds {have:,} training tokens, under --tokens {c.tokens:,}: "
+        f"repeating it {passes}× ({total_steps} steps){cached}",
+        stacklevel=3,
+    )
+
+
+def _save_final(loop: Loop, c: DistillConfig, tok, summary: dict) -> None:
+    """``out/final``: the healed student (LoRA merged), with the run in config.linearize."""
+
+    def write(tmp: Path) -> None:
+        final = loop.unwrapped()
         if c.train == "lora":
             final = final.merge_and_unload()
         final.eval()
         rec = dict(getattr(final.config, "linearize", None) or {})
         rec["distill"] = summary
+        save(final, tok, tmp, rec)
 
-        def write(tmp: Path) -> None:
-            save(final, s_tok, tmp, rec)
-
-        atomic_dir(out / "final", write)
-        write_json(out / "distill.json", summary)
-    return summary
+    loop.save_final(write)
+    if loop.is_main:
+        write_json(loop.out / "distill.json", summary)

@@ -20,8 +20,6 @@ a fixed held-out set, and held-out perplexity is measured; both go to ``probe.js
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -32,15 +30,17 @@ from torch import Tensor, nn
 
 from linearize import arch, data, models
 from linearize._io import (
-    atomic_dir,
     claim_output,
     releases_output,
     strict_json,
     write_json,
     write_text,
 )
-from linearize.capture import record
+from linearize.analyze import analyze_model
+from linearize.capture import eval_mode, record
 from linearize.errors import LinearizeError
+from linearize.eval.perplexity import perplexity
+from linearize.train.loop import Every, Loop, Schedule
 
 REGS = ("cosine", "mse", "none")
 
@@ -278,6 +278,75 @@ def training_sequences(
             raise LinearizeError(f"data '{specs}' is shorter than one sequence of {seq_len} tokens")
 
 
+def _tokenizer(name: str | None):
+    from transformers import AutoTokenizer
+
+    where, kw = models.resolve_model(name)
+    try:
+        return AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as e:
+        raise LinearizeError(f"cannot load tokenizer '{name}': {str(e).splitlines()[0]}") from None
+
+
+def _probe(model: nn.Module, tok, c: PretrainConfig, step: int, per_step: int) -> dict:
+    """Per-layer linearity and held-out perplexity of ``model`` now (one probe.jsonl line)."""
+    with eval_mode(model), torch.no_grad():
+        rep = analyze_model(model, tok, c.probe_data, c.probe_tokens, c.seq_len, c.batch_size)
+        ppl = perplexity(model, tok, c.probe_data, c.seq_len, c.probe_tokens, c.batch_size)
+    return {
+        "step": step,
+        "tokens": step * per_step,
+        "perplexity": ppl,
+        **rep.means(),
+        "linearity": rep.column("linearity"),
+        "linearity_no_residual": rep.column("linearity_no_residual"),
+    }
+
+
+@dataclass
+class _Step:
+    """LM loss plus the regulariser on one micro-batch; everything else is the loop's."""
+
+    c: PretrainConfig
+    loop: Loop
+    seqs: Iterator[list[int]]
+    pad: int
+
+    def __post_init__(self) -> None:
+        self.layers = arch.get_layers(self.loop.unwrapped())[1]
+
+    def __call__(self, index: int) -> dict[str, Tensor]:
+        c = self.c
+        b = data.pad_batch([next(self.seqs) for _ in range(c.batch_size)], self.pad)
+        b = {k: v.to(self.loop.acc.device) for k, v in b.items()}
+        # h_0 (the first layer's input) and every layer's output, with their graph
+        with self.loop.acc.autocast(), record(inputs=self.layers[:1], outputs=self.layers) as cap:
+            lm = self.loop.model(**b, labels=b["input_ids"], use_cache=False).loss
+        states = cap.inputs + cap.outputs
+        if c.reg == "none":  # log what the cosine term would be, without training on it
+            with torch.no_grad():
+                reg = regulariser(states, b["attention_mask"], "cosine")
+            return {"loss": lm, "lm_loss": lm, "reg": reg}
+        reg = regulariser(states, b["attention_mask"], c.reg, c.reg_normalize)
+        return {"loss": lm + c.reg_weight * reg, "lm_loss": lm, "reg": reg}
+
+
+def _save_model(model: nn.Module, tok, where: Path) -> None:
+    model.save_pretrained(where)
+    tok.save_pretrained(where)
+
+
+def _read_probes(path: Path, up_to: int) -> list[dict]:
+    """The probes a resumed run keeps: those up to its checkpoint's step."""
+    if not path.exists():
+        return []
+    return [p for p in map(json.loads, path.read_text().splitlines()) if p["step"] <= up_to]
+
+
+def _write_probes(path: Path, probes: list[dict]) -> None:
+    write_text(path, "".join(strict_json(p, indent=None) + "\n" for p in probes))
+
+
 @releases_output
 def pretrain(
     config: PretrainConfig | None = None,
@@ -289,151 +358,49 @@ def pretrain(
 ) -> dict:
     """Train from scratch; checkpoints (with a loadable model) every ``save_every`` steps,
     ``out/final`` (a stock HF checkpoint), ``metrics.csv``, ``probe.jsonl``, ``pretrain.json``."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
-
-    from linearize._version import __version__
-    from linearize.analyze import analyze_model
-    from linearize.eval.perplexity import perplexity
-    from linearize.train.loop import check_finite_loss, read_metrics, resume_step, save_checkpoint
 
     c = config or PretrainConfig()
     c.check()
     out = Path(out)
     claim_output(out)
-    cpu = device == "cpu" or not torch.cuda.is_available()
-    acc = Accelerator(
-        gradient_accumulation_steps=c.grad_accum, cpu=cpu, mixed_precision="no" if cpu else "bf16"
-    )
-    world, rank = acc.num_processes, acc.process_index
-    per_step = c.seq_len * c.batch_size * c.grad_accum * world
+    loop = Loop(out, c.grad_accum, device)
+    per_step = loop.tokens_per_step(c.seq_len, c.batch_size, c.tokens)
     total_steps = c.tokens // per_step
-    if total_steps < 1:
-        raise LinearizeError(
-            f"--tokens {c.tokens} is less than one optimizer step ({per_step} tokens)"
-        )
-    where, kw = models.resolve_model(c.tokenizer)
-    try:
-        tok = AutoTokenizer.from_pretrained(where, **kw)
-    except Exception as e:
-        raise LinearizeError(
-            f"cannot load tokenizer '{c.tokenizer}': {str(e).splitlines()[0]}"
-        ) from None
+    tok = _tokenizer(c.tokenizer)
     next(training_sequences(tok, c.data, c.seq_len, 0, 1))  # data shorter than a sequence: fail now
     set_seed(c.seed)
-    model = build_model(c, tok)
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=c.lr, weight_decay=c.weight_decay, betas=(0.9, 0.95)
+    schedule = Schedule(
+        c.lr, total_steps, c.warmup, c.weight_decay, c.max_grad_norm, betas=(0.9, 0.95)
     )
-    sched = get_cosine_schedule_with_warmup(opt, math.ceil(c.warmup * total_steps), total_steps)
-    model, opt, sched = acc.prepare(model, opt, sched)
-    step = resume_step(acc, out) if resume else 0
-    rows = read_metrics(out, step) if resume else []
+    step = loop.prepare(build_model(c, tok), schedule, resume)
     probes_path = out / "probe.jsonl"
-    probes = []
-    if resume and probes_path.exists():
-        probes = [
-            p for p in map(json.loads, probes_path.read_text().splitlines()) if p["step"] <= step
-        ]
-    unwrapped = lambda: acc.unwrap_model(model)  # noqa: E731
-    seqs = training_sequences(
-        tok, c.data, c.seq_len, rank, world, skip=step * c.batch_size * c.grad_accum * world
-    )
-    pad = data.pad_id_of(tok)
+    probes = _read_probes(probes_path, step) if resume else []
+    skip = step * c.batch_size * c.grad_accum * loop.world
+    seqs = training_sequences(tok, c.data, c.seq_len, loop.rank, loop.world, skip=skip)
 
-    def probe(step: int) -> dict:
-        m = unwrapped()
-        m.eval()
-        with torch.no_grad():
-            rep = analyze_model(m, tok, c.probe_data, c.probe_tokens, c.seq_len, c.batch_size)
-            ppl = perplexity(m, tok, c.probe_data, c.seq_len, c.probe_tokens, c.batch_size)
-        m.train()
-        return {
-            "step": step,
-            "tokens": step * per_step,
-            "perplexity": ppl,
-            **rep.means(),
-            "linearity": rep.column("linearity"),
-            "linearity_no_residual": rep.column("linearity_no_residual"),
-        }
+    def evaluate(step: int) -> dict:
+        probes.append(_probe(loop.unwrapped(), tok, c, step, per_step))
+        keys = ("perplexity", "mean_linearity", "mean_linearity_no_residual")
+        return {k: probes[-1][k] for k in keys}
 
-    def save_model(tmp: Path) -> None:
-        unwrapped().save_pretrained(tmp / "model")
-        tok.save_pretrained(tmp / "model")
-        write_text(probes_path, "".join(strict_json(p, indent=None) + "\n" for p in probes))
+    def save_model(tmp: Path) -> None:  # each checkpoint is a model dynamics can load
+        _save_model(loop.unwrapped(), tok, tmp / "model")
+        _write_probes(probes_path, probes)
 
-    _, layers = arch.get_layers(unwrapped())
-    start = time.perf_counter()
-    stop_at = total_steps if max_steps is None else min(total_steps, max_steps)
-    model.train()
     if step == 0:
-        probes.append(probe(0))
-    while step < stop_at:
-        logs: dict[str, float] = {}
-        for _ in range(c.grad_accum):
-            b = data.pad_batch([next(seqs) for _ in range(c.batch_size)], pad)
-            b = {k: v.to(acc.device) for k, v in b.items()}
-            with acc.accumulate(model):
-                # h_0 (the first layer's input) and every layer's output, with their graph
-                with acc.autocast(), record(inputs=layers[:1], outputs=layers) as cap:
-                    lm = model(**b, labels=b["input_ids"], use_cache=False).loss
-                states = cap.inputs + cap.outputs
-                if c.reg == "none":  # log what the cosine term would be, without training on it
-                    with torch.no_grad():
-                        reg = regulariser(states, b["attention_mask"], "cosine")
-                    loss = lm
-                else:
-                    reg = regulariser(states, b["attention_mask"], c.reg, c.reg_normalize)
-                    loss = lm + c.reg_weight * reg
-                acc.backward(loss)
-                if acc.sync_gradients:
-                    acc.clip_grad_norm_(model.parameters(), c.max_grad_norm)
-                opt.step()
-                sched.step()
-                opt.zero_grad()
-            for k, v in (("loss", loss), ("lm_loss", lm), ("reg", reg)):
-                logs[k] = (
-                    logs.get(k, 0.0) + float(acc.reduce(v.detach().float(), "mean")) / c.grad_accum
-                )
-        check_finite_loss(logs, step)
-        step += 1
-        row: dict = {"step": step, "tokens": step * per_step, "lr": sched.get_last_lr()[0], **logs}
-        if step % c.probe_every == 0 or step == total_steps:
-            p = probe(step)
-            probes.append(p)
-            row.update(
-                perplexity=p["perplexity"],
-                mean_linearity=p["mean_linearity"],
-                mean_linearity_no_residual=p["mean_linearity_no_residual"],
-            )
-        rows.append(row)
-        if on_step is not None and acc.is_main_process:
-            on_step(row)
-        if step % c.save_every == 0 or step == stop_at:
-            save_checkpoint(acc, out, step, rows, extra=save_model)
+        probes.append(_probe(loop.unwrapped(), tok, c, 0, per_step))
+    every = Every(c.save_every, c.probe_every, evaluate, save_model, on_step)
+    loop.run(_Step(c, loop, seqs, data.pad_id_of(tok)), per_step, every, max_steps)
     summary = {
         "config": asdict(c),
-        "steps": step,
-        "total_steps": total_steps,
-        "tokens_seen": step * per_step,
-        "elapsed_s": round(time.perf_counter() - start, 2),
-        "parameters": sum(p.numel() for p in unwrapped().parameters()),
+        **loop.summary(per_step),
+        "parameters": sum(p.numel() for p in loop.unwrapped().parameters()),
         "final": probes[-1] if probes else None,
-        "world_size": world,
-        "version": __version__,
     }
-    if step < total_steps:
-        return summary
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        final = unwrapped()
-
-        def write(tmp: Path) -> None:
-            final.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-
-        atomic_dir(out / "final", write)
-        write_text(probes_path, "".join(strict_json(p, indent=None) + "\n" for p in probes))
-        write_json(out / "pretrain.json", summary)
+    if loop.finished:
+        loop.save_final(lambda tmp: _save_model(loop.unwrapped(), tok, tmp))
+        if loop.is_main:
+            _write_probes(probes_path, probes)
+            write_json(out / "pretrain.json", summary)
     return summary
