@@ -237,6 +237,8 @@ def test_prune_sweep_command(tiny_dir, tmp_path):
         ("distill", "linearize.train.distill:DistillConfig"),
         ("eval", "linearize.eval.suite:EvalConfig"),
         ("bench", "linearize.eval.bench:BenchConfig"),
+        ("analyze", "linearize.analyze:AnalyzeConfig"),
+        ("finetune", "linearize.train.finetune:FinetuneConfig"),
     ],
 )
 def test_every_config_field_is_an_option_with_its_default(command, config):

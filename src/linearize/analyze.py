@@ -7,82 +7,61 @@ read), ``linearity.csv``, ``linearity.png`` and ``report.html`` into the output 
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from linearize import arch, data, models
+from linearize._fields import int_list, option
 from linearize._io import claim_output, releases_output, write_json, write_text
-from linearize._version import __version__
 from linearize.capture import collect_stats
 from linearize.errors import LinearizeError
+from linearize.linearity import SCORE_KEYS, LinearityReport
 from linearize.report import png, render
 
-SCORE_KEYS = (
-    "linearity",
-    "linearity_no_residual",
-    "cosine",
-    "block_influence",
-    "angular_distance",
-)
+__all__ = ["SCORE_KEYS", "AnalyzeConfig", "LinearityReport", "analyze", "analyze_model"]
+
+
+def save_report(report: LinearityReport, out: Path) -> None:
+    """Write linearity.json (the contract other tools read), .csv, .png and report.html, each
+    atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "linearity.json", report.to_dict())
+    write_text(out / "linearity.csv", report.to_csv())
+    title = f"{report.model} — {report.tokens:,} tokens of {report.data}"
+    png.linearity_png(report.layers, title, out / "linearity.png")
+    render(out / "linearity.json")
 
 
 @dataclass
-class LinearityReport:
-    """Per-layer scores of one model on one set of tokens. ``layers`` rows are plain dicts:
-    {"layer", "linearity", "linearity_no_residual", "cosine", "block_influence",
-    "angular_distance"[, "anisotropy"]}, layer indices 0-based in the model's own order."""
+class AnalyzeConfig:
+    """What an analysis reads and how. Each field is an option of ``linearize analyze`` and a
+    keyword of ``analyze`` (whose defaults are these)."""
 
-    model: str
-    data: str
-    tokens: int
-    seq_len: int
-    layers: list[dict[str, float]]
-    elapsed_s: float = 0.0
-    version: str = __version__
-    config: dict[str, Any] = field(default_factory=dict)
+    data_source: str = option(
+        "builtin",
+        "builtin | FILE | DIR of .txt | FILE.jsonl | HF name[:config[:split]]",
+        flag="--data",
+    )
+    tokens: int | None = option(65536, "total tokens to analyse (cap)")
+    seq_len: int = option(512, "tokens per sequence")
+    batch_size: int = option(8, "sequences per forward pass")
+    dtype: str = option("auto", "auto | float32 | bfloat16 | float16 | float64")
+    device_map: str | None = option(None, "'auto' spreads a large model over devices (accelerate)")
+    layers: list[int] | None = option(
+        None, "only these layers, e.g. 0,5,9", cli=str, parse=int_list
+    )
+    anisotropy: bool = option(False, "also report each output's anisotropy")
+    exact: bool = option(False, "float64 d×d products (default float32: within ~1e-6, faster)")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        order = ["model", "data", "tokens", "seq_len", "version", "elapsed_s", "layers", "config"]
-        return {k: d[k] for k in order}
 
-    def column(self, key: str) -> list[float]:
-        return [row[key] for row in self.layers]
-
-    def means(self) -> dict[str, float]:
-        """Mean linearity with and without residual over the scored layers: the one-number
-        summary that pretraining probes and dynamics plot against step."""
-        return {
-            f"mean_{k}": sum(self.column(k)) / len(self.layers)
-            for k in ("linearity", "linearity_no_residual")
-        }
-
-    def to_csv(self) -> str:
-        keys = list(self.layers[0].keys()) if self.layers else ["layer", *SCORE_KEYS]
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
-        w.writeheader()
-        w.writerows(self.layers)
-        return buf.getvalue()
-
-    def save(self, out: Path) -> None:
-        """Write the json, csv, png and html outputs, each atomically."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "linearity.json", self.to_dict())
-        write_text(out / "linearity.csv", self.to_csv())
-        title = f"{self.model} — {self.tokens:,} tokens of {self.data}"
-        png.linearity_png(self.layers, title, out / "linearity.png")
-        render(out / "linearity.json")
+_D = AnalyzeConfig()
 
 
 def _rank_world() -> tuple[int, int]:
@@ -163,19 +142,19 @@ def default_out_dir(model: str | None) -> Path:
 @releases_output
 def analyze(
     model: str | None = None,
-    data_source: str = "builtin",
-    tokens: int | None = 65536,
-    seq_len: int = 512,
-    batch_size: int = 8,
+    data_source: str = _D.data_source,
+    tokens: int | None = _D.tokens,
+    seq_len: int = _D.seq_len,
+    batch_size: int = _D.batch_size,
     out: str | Path | None = None,
-    dtype: str = "auto",
+    dtype: str = _D.dtype,
     device: str = "auto",
-    device_map: str | None = None,
-    layers: Sequence[int] | None = None,
-    anisotropy: bool = False,
+    device_map: str | None = _D.device_map,
+    layers: Sequence[int] | None = _D.layers,
+    anisotropy: bool = _D.anisotropy,
     on_batch: Callable[[int], None] | None = None,
     save: bool = True,
-    exact: bool = False,
+    exact: bool = _D.exact,
 ) -> LinearityReport:
     """Load ``model`` (None: the embedded SmolLM2), score it on ``data_source`` and write the
     report into ``out`` (default ``linearize-out/analyze-<model>``). Bad input is refused with
@@ -218,7 +197,7 @@ def analyze(
         "transformers": _transformers_version(),
     }
     if save and _rank_world()[0] == 0:
-        report.save(out_dir)
+        save_report(report, out_dir)
     return report
 
 

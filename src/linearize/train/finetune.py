@@ -12,26 +12,35 @@ Examples and splits come from ``linearize.eval.probe.load_task`` (SuperGLUE fiel
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from linearize import data, models
+from linearize._fields import option
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
+from linearize.eval.probe import load_task
 
 
 @dataclass
 class FinetuneConfig:
-    epochs: float = 1.0
-    lr: float = 2e-5
-    batch_size: int = 8
-    max_len: int = 256
-    warmup: float = 0.05
-    save_steps: int = 50
-    limit: int | None = 2000  # examples per split
-    seed: int = 0
+    """One fine-tuning run. Every field is an option of ``linearize finetune``."""
+
+    epochs: float = option(1.0, "passes over the train split")
+    lr: float = option(2e-5, "learning rate")
+    batch_size: int = option(8, "examples per step")
+    max_len: int = option(256, "tokens per example")
+    warmup: float = option(0.05, "share of steps spent warming up")
+    save_steps: int = option(50, "steps between checkpoints")
+    limit: int | None = option(2000, "examples per split")
+    seed: int = option(0, "random seed")
+
+    def check(self) -> None:
+        if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
+            raise LinearizeError("--batch-size, --epochs and --lr must be positive")
 
 
 def verbalizers(n_classes: int) -> list[str]:
@@ -72,36 +81,8 @@ def accuracy(model, tok, examples: list[tuple[str, int]], n_classes: int, max_le
     return right / max(1, len(examples))
 
 
-@releases_output
-def finetune(
-    model_name: str | None,
-    task_file: str,
-    config: FinetuneConfig | None = None,
-    out: str | Path = "linearize-out/finetune",
-    resume: bool = False,
-    device: str = "auto",
-) -> dict:
-    """Fine-tune ``model_name`` on ``task_file``; writes Trainer checkpoints, ``final`` and
-    ``finetune.json`` (accuracy before/after) in ``out``."""
-    from transformers import Trainer, TrainingArguments
-
-    from linearize.eval.probe import load_task
-
-    c = config or FinetuneConfig()
-    if c.batch_size < 1 or c.epochs <= 0 or c.lr <= 0:
-        raise LinearizeError("--batch-size, --epochs and --lr must be positive")
-    out = Path(out)
-    claim_output(out)
-    task = load_task(task_file, c.limit)
-    n_classes = max(y for _, y in task.train + task.test) + 1
-    if n_classes < 2:
-        raise LinearizeError(f"task '{task.name}' has a single class")
-    model, tok = models.load(model_name, dtype="float32", device=device, savable=True)
-    verbs = verbalizers(n_classes)
-    before = accuracy(model, tok, task.test, n_classes, c.max_len)
-    train = [_encode(tok, t, verbs[y], c.max_len) for t, y in task.train]
-    cpu = str(model.device) == "cpu"
-    import inspect
+def _training_args(c: FinetuneConfig, out: Path, cpu: bool):
+    from transformers import TrainingArguments
 
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio)
     ratio = (
@@ -109,7 +90,7 @@ def finetune(
         if "warmup_ratio" in inspect.signature(TrainingArguments).parameters
         else "warmup_steps"
     )
-    args = TrainingArguments(
+    return TrainingArguments(
         output_dir=str(out),
         num_train_epochs=c.epochs,
         per_device_train_batch_size=c.batch_size,
@@ -128,6 +109,34 @@ def finetune(
         remove_unused_columns=False,
         disable_tqdm=False,
     )
+
+
+@releases_output
+def finetune(
+    model_name: str | None,
+    task_file: str,
+    config: FinetuneConfig | None = None,
+    out: str | Path = "linearize-out/finetune",
+    resume: bool = False,
+    device: str = "auto",
+) -> dict:
+    """Fine-tune ``model_name`` on ``task_file``; writes Trainer checkpoints, ``final`` and
+    ``finetune.json`` (accuracy before/after) in ``out``."""
+    from transformers import Trainer
+
+    c = config or FinetuneConfig()
+    c.check()
+    out = Path(out)
+    claim_output(out)
+    task = load_task(task_file, c.limit)
+    n_classes = max(y for _, y in task.train + task.test) + 1
+    if n_classes < 2:
+        raise LinearizeError(f"task '{task.name}' has a single class")
+    model, tok = models.load(model_name, dtype="float32", device=device, savable=True)
+    verbs = verbalizers(n_classes)
+    before = accuracy(model, tok, task.test, n_classes, c.max_len)
+    train = [_encode(tok, t, verbs[y], c.max_len) for t, y in task.train]
+    args = _training_args(c, out, cpu=str(model.device) == "cpu")
     model.train()
     trainer = Trainer(
         model=model,
