@@ -1,6 +1,6 @@
 """Healing recipes compared on one pruned student: perplexity in domain and out of domain.
 
-    python benchmarks/heal_recipes.py STUDENT --out DIR [--tokens 49152] [--only NAME,NAME]
+    python benchmarks/heal_recipes.py STUDENT --out DIR [--tokens 49152] [--only "NAME;NAME"]
 
 Each recipe is one ``linearize.distill`` run on STUDENT (a ``linearize prune`` output) with the
 same token budget; its final model is then scored on ``builtin:eval`` (the calibration
@@ -18,8 +18,8 @@ import shutil
 import time
 from pathlib import Path
 
-from linearize.distill import DistillConfig, distill
-from linearize.evaluate import perplexity
+from linearize.train.distill import DistillConfig, distill
+from linearize.eval.perplexity import perplexity
 
 from linearize import load
 
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=49152, help="training tokens per recipe")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--only", default="", help="comma-separated recipe names (default: all)")
+    ap.add_argument("--only", default="", help="recipe names separated by ';' (default: all)")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def main() -> None:
         base = {"ppl": pj["perplexity_before"], "ppl_ood": pj["perplexity_before_ood"]}
     else:
         base = score(pj["base_model"], a.eval_tokens)
-    wanted = [n for n in RECIPES if not a.only or n in a.only.split(",")]
+    wanted = [n for n in RECIPES if not a.only or n in a.only.split(";")]
     rows = [("pruned, not healed", a.student, {})] + [(n, None, RECIPES[n]) for n in wanted]
     for name, model_dir, kw in rows:
         if name in done:

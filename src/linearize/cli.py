@@ -20,13 +20,26 @@ from typing import Annotated, Any
 
 import typer
 
-from linearize._fields import int_list
 from linearize._io import strict_json
+from linearize.analyze import AnalyzeConfig, default_out_dir
+from linearize.analyze import analyze as run_analyze
 from linearize.errors import LinearizeError
+from linearize.eval import bench as benchmark
+from linearize.eval import compare as comparison
+from linearize.eval import suite
 from linearize.eval.bench import BenchConfig
 from linearize.eval.suite import EvalConfig
+from linearize.report import render_dir
+from linearize.surgery import export as exporting
+from linearize.surgery import prune as pruning
+from linearize.surgery import sweep as sweeping
 from linearize.surgery.prune import PruneConfig
+from linearize.train import distill as distillation
+from linearize.train import dynamics as dyn
+from linearize.train import finetune as finetuning
+from linearize.train import pretrain as pretraining
 from linearize.train.distill import DistillConfig
+from linearize.train.finetune import FinetuneConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -175,31 +188,15 @@ def _token_progress(total: int | None, enabled: bool, world: int):
 
 
 @app.command()
+@with_config(AnalyzeConfig)
 def analyze(
     model: Annotated[
         str | None,
         typer.Argument(help="Hub id, local HF directory or .gguf file (default: embedded SmolLM2)"),
     ] = None,
-    data: Annotated[
-        str,
-        typer.Option(help="builtin | FILE | DIR of .txt | FILE.jsonl | HF name[:config[:split]]"),
-    ] = "builtin",
-    tokens: Annotated[int, typer.Option(help="total tokens to analyse (cap)")] = 65536,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
-    batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
+    config: AnalyzeConfig | None = None,
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
-    dtype: Annotated[
-        str, typer.Option(help="auto | float32 | bfloat16 | float16 | float64")
-    ] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    device_map: Annotated[
-        str | None, typer.Option(help="'auto' spreads a large model over devices (accelerate)")
-    ] = None,
-    layers: Annotated[str | None, typer.Option(help="only these layers, e.g. 0,5,9")] = None,
-    anisotropy: Annotated[bool, typer.Option(help="also report each output's anisotropy")] = False,
-    exact: Annotated[
-        bool, typer.Option(help="float64 d×d products (default float32: within ~1e-6, faster)")
-    ] = False,
     as_json: Annotated[
         bool, typer.Option("--json", help="print the JSON report to stdout")
     ] = False,
@@ -207,9 +204,6 @@ def analyze(
 ) -> None:
     """Score every decoder layer: linearity (with / without residual), cosine, angular distance,
     block influence. Writes linearity.json/.csv/.png and report.html into --out."""
-    from linearize.analyze import analyze as run_analyze
-    from linearize.analyze import default_out_dir
-
     _quiet_libraries()
     try:
         rank, world = _init_distributed()
@@ -219,22 +213,9 @@ def analyze(
             if torch.cuda.is_available():
                 device = f"cuda:{torch.cuda.current_device()}"
         out_dir = default_out_dir(model) if out is None else out
-        with _token_progress(tokens, progress and rank == 0, world) as on_batch:
-            report = run_analyze(
-                model,
-                data,
-                tokens,
-                seq_len,
-                batch_size,
-                out_dir,
-                dtype,
-                device,
-                device_map,
-                int_list(layers),
-                anisotropy,
-                on_batch,
-                exact=exact,
-            )
+        with _token_progress(config.tokens, progress and rank == 0, world) as on_batch:
+            fields = dataclasses.asdict(config)
+            report = run_analyze(model, out=out_dir, device=device, on_batch=on_batch, **fields)
     except LinearizeError as e:
         _fail(str(e))
     if rank != 0:
@@ -293,8 +274,6 @@ def prune(
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
-    from linearize.surgery.prune import prune as run_prune
-
     _quiet_libraries()
     if config.layers is not None and config.strategy == "linear-greedy":
         config.strategy = "layers"
@@ -307,7 +286,7 @@ def prune(
             _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
             return
         out = out or Path("linearize-out/pruned")
-        rep = run_prune(
+        rep = pruning.prune(
             model,
             config,
             eval_data=eval_data or None,
@@ -320,6 +299,10 @@ def prune(
         )
     except LinearizeError as e:
         _fail(str(e))
+    _say_pruned(rep, out)
+
+
+def _say_pruned(rep: dict, out: Path) -> None:
     ood = ""
     if rep.get("perplexity_before_ood"):
         ood = (
@@ -333,8 +316,6 @@ def prune(
 
 
 def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, ood) -> None:
-    from linearize.surgery.sweep import sweep, table_markdown
-
     if not eval_data:
         raise LinearizeError("--sweep needs a held-out source (--eval)")
     out = out or Path("linearize-out/sweep")
@@ -346,7 +327,7 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
             err=True,
         )
 
-    rows = sweep(
+    rows = sweeping.sweep(
         model,
         config,
         ks,
@@ -360,7 +341,7 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
         on_row,
         ood,
     )
-    typer.echo(table_markdown(rows))
+    typer.echo(sweeping.table_markdown(rows))
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 
 
@@ -378,15 +359,13 @@ def bench_(
 ) -> None:
     """Prefill and decode speed, time to first token, memory, parameters and size on disk of
     each model, measured interleaved in one process, with ratios to the first."""
-    from linearize.eval.bench import bench, table_markdown
-
     _quiet_libraries()
     specs: list[str | None] = [
         None if m in ("embedded", "smollm2") else m for m in (models or ["embedded"])
     ]
     try:
         config.check()
-        rows = bench(
+        rows = benchmark.bench(
             specs,
             config,
             out,
@@ -397,7 +376,7 @@ def bench_(
         )
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo(table_markdown(rows))
+    typer.echo(benchmark.table_markdown(rows))
     typer.echo(f"wrote {out}/bench.json, bench.csv, bench.md, bench.png, bench.html")
 
 
@@ -413,10 +392,9 @@ def export(
 ) -> None:
     """Write a checkpoint (original, pruned with --replace none|fold, distilled) as a GGUF file
     for llama.cpp and Ollama, with llama.cpp's own converter."""
-    from linearize.surgery.export import export_gguf
 
     try:
-        rep = export_gguf(model, gguf, outtype)
+        rep = exporting.export_gguf(model, gguf, outtype)
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(
@@ -437,12 +415,10 @@ def distill(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Heal a pruned model: train its replacements against the original's hidden states."""
-    from linearize.train.distill import distill as run_distill
-
     _quiet_libraries()
     try:
         with _step_progress() as on_step:
-            res = run_distill(student, config, out, resume, device, on_step)
+            res = distillation.distill(student, config, out, resume, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(
@@ -470,7 +446,6 @@ def eval_(
     ] = Path("linearize-out/eval"),
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
-    from linearize.eval.suite import evaluate_model
 
     _quiet_libraries()
     cfg = config
@@ -478,7 +453,7 @@ def eval_(
         where = out if len(models_) == 1 else out / Path(name).name
         label = None if name == "embedded" else name
         try:
-            res = evaluate_model(
+            res = suite.evaluate_model(
                 label, cfg, where, device, on_part=lambda p: typer.echo(f"  {p} done", err=True)
             )
         except LinearizeError as e:
@@ -510,10 +485,9 @@ def compare(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compare"),
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
-    from linearize.eval.compare import compare as run_compare
 
     try:
-        run_compare(dirs, out, _csv(labels) or None)
+        comparison.compare(dirs, out, _csv(labels) or None)
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(
@@ -530,7 +504,6 @@ def report(
 ) -> None:
     """Rebuild the HTML page of each run from the JSON it wrote (e.g. a run of an older
     version): report.html, sweep.html, dynamics.html, compare.html or bench.html."""
-    from linearize.report import render_dir
 
     try:
         pages = [page for d in dirs for page in render_dir(d)]
@@ -564,12 +537,9 @@ def pretrain(
 ) -> None:
     """Pretrain a Mistral model with the linearity regulariser. Extra KEY=VALUE arguments
     override the config (model.hidden_size=256 lr=1e-3 ...)."""
-    from linearize.train.pretrain import load_config
-    from linearize.train.pretrain import pretrain as run_pretrain
-
     _quiet_libraries()
     try:
-        cfg = load_config(
+        cfg = pretraining.load_config(
             config,
             list(ctx.args),
             data=data,
@@ -582,7 +552,7 @@ def pretrain(
             save_every=save_every,
         )
         with _step_progress() as on_step:
-            res = run_pretrain(cfg, out, resume, device, on_step)
+            res = pretraining.pretrain(cfg, out, resume, device, on_step)
     except LinearizeError as e:
         _fail(str(e))
     last = res["final"] or {}
@@ -611,12 +581,10 @@ def dynamics(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/dynamics"),
 ) -> None:
     """Linearity across a series of checkpoints: dynamics.json/.csv/.md/.png/.html."""
-    from linearize.train.dynamics import dynamics as run_dynamics
-    from linearize.train.dynamics import table_markdown
 
     _quiet_libraries()
     try:
-        rows = run_dynamics(
+        rows = dyn.dynamics(
             checkpoints,
             data,
             tokens,
@@ -629,22 +597,17 @@ def dynamics(
         )
     except LinearizeError as e:
         _fail(str(e))
-    typer.echo(table_markdown(rows) + f"wrote {out}/dynamics.json, .csv, .md, .png, .html")
+    typer.echo(dyn.table_markdown(rows) + f"wrote {out}/dynamics.json, .csv, .md, .png, .html")
 
 
 @app.command()
+@with_config(FinetuneConfig)
 def finetune(
     model: Annotated[str, typer.Argument(help="model to fine-tune ('embedded' = SmolLM2)")],
     task: Annotated[
         str, typer.Option(help="a .jsonl task (boolq/cb/rte/wic fields or text/label)")
     ],
-    epochs: Annotated[float, typer.Option(help="passes over the train split")] = 1.0,
-    lr: Annotated[float, typer.Option(help="learning rate")] = 2e-5,
-    batch_size: Annotated[int, typer.Option(help="examples per step")] = 8,
-    max_len: Annotated[int, typer.Option(help="tokens per example")] = 256,
-    save_steps: Annotated[int, typer.Option(help="steps between checkpoints")] = 50,
-    limit: Annotated[int, typer.Option(help="examples per split")] = 2000,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    config: FinetuneConfig | None = None,
     resume: Annotated[
         bool, typer.Option(help="continue from the last checkpoint in --out")
     ] = False,
@@ -652,15 +615,10 @@ def finetune(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Fine-tune on a classification task (HF Trainer); compare with `linearize dynamics BASE OUT`."""
-    from linearize.train.finetune import FinetuneConfig
-    from linearize.train.finetune import finetune as run_finetune
-
     _quiet_libraries()
     try:
-        cfg = FinetuneConfig(
-            epochs, lr, batch_size, max_len, save_steps=save_steps, limit=limit, seed=seed
-        )
-        res = run_finetune(None if model == "embedded" else model, task, cfg, out, resume, device)
+        name = None if model == "embedded" else model
+        res = finetuning.finetune(name, task, config, out, resume, device)
     except LinearizeError as e:
         _fail(str(e))
     typer.echo(

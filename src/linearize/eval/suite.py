@@ -19,11 +19,17 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from linearize import models, report
 from linearize._fields import option, or_none, str_list
 from linearize._io import claim_output, previous_json, releases_output, write_json
 from linearize._version import __version__
 from linearize.errors import LinearizeError
+from linearize.eval import judge, probe
+from linearize.eval.bench import BenchConfig, bench_loaded
+from linearize.eval.harness import run_tasks
+from linearize.eval.perplexity import perplexity
 
 
 @dataclass
@@ -105,11 +111,6 @@ def evaluate_model(
     on_part: Callable[[str], None] | None = None,
 ) -> dict:
     """Run every requested part on ``name`` and write ``out/results.json``; returns it."""
-    import torch
-
-    from linearize.eval import judge, probe
-    from linearize.eval.perplexity import perplexity
-
     c = config
     c.check()
     out = Path(out)
@@ -134,53 +135,65 @@ def evaluate_model(
 
     write_json(path, result)
     if c.ppl and "perplexity" not in result:
-        torch.manual_seed(c.seed)
-        result["perplexity"] = perplexity(
-            model, tok, c.ppl, c.seq_len, c.ppl_tokens, c.batch_size, stride=c.stride
-        )
-        result["perplexity_protocol"] = {
-            "source": c.ppl,
-            "tokens": c.ppl_tokens,
-            "seq_len": c.seq_len,
-            "stride": c.stride,
-        }
+        result.update(_perplexity_part(model, tok, c))
         part("perplexity")
     if c.speed and "speed" not in result:
-        from linearize.eval.bench import BenchConfig, bench_loaded
-
-        where, kw = models.resolve_model(name)
-        where = str(Path(where) / kw["gguf_file"]) if "gguf_file" in kw else where
-        row = bench_loaded([(result["model"], model, tok, where)], BenchConfig())[0]
-        result["speed"] = {k: v for k, v in row.items() if not k.endswith("_ratio")}
+        result["speed"] = _speed_part(name, result["model"], model, tok)
         part("speed")
     if c.tasks and "lm_eval" not in result:
-        from linearize.eval.harness import run_tasks
-
         result["lm_eval"] = run_tasks(
             model, tok, c.tasks, c.task_include, c.task_limit, c.batch_size, seed=c.seed
         )
         part("lm_eval")
-    if probe_tasks:
-        result.setdefault("probe", {})
-        for t in [t for t in probe_tasks if t.name not in result["probe"]]:
+    for t in probe_tasks:
+        if t.name not in result.setdefault("probe", {}):
             result["probe"][t.name] = probe.probe(model, tok, t, c.seq_len, c.batch_size)
             part(f"probe {t.name}")
     if c.judge and "judge" not in result:
-        stories = judge.generate_stories(model, tok, prompts, c.judge_tokens)
-        if c.judge_url:
-            ask = judge.http_judge(c.judge_url, c.judge_model or "default", c.judge_timeout)
-            where = f"judge at {c.judge_url}"
-        else:
-            j_model, j_tok = models.load(c.judge_model, dtype=c.dtype, device=device)
-            ask, where = judge.local_judge(j_model, j_tok), f"judge model '{c.judge_model}'"
-        try:
-            result["judge"] = judge.score_stories(
-                ask, prompts, stories, c.judge_retries, where=where
-            )
-        except LinearizeError:
-            result["judge_stories"] = [{"prompt": p, "story": s} for p, s in zip(prompts, stories)]
-            write_json(path, result)
-            raise
+        _judge_part(model, tok, prompts, c, device, result, path)
         part("judge")
     report.render(path)
     return result
+
+
+def _perplexity_part(model, tok, c: EvalConfig) -> dict:
+    torch.manual_seed(c.seed)
+    return {
+        "perplexity": perplexity(
+            model, tok, c.ppl, c.seq_len, c.ppl_tokens, c.batch_size, stride=c.stride
+        ),
+        "perplexity_protocol": {
+            "source": c.ppl,
+            "tokens": c.ppl_tokens,
+            "seq_len": c.seq_len,
+            "stride": c.stride,
+        },
+    }
+
+
+def _speed_part(name: str | None, label: str, model, tok) -> dict:
+    """``linearize bench``'s row for the model already loaded (its size on disk included)."""
+    where, kw = models.resolve_model(name)
+    where = str(Path(where) / kw["gguf_file"]) if "gguf_file" in kw else where
+    row = bench_loaded([(label, model, tok, where)], BenchConfig())[0]
+    return {k: v for k, v in row.items() if not k.endswith("_ratio")}
+
+
+def _judge_part(model, tok, prompts, c: EvalConfig, device: str, result: dict, path) -> None:
+    """Stories from ``model``, scored by the judge; when the judge fails, the stories are kept
+    in ``results.json`` before the one-line error."""
+    stories = judge.generate_stories(model, tok, prompts, c.judge_tokens)
+    if c.judge_url:
+        ask = judge.http_judge(c.judge_url, c.judge_model or "default", c.judge_timeout)
+        where = f"judge at {c.judge_url}"
+    else:
+        j_model, j_tok = models.load(c.judge_model, dtype=c.dtype, device=device)
+        ask, where = judge.local_judge(j_model, j_tok), f"judge model '{c.judge_model}'"
+    try:
+        result["judge"] = judge.score_stories(ask, prompts, stories, c.judge_retries, where=where)
+    except LinearizeError:
+        result["judge_stories"] = [
+            {"prompt": p, "story": s} for p, s in zip(prompts, stories, strict=True)
+        ]
+        write_json(path, result)
+        raise

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from linearize import models
 from linearize._io import TMP_PREFIX, claim_output, releases_output
 from linearize.errors import LinearizeError
 
@@ -24,8 +25,6 @@ OUTTYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 def _checkpoint_dir(model: str | None) -> Path:
-    from linearize import models
-
     if model is None or model in ("", "smollm2", "embedded"):
         return models.embedded_model_dir()
     path = Path(model).expanduser()

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from linearize import arch, data
+from linearize import arch, data, models
 from linearize._fields import int_list, option
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize._version import __version__
@@ -51,6 +51,7 @@ from linearize.capture import (
     span_stats,
 )
 from linearize.errors import LinearizeError
+from linearize.eval.perplexity import batch_nll, perplexity
 from linearize.report import render
 from linearize.selfgen import calibration_sequences
 from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
@@ -59,6 +60,7 @@ from linearize.surgery.replace import (
     fold_span_,
     proj_has_bias,
     replace_span_,
+    save,
     set_bridge_,
     set_span_map_,
 )
@@ -570,8 +572,6 @@ class _Pruner:
 @torch.no_grad()
 def _batches_ppl(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
     """Perplexity over already tokenised batches (SLEB's calibration criterion)."""
-    from linearize.eval.perplexity import batch_nll
-
     nll, count = 0.0, 0
     for b in batches:
         s, n = batch_nll(model, b)
@@ -609,10 +609,6 @@ def prune(
     checked before the model is loaded: the output directory, the data sources, the layer
     count against ``remove`` / ``layers``, whether ``fold`` is possible for the architecture.
     """
-    from linearize import models
-    from linearize.eval.perplexity import perplexity
-    from linearize.surgery.replace import save
-
     c = config or PruneConfig()
     out_dir = Path(out) if out is not None else Path("linearize-out") / "pruned"
     claim_output(out_dir)
@@ -620,42 +616,18 @@ def prune(
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     c.check(n, hf_config)
     data.calib_parts(c.calib)
-    ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
-    for src in (eval_data, ood_data):
-        if src:
-            data.resolve_source(src)
+    ood_data = data.eval_sources(eval_data, ood_data)
     lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
-
-    def held_out_ppl(src: str | None) -> float | None:
-        if not src:
-            return None
-        return perplexity(lm, tok, src, c.seq_len, eval_tokens, c.batch_size)
-
-    def n_params() -> int:
-        return sum(p.numel() for p in lm.parameters())
-
-    before = {
-        "perplexity_before": held_out_ppl(eval_data),
-        "perplexity_before_ood": held_out_ppl(ood_data),
-        "params_before": n_params(),
-    }
+    held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
+    before = held_out("before")
     res = prune_model_(lm, tok, c, on_step)
-    after = {
-        "perplexity_after": held_out_ppl(eval_data),
-        "perplexity_after_ood": held_out_ppl(ood_data),
-        "params_after": n_params(),
-    }
+    after = held_out("after")
     record = {
         "base_model": model or models.EMBEDDED_NAME,
         "original_layers": n,
         **asdict(c),
         **res.to_dict(),
         "version": __version__,
-    }
-    ratios = {
-        f"ratio{sfx}": after[f"perplexity_after{sfx}"] / before[f"perplexity_before{sfx}"]
-        for sfx in ("", "_ood")
-        if before[f"perplexity_before{sfx}"]
     }
     report = {
         **record,
@@ -664,7 +636,7 @@ def prune(
         "eval_tokens": eval_tokens,
         **before,
         **after,
-        **ratios,
+        **_ratios(before, after),
     }
 
     def write(tmp: Path) -> None:
@@ -674,3 +646,38 @@ def prune(
     atomic_dir(out_dir, write)
     render(Path(out_dir) / "prune.json")  # in place: the page names the directory it is in
     return report
+
+
+def _ratios(before: dict, after: dict) -> dict:
+    """Perplexity after ÷ before, in domain and out of domain (where measured)."""
+    return {
+        f"ratio{sfx}": after[f"perplexity_after{sfx}"] / before[f"perplexity_before{sfx}"]
+        for sfx in ("", "_ood")
+        if before[f"perplexity_before{sfx}"]
+    }
+
+
+@dataclass
+class _HeldOut:
+    """Perplexity in and out of domain, and the parameter count, of a model being pruned."""
+
+    lm: nn.Module
+    tok: object
+    eval_data: str | None
+    ood_data: str | None
+    seq_len: int
+    tokens: int
+    batch_size: int
+
+    def __call__(self, when: str) -> dict:
+        ppl = {
+            sfx: perplexity(self.lm, self.tok, src, self.seq_len, self.tokens, self.batch_size)
+            if src
+            else None
+            for sfx, src in (("", self.eval_data), ("_ood", self.ood_data))
+        }
+        return {
+            f"perplexity_{when}": ppl[""],
+            f"perplexity_{when}_ood": ppl["_ood"],
+            f"params_{when}": sum(p.numel() for p in self.lm.parameters()),
+        }

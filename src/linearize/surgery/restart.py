@@ -95,6 +95,15 @@ def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
     return args, {**kwargs, "hidden_states": h}
 
 
+def _layer_range(model: nn.Module, start: int, stop: int, have_state: bool) -> list[nn.Module]:
+    _, layers = arch.get_layers(model)
+    if not 0 <= start < stop <= len(layers):
+        raise ValueError(f"bad layer range [{start}, {stop}) for {len(layers)} layers")
+    if start > 0 and not have_state:
+        raise ValueError("a restart after layer 0 needs the state at its boundary")
+    return [layers[i] for i in range(start, stop)]
+
+
 @torch.no_grad()
 def run_from(
     model: nn.Module,
@@ -115,12 +124,7 @@ def run_from(
     pass; every hook is removed on exit, whatever happens. The pass stops after layer stop−1: the final norm
     and the LM head never run.
     """
-    _, layers = arch.get_layers(model)
-    if not 0 <= start < stop <= len(layers):
-        raise ValueError(f"bad layer range [{start}, {stop}) for {len(layers)} layers")
-    if start > 0 and state_at_start is None:
-        raise ValueError("a restart after layer 0 needs the state at its boundary")
-    running = [layers[i] for i in range(start, stop)]
+    running = _layer_range(model, start, stop, state_at_start is not None)
     body = arch.get_body(model)
     device = model.get_input_embeddings().weight.device
     current = {"b": 0}

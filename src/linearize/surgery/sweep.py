@@ -20,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from linearize import arch, data
+from linearize import arch, data, models
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
+from linearize.eval.perplexity import perplexity
 from linearize.report import png, render
 from linearize.surgery.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
 
@@ -84,33 +85,12 @@ def sweep(
     Every row has two perplexities: ``eval_data`` (in-domain for the built-in calibration
     text) and ``ood_data``, English of another kind ("default": ``data.default_ood()``), so
     that a method that only fits its calibration domain shows it."""
-    from linearize import models
-    from linearize.eval.perplexity import perplexity
-
     out = Path(out)
     claim_output(out)
-    strategies = (
-        parse_list(strategies, STRATEGIES, "strategy")
-        if isinstance(strategies, str)
-        else list(strategies)
-    )
-    replacements = (
-        parse_list(replacements, REPLACEMENTS, "replacement")
-        if isinstance(replacements, str)
-        else list(replacements)
-    )
     hf_config = models.load_config(model)
-    n = getattr(hf_config, arch.n_layers_key(hf_config))
-    ks = parse_ks(ks, n) if isinstance(ks, str) else sorted(set(ks))
-    if "layers" in strategies:
-        raise LinearizeError("--sweep compares strategies over counts; it does not take 'layers'")
-    for s in strategies:
-        replace(base, strategy=s, replace=replacements[0], remove=max(max(ks), 1)).check(n)
+    strategies, replacements, ks = _grid(hf_config, base, strategies, replacements, ks)
     data.calib_parts(base.calib)
-    data.resolve_source(eval_data)
-    ood_data = data.default_ood() if ood_data == "default" else (ood_data or None)
-    if ood_data:
-        data.resolve_source(ood_data)
+    ood_data = data.eval_sources(eval_data, ood_data)
     settings = {
         "model": model or models.EMBEDDED_NAME,
         "config": asdict(base),
@@ -123,13 +103,11 @@ def sweep(
     done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
     lm, tok = models.load(model, dtype=dtype, device=device)
 
-    def ppl(m) -> tuple[float, float | None]:
-        def on(src: str | None) -> float | None:
-            if not src:
-                return None
-            return perplexity(m, tok, src, base.seq_len, eval_tokens, base.batch_size)
-
-        return on(eval_data), on(ood_data)
+    def ppl(m) -> tuple[float | None, float | None]:
+        return tuple(
+            perplexity(m, tok, src, base.seq_len, eval_tokens, base.batch_size) if src else None
+            for src in (eval_data, ood_data)
+        )
 
     def add(row: dict) -> None:
         rows.append(row)
@@ -140,30 +118,53 @@ def sweep(
 
     if 0 in ks and ("original", "none", 0) not in done:
         add(_row("original", "none", 0, ppl(lm), [], 0.0, 0))
-    pos = [k for k in ks if k > 0]
     for s in strategies:
         for r in replacements:
-            todo = [k for k in pos if (s, r, k) not in done]
-            if not todo:
-                continue
-            if r == "fold":
-                try:
-                    arch.check_foldable(hf_config)
-                except LinearizeError as e:
-                    for k in todo:
-                        add(_na(s, r, k, str(e)))
-                    continue
-            if s in SEQUENTIAL:
-                _run_sequential(
-                    lm, tok, replace(base, strategy=s, replace=r, remove=max(todo)), todo, ppl, add
-                )
-            else:
-                for k in todo:
-                    m = copy.deepcopy(lm)
-                    res = prune_model_(m, tok, replace(base, strategy=s, replace=r, remove=k))
-                    add(_row(s, r, k, ppl(m), res.removed, res.elapsed_s, res.forward_passes))
-                    del m
+            todo = [k for k in ks if k > 0 and (s, r, k) not in done]
+            if todo:
+                _cell(lm, tok, hf_config, replace(base, strategy=s, replace=r), todo, ppl, add)
     return rows
+
+
+def _grid(
+    hf_config, base: PruneConfig, strategies, replacements, ks
+) -> tuple[list[str], list[str], list[int]]:
+    """The sweep's strategies, replacements and counts, parsed and checked before any work."""
+    if isinstance(strategies, str):
+        strategies = parse_list(strategies, STRATEGIES, "strategy")
+    if isinstance(replacements, str):
+        replacements = parse_list(replacements, REPLACEMENTS, "replacement")
+    n = getattr(hf_config, arch.n_layers_key(hf_config))
+    ks = parse_ks(ks, n) if isinstance(ks, str) else sorted(set(ks))
+    if "layers" in strategies:
+        raise LinearizeError("--sweep compares strategies over counts; it does not take 'layers'")
+    for s in strategies:
+        replace(base, strategy=s, replace=replacements[0], remove=max(max(ks), 1)).check(n)
+    return list(strategies), list(replacements), ks
+
+
+def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add) -> None:
+    """One strategy × replacement at every count in ``todo``: a greedy run once up to the
+    largest count, any other strategy once per count, each on a fresh copy of ``lm``."""
+    if cfg.replace == "fold":
+        try:
+            arch.check_foldable(hf_config)
+        except LinearizeError as e:
+            for k in todo:
+                add(_na(cfg.strategy, cfg.replace, k, str(e)))
+            return
+    if cfg.strategy in SEQUENTIAL:
+        _run_sequential(lm, tok, replace(cfg, remove=max(todo)), todo, ppl, add)
+        return
+    for k in todo:
+        m = copy.deepcopy(lm)
+        res = prune_model_(m, tok, replace(cfg, remove=k))
+        add(
+            _row(
+                cfg.strategy, cfg.replace, k, ppl(m), res.removed, res.elapsed_s, res.forward_passes
+            )
+        )
+        del m
 
 
 def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add) -> None:

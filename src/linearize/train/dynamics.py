@@ -19,7 +19,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
+from linearize.analyze import analyze_model
 from linearize.errors import LinearizeError
+from linearize.models import load
 from linearize.report import png, render
 
 _STEP = re.compile(r"(?:global_step|step-?|checkpoint-)(\d+)")
@@ -77,8 +79,6 @@ def dynamics(
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One row per checkpoint: step, mean scores and per-layer scores; writes the outputs."""
-    from linearize.analyze import analyze_model
-    from linearize.models import load
 
     series = expand(specs)
     if not series:
