@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -89,6 +90,8 @@ def test_pretrain_writes_a_stock_checkpoint_and_logs_linearity(tiny_dir, tmp_pat
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "p" / "final")  # a stock checkpoint
     assert model.config.model_type == "mistral" and model.config.num_hidden_layers == 3
     assert (tmp_path / "p" / "checkpoints" / "step-4" / "model" / "config.json").exists()
+    if importlib.util.find_spec("tensorboard"):  # the loop logs every command's metrics there
+        assert list((tmp_path / "p" / "tensorboard").rglob("events.out.tfevents*"))
 
 
 def test_reg_none_logs_the_cosine_term_without_training_on_it(tiny_dir, tmp_path):
