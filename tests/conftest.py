@@ -7,6 +7,8 @@ Nothing here downloads: configs come from transformers' config classes, the toke
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +158,16 @@ def hook_spy(monkeypatch) -> HookSpy:
 
         monkeypatch.setattr(torch.nn.Module, name, spying)
     return spy
+
+
+def run_cli(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``linearize ARGS`` in a fresh process, or under ``torchrun --nproc_per_node nproc``
+    (gloo on CPU), one thread per process; asserts it exited 0 and returns it."""
+    launch = [sys.executable, "-m"]
+    if nproc > 1:
+        launch += ["torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m"]
+    cmd = [*launch, "linearize.cli", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from conftest import run_cli
 
 
 def test_two_process_torchrun_equals_single_process(tiny_dir, tmp_path):
@@ -24,34 +22,8 @@ def test_two_process_torchrun_equals_single_process(tiny_dir, tmp_path):
         "float64",
         "--no-progress",
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run(
-        [sys.executable, "-m", "linearize.cli", *common, "--out", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert single.returncode == 0, single.stderr
-    multi = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "-m",
-            "linearize.cli",
-            *common,
-            "--out",
-            str(tmp_path / "two"),
-        ],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert multi.returncode == 0, multi.stderr[-3000:]
+    run_cli(*common, "--out", tmp_path / "one")
+    run_cli(*common, "--out", tmp_path / "two", nproc=2)
     one = json.loads((tmp_path / "one" / "linearity.json").read_text())
     two = json.loads((tmp_path / "two" / "linearity.json").read_text())
     assert two["config"]["world_size"] == 2 and one["config"]["world_size"] == 1

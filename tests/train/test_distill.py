@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, run_cli
 
 from linearize import arch, load
 from linearize.errors import LinearizeError
@@ -199,21 +199,8 @@ def test_tensorboard_events_when_installed(teacher_dir, tmp_path):
 
 def test_two_process_torchrun_distill(teacher_dir, tmp_path):
     """DDP on CPU (gloo): two processes train and write a checkpoint that loads."""
-    import os
-    import subprocess
-    import sys
-
     student = _pruned(teacher_dir, tmp_path)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "linearize.cli",
+    run_cli(
         "distill",
         student,
         "--tokens",
@@ -234,11 +221,8 @@ def test_two_process_torchrun_distill(teacher_dir, tmp_path):
         "cpu",
         "--out",
         str(tmp_path / "d"),
-    ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    import json
-
+        nproc=2,
+    )
     summary = json.loads((tmp_path / "d" / "distill.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert summary["tokens_seen"] == 32 * 2 * 2 * 4

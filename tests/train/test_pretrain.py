@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run_cli
 from typer.testing import CliRunner
 
 from linearize import load
@@ -231,16 +229,7 @@ def test_finetune_then_dynamics_against_the_base(tiny_dir, tmp_path):
 
 
 def test_two_process_torchrun_pretrain(tiny_dir, tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "linearize.cli",
+    run_cli(
         "pretrain",
         "--tokenizer",
         str(tiny_dir),
@@ -251,9 +240,8 @@ def test_two_process_torchrun_pretrain(tiny_dir, tmp_path):
         "--out",
         str(tmp_path / "p"),
         *SMALL,
-    ]
-    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
+        nproc=2,
+    )
     summary = json.loads((tmp_path / "p" / "pretrain.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 4
     assert (tmp_path / "p" / "final" / "config.json").exists()
