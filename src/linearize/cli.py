@@ -107,6 +107,24 @@ def with_config(cls: type, name: str = "config") -> Callable:
     return decorate
 
 
+def command(*args: Any, **kwargs: Any) -> Callable:
+    """``app.command`` plus what every command shares: quiet libraries, and a LinearizeError
+    raised anywhere in it becomes one line on stderr and exit status 2."""
+
+    def decorate(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(*a: Any, **kw: Any) -> Any:
+            _quiet_libraries()
+            try:
+                return fn(*a, **kw)
+            except LinearizeError as e:
+                _fail(str(e))
+
+        return app.command(*args, **kwargs)(run)
+
+    return decorate
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers
@@ -187,7 +205,7 @@ def _token_progress(total: int | None, enabled: bool, world: int):
         yield lambda n: bar.advance(task(), n * world)
 
 
-@app.command()
+@command()
 @with_config(AnalyzeConfig)
 def analyze(
     model: Annotated[
@@ -204,20 +222,16 @@ def analyze(
 ) -> None:
     """Score every decoder layer: linearity (with / without residual), cosine, angular distance,
     block influence. Writes linearity.json/.csv/.png and report.html into --out."""
-    _quiet_libraries()
-    try:
-        rank, world = _init_distributed()
-        if world > 1 and device == "auto":
-            import torch
+    rank, world = _init_distributed()
+    if world > 1 and device == "auto":
+        import torch
 
-            if torch.cuda.is_available():
-                device = f"cuda:{torch.cuda.current_device()}"
-        out_dir = default_out_dir(model) if out is None else out
-        with _token_progress(config.tokens, progress and rank == 0, world) as on_batch:
-            fields = dataclasses.asdict(config)
-            report = run_analyze(model, out=out_dir, device=device, on_batch=on_batch, **fields)
-    except LinearizeError as e:
-        _fail(str(e))
+        if torch.cuda.is_available():
+            device = f"cuda:{torch.cuda.current_device()}"
+    out_dir = default_out_dir(model) if out is None else out
+    with _token_progress(config.tokens, progress and rank == 0, world) as on_batch:
+        fields = dataclasses.asdict(config)
+        report = run_analyze(model, out=out_dir, device=device, on_batch=on_batch, **fields)
     if rank != 0:
         return
     if as_json:
@@ -246,7 +260,7 @@ def _print_table(report, out_dir: Path) -> None:
     console.print(f"wrote {out_dir}/linearity.json, linearity.csv, linearity.png, report.html")
 
 
-@app.command()
+@command()
 @with_config(PruneConfig)
 def prune(
     model: Annotated[
@@ -274,31 +288,27 @@ def prune(
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
-    _quiet_libraries()
     if config.layers is not None and config.strategy == "linear-greedy":
         config.strategy = "layers"
 
     def on_step(step: dict) -> None:
         typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
 
-    try:
-        if sweep is not None:
-            _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
-            return
-        out = out or Path("linearize-out/pruned")
-        rep = pruning.prune(
-            model,
-            config,
-            eval_data=eval_data or None,
-            eval_tokens=eval_tokens,
-            out=out,
-            dtype=dtype,
-            device=device,
-            on_step=on_step,
-            ood_data=eval_ood,
-        )
-    except LinearizeError as e:
-        _fail(str(e))
+    if sweep is not None:
+        _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
+        return
+    out = out or Path("linearize-out/pruned")
+    rep = pruning.prune(
+        model,
+        config,
+        eval_data=eval_data or None,
+        eval_tokens=eval_tokens,
+        out=out,
+        dtype=dtype,
+        device=device,
+        on_step=on_step,
+        ood_data=eval_ood,
+    )
     _say_pruned(rep, out)
 
 
@@ -345,7 +355,7 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")
 
 
-@app.command("bench")
+@command("bench")
 @with_config(BenchConfig)
 def bench_(
     models: Annotated[
@@ -359,28 +369,24 @@ def bench_(
 ) -> None:
     """Prefill and decode speed, time to first token, memory, parameters and size on disk of
     each model, measured interleaved in one process, with ratios to the first."""
-    _quiet_libraries()
     specs: list[str | None] = [
         None if m in ("embedded", "smollm2") else m for m in (models or ["embedded"])
     ]
-    try:
-        config.check()
-        rows = benchmark.bench(
-            specs,
-            config,
-            out,
-            _csv(labels) or None,
-            dtype,
-            device,
-            lambda r: typer.echo(f"round {r}/{config.repeats} done", err=True),
-        )
-    except LinearizeError as e:
-        _fail(str(e))
+    config.check()
+    rows = benchmark.bench(
+        specs,
+        config,
+        out,
+        _csv(labels) or None,
+        dtype,
+        device,
+        lambda r: typer.echo(f"round {r}/{config.repeats} done", err=True),
+    )
     typer.echo(benchmark.table_markdown(rows))
     typer.echo(f"wrote {out}/bench.json, bench.csv, bench.md, bench.png, bench.html")
 
 
-@app.command()
+@command()
 def export(
     model: Annotated[
         str | None, typer.Argument(help="stock checkpoint directory (default: embedded SmolLM2)")
@@ -393,17 +399,14 @@ def export(
     """Write a checkpoint (original, pruned with --replace none|fold, distilled) as a GGUF file
     for llama.cpp and Ollama, with llama.cpp's own converter."""
 
-    try:
-        rep = exporting.export_gguf(model, gguf, outtype)
-    except LinearizeError as e:
-        _fail(str(e))
+    rep = exporting.export_gguf(model, gguf, outtype)
     typer.echo(
         f"wrote {rep['gguf']} ({rep['outtype']}, {rep['layers']} layers, "
         f"{rep['bytes'] / 2**20:.1f} MiB)"
     )
 
 
-@app.command(context_settings={"allow_extra_args": False})
+@command(context_settings={"allow_extra_args": False})
 @with_config(DistillConfig)
 def distill(
     student: Annotated[str, typer.Argument(help="a checkpoint written by linearize prune")],
@@ -415,12 +418,8 @@ def distill(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Heal a pruned model: train its replacements against the original's hidden states."""
-    _quiet_libraries()
-    try:
-        with _step_progress() as on_step:
-            res = distillation.distill(student, config, out, resume, device, on_step)
-    except LinearizeError as e:
-        _fail(str(e))
+    with _step_progress() as on_step:
+        res = distillation.distill(student, config, out, resume, device, on_step)
     typer.echo(
         f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
         f"held-out perplexity {res['perplexity_before']} -> {res['perplexity_after']}; "
@@ -432,7 +431,7 @@ def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
-@app.command("eval")
+@command("eval")
 @with_config(EvalConfig)
 def eval_(
     models_: Annotated[
@@ -447,7 +446,6 @@ def eval_(
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
 
-    _quiet_libraries()
     cfg = config
     for name in models_:
         where = out if len(models_) == 1 else out / Path(name).name
@@ -474,7 +472,7 @@ def eval_(
         typer.echo(f"{name}: " + "; ".join(summary) + f" -> {where}/results.json")
 
 
-@app.command()
+@command()
 def compare(
     dirs: Annotated[
         list[str], typer.Argument(metavar="DIR...", help="linearize eval output directories")
@@ -486,16 +484,13 @@ def compare(
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
 
-    try:
-        comparison.compare(dirs, out, _csv(labels) or None)
-    except LinearizeError as e:
-        _fail(str(e))
+    comparison.compare(dirs, out, _csv(labels) or None)
     typer.echo(
         (out / "compare.md").read_text() + f"wrote {out}/compare.json, .csv, .md, .png, .html"
     )
 
 
-@app.command()
+@command()
 def report(
     dirs: Annotated[
         list[Path],
@@ -505,14 +500,11 @@ def report(
     """Rebuild the HTML page of each run from the JSON it wrote (e.g. a run of an older
     version): report.html, sweep.html, dynamics.html, compare.html or bench.html."""
 
-    try:
-        pages = [page for d in dirs for page in render_dir(d)]
-    except LinearizeError as e:
-        _fail(str(e))
+    pages = [page for d in dirs for page in render_dir(d)]
     typer.echo("\n".join(f"wrote {p}" for p in pages))
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@command(context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def pretrain(
     ctx: typer.Context,
     config: Annotated[str, typer.Option(help="tiny | 150m | 650m | FILE.yaml")] = "tiny",
@@ -537,24 +529,20 @@ def pretrain(
 ) -> None:
     """Pretrain a Mistral model with the linearity regulariser. Extra KEY=VALUE arguments
     override the config (model.hidden_size=256 lr=1e-3 ...)."""
-    _quiet_libraries()
-    try:
-        cfg = pretraining.load_config(
-            config,
-            list(ctx.args),
-            data=data,
-            tokenizer=tokenizer,
-            reg=reg,
-            reg_weight=reg_weight,
-            tokens=tokens,
-            seed=seed,
-            probe_every=probe_every,
-            save_every=save_every,
-        )
-        with _step_progress() as on_step:
-            res = pretraining.pretrain(cfg, out, resume, device, on_step)
-    except LinearizeError as e:
-        _fail(str(e))
+    cfg = pretraining.load_config(
+        config,
+        list(ctx.args),
+        data=data,
+        tokenizer=tokenizer,
+        reg=reg,
+        reg_weight=reg_weight,
+        tokens=tokens,
+        seed=seed,
+        probe_every=probe_every,
+        save_every=save_every,
+    )
+    with _step_progress() as on_step:
+        res = pretraining.pretrain(cfg, out, resume, device, on_step)
     last = res["final"] or {}
     typer.echo(
         f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
@@ -564,7 +552,7 @@ def pretrain(
     )
 
 
-@app.command()
+@command()
 def dynamics(
     checkpoints: Annotated[
         list[str],
@@ -582,25 +570,21 @@ def dynamics(
 ) -> None:
     """Linearity across a series of checkpoints: dynamics.json/.csv/.md/.png/.html."""
 
-    _quiet_libraries()
-    try:
-        rows = dyn.dynamics(
-            checkpoints,
-            data,
-            tokens,
-            seq_len,
-            batch_size,
-            out,
-            dtype,
-            device,
-            on_row=lambda r: typer.echo(f"  step {r['step']}: {r['mean_linearity']:.4f}", err=True),
-        )
-    except LinearizeError as e:
-        _fail(str(e))
+    rows = dyn.dynamics(
+        checkpoints,
+        data,
+        tokens,
+        seq_len,
+        batch_size,
+        out,
+        dtype,
+        device,
+        on_row=lambda r: typer.echo(f"  step {r['step']}: {r['mean_linearity']:.4f}", err=True),
+    )
     typer.echo(dyn.table_markdown(rows) + f"wrote {out}/dynamics.json, .csv, .md, .png, .html")
 
 
-@app.command()
+@command()
 @with_config(FinetuneConfig)
 def finetune(
     model: Annotated[str, typer.Argument(help="model to fine-tune ('embedded' = SmolLM2)")],
@@ -615,12 +599,8 @@ def finetune(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Fine-tune on a classification task (HF Trainer); compare with `linearize dynamics BASE OUT`."""
-    _quiet_libraries()
-    try:
-        name = None if model == "embedded" else model
-        res = finetuning.finetune(name, task, config, out, resume, device)
-    except LinearizeError as e:
-        _fail(str(e))
+    name = None if model == "embedded" else model
+    res = finetuning.finetune(name, task, config, out, resume, device)
     typer.echo(
         f"{res['steps']} steps on {res['task']}: held-out accuracy {res['accuracy_before']:.3f} "
         f"-> {res['accuracy_after']:.3f}; wrote {out}/final"
