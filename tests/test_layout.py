@@ -64,3 +64,29 @@ def test_import_graph_has_no_cycle():
     graph = {m: _imports(f, mods) - {m} for m, f in mods.items()}
     assert "linearize.report.pages" in graph["linearize.report"]  # the graph sees the edges
     assert _cycles(graph) == []
+
+
+def _lazy_sibling_imports(source: str) -> list[int]:
+    """Lines where a function imports from the package: sibling imports belong at the top,
+    where the layout (and the cycle check above) can see them."""
+    found = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("linearize"):
+                    found.append(node.lineno)
+                elif isinstance(node, ast.Import) and any(
+                    a.name.startswith("linearize") for a in node.names
+                ):
+                    found.append(node.lineno)
+    return found
+
+
+def test_sibling_imports_are_at_the_top():
+    assert _lazy_sibling_imports("def f():\n    from linearize import data\n") == [2]
+    lazy = {
+        name: lines
+        for name, f in _modules().items()
+        if (lines := _lazy_sibling_imports(f.read_text()))
+    }
+    assert lazy == {}
