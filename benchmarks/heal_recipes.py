@@ -2,7 +2,7 @@
 
     python benchmarks/heal_recipes.py STUDENT --out DIR [--tokens 49152] [--only "NAME;NAME"]
 
-Each recipe is one ``linearize.distill`` run on STUDENT (a ``linearize prune`` output) with the
+Each recipe is one ``linearize.train.distill`` run on STUDENT (a ``linearize prune`` output) with the
 same token budget; its final model is then scored on ``builtin:eval`` (the calibration
 domain) and on ``fortunes`` (Debian's fortunes: English prose, never used for training).
 Ratios are to the original model's perplexity on the same tokens (from STUDENT's prune.json
