@@ -18,10 +18,9 @@ import shutil
 import time
 from pathlib import Path
 
-from linearize.train.distill import DistillConfig, distill
-from linearize.eval.perplexity import perplexity
-
 from linearize import load
+from linearize.eval.perplexity import perplexity
+from linearize.train.distill import DistillConfig, distill
 
 RECIPES: dict[str, dict] = {
     "maps, lr 1e-4 (the old default)": {"train": "replacements", "lr": 1e-4},
