@@ -38,6 +38,19 @@ RECIPES: dict[str, dict] = {
     },
     "LoRA r16 everywhere, lr 5e-4": {"train": "lora", "lr": 5e-4},
     "all weights, lr 5e-5": {"train": "all", "lr": 5e-5},
+    # half the text sampled from the teacher: 32,768 tokens, so its 16,384 sampled tokens are
+    # the ones `linearize prune` (default --calib builtin:calib+self) already cached
+    "maps + neighbours, lr 5e-4, 32k tokens": {
+        "train": "replacements+neighbors",
+        "lr": 5e-4,
+        "tokens": 32768,
+    },
+    "maps + neighbours, lr 5e-4, 32k tokens, half sampled from the teacher": {
+        "train": "replacements+neighbors",
+        "lr": 5e-4,
+        "tokens": 32768,
+        "data": "builtin:calib+self",
+    },
 }
 
 
@@ -76,11 +89,15 @@ def main() -> None:
             continue
         t0 = time.perf_counter()
         steps = 0
+        tokens = kw.get("tokens", a.tokens) if model_dir is None else 0
         if model_dir is None:
             run = out / "run"
             shutil.rmtree(run, ignore_errors=True)
             cfg = DistillConfig(
-                tokens=a.tokens, batch_size=a.batch_size, eval_data="", save_every=10**9, **kw
+                **{"tokens": a.tokens, **kw},
+                batch_size=a.batch_size,
+                eval_data="",
+                save_every=10**9,
             )
             steps = distill(a.student, cfg, run, device="cpu")["steps"]
             model_dir = str(run / "final")
@@ -89,7 +106,7 @@ def main() -> None:
         row = {
             "recipe": name,
             **kw,
-            "tokens": a.tokens if steps else 0,
+            "tokens": tokens,
             "steps": steps,
             "train_s": round(train_s, 1),
             **ppl,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -324,3 +325,22 @@ def _is_bridge_hook(handle) -> bool:
         and handle.id in hooks
         and "bridge" in getattr(hooks[handle.id], "__qualname__", "")
     )
+
+
+def test_text_sampled_from_the_teacher_joins_the_training_data(teacher_dir, tmp_path, monkeypatch):
+    """--data builtin:calib+self: half the training sequences are the teacher's own samples
+    (sampled once, cached; the second run reads them back)."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    student = _pruned(teacher_dir, tmp_path)
+    cfg = _cfg(data="builtin:calib+self", eval_data="", tokens=32 * 2 * 4)
+    with pytest.warns(UserWarning, match="sampling 128 calibration tokens"):
+        first = distill(student, cfg, tmp_path / "a", device="cpu")
+    assert first["steps"] == first["total_steps"] >= 4
+    assert len(list((tmp_path / "cache" / "self-text").glob("*.json"))) == 2  # prune's, ours
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        second = distill(student, cfg, tmp_path / "b", device="cpu")
+    assert not [w for w in seen if "sampling" in str(w.message)]  # read back, not resampled
+    assert second["steps"] == first["steps"]
+    with pytest.raises(LinearizeError, match="empty part"):
+        distill(student, _cfg(data="builtin:calib+"), tmp_path / "c", device="cpu")

@@ -42,6 +42,7 @@ from linearize._io import atomic_write, claim_output, releases_output, write_jso
 from linearize.capture import record
 from linearize.errors import LinearizeError
 from linearize.eval.perplexity import perplexity
+from linearize.selfgen import calibration_sequences
 from linearize.surgery.prune import runs_of
 from linearize.surgery.replace import BRIDGE, save
 from linearize.train.loop import Every, Loop, Schedule
@@ -55,7 +56,11 @@ class DistillConfig:
     """One distillation run. Every field is an option of ``linearize distill``."""
 
     teacher: str | None = option(None, "the original model (default: the one recorded in STUDENT)")
-    data: str = option("builtin:calib", "training text source")
+    data: str = option(
+        "builtin:calib",
+        "training text source; '+self' adds text sampled from the teacher (e.g. "
+        "builtin:calib+self: half each, sampled once and cached)",
+    )
     tokens: int = option(
         400_000,
         "training tokens, all processes together (~30-45 min for SmolLM2 on 2 CPU cores)",
@@ -402,15 +407,19 @@ def _load_pair(student_dir: str, c: DistillConfig, device: str):
 
 
 def _micro_batches(
-    c: DistillConfig, tok, loop: Loop, per_step: int
+    c: DistillConfig, tok, loop: Loop, per_step: int, teacher: nn.Module
 ) -> tuple[list[dict[str, Tensor]], int, int, int]:
     """This process's micro-batches of one pass over ``--data``, the optimizer steps of the
     whole run, how often the source repeats to give ``--tokens``, and the tokens it holds."""
-    seqs = list(
-        data.token_sequences(
-            tok, c.data, c.seq_len, c.tokens, rank=loop.rank, world_size=loop.world
+    if data.SELF in data.calib_parts(c.data):  # every process samples the same (seeded) text
+        seqs = calibration_sequences(teacher, tok, c.data, c.seq_len, c.tokens)
+        seqs = seqs[loop.rank :: loop.world]
+    else:
+        seqs = list(
+            data.token_sequences(
+                tok, c.data, c.seq_len, c.tokens, rank=loop.rank, world_size=loop.world
+            )
         )
-    )
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(tok)))
     per_epoch = max(1, len(micro) // c.grad_accum)
     have = sum(len(q) for q in seqs) * loop.world
@@ -498,15 +507,16 @@ def distill(
     c.check()
     out = Path(out)
     claim_output(out)
-    for source in filter(None, (c.data, c.eval_data)):
-        data.resolve_source(source)
+    data.calib_parts(c.data)
+    if c.eval_data:
+        data.resolve_source(c.eval_data)
     loop = Loop(out, c.grad_accum, device)
     per_step = loop.tokens_per_step(c.seq_len, c.batch_size, c.tokens)
     student, tok, teacher, name = _load_pair(student_dir, c, loop.device)
     pairs = boundaries(student, teacher)
     set_seed(c.seed)
     trainable = select_trainable_(student, c.train, c.lora_rank)
-    micro, total_steps, passes, have = _micro_batches(c, tok, loop, per_step)
+    micro, total_steps, passes, have = _micro_batches(c, tok, loop, per_step, teacher)
     cache = _teacher_cache(c, loop.acc, teacher, name, pairs, passes)
     if passes > 1 and loop.is_main:
         _say_repeats(c, have, passes, total_steps, cache)
