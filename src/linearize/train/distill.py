@@ -62,13 +62,14 @@ class DistillConfig:
         "builtin:calib+self: half each, sampled once and cached)",
     )
     tokens: int = option(
-        400_000,
-        "training tokens, all processes together (~30-45 min for SmolLM2 on 2 CPU cores)",
+        200_000,
+        "training tokens, all processes together (~30 min for SmolLM2 on 2 CPU cores: the "
+        "built-in text about twice, the second pass from the teacher cache)",
     )
     seq_len: int = option(512, "tokens per sequence")
     batch_size: int = option(8, "sequences per process per micro-step")
     grad_accum: int = option(1, "micro-steps per optimizer step")
-    lr: float = option(1e-4, "peak learning rate (the maps start at their least-squares optimum)")
+    lr: float = option(5e-4, "peak learning rate (chosen by benchmarks/heal_recipes.py)")
     warmup: float = option(0.05, "share of steps spent warming up")
     weight_decay: float = option(0.0, "AdamW weight decay")
     max_grad_norm: float = option(1.0, "gradient clipping norm")
@@ -77,7 +78,11 @@ class DistillConfig:
     w_lm: float = option(0.0, "weight of the language-modelling loss")
     hidden_loss: str = option("mse", "mse | cosine | both")
     temperature: float = option(1.0, "KL temperature")
-    train: str = option("replacements", "replacements | replacements+neighbors | lora | all")
+    train: str = option(
+        "replacements+neighbors",
+        "replacements+neighbors (the maps and the kept layers beside each cut) | replacements "
+        "| lora | all",
+    )
     lora_rank: int = option(16, "LoRA rank with --train lora")
     eval_data: str = option(
         "builtin:eval", "held-out perplexity source ('' to skip)", flag="--eval"
@@ -183,7 +188,7 @@ def select_trainable_(student: nn.Module, mode: str, lora_rank: int = 16) -> nn.
     if not any(p.requires_grad for p in student.parameters()):
         raise LinearizeError(
             f"--train {mode}: this student has no replacement to train "
-            "(it was pruned with --replace none); use --train all or lora"
+            "(it was pruned with --replace none); use --train replacements+neighbors, all or lora"
         )
     return student
 
