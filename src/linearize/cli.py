@@ -398,7 +398,6 @@ def export(
 ) -> None:
     """Write a checkpoint (original, pruned with --replace none|fold, distilled) as a GGUF file
     for llama.cpp and Ollama, with llama.cpp's own converter."""
-
     rep = exporting.export_gguf(model, gguf, outtype)
     typer.echo(
         f"wrote {rep['gguf']} ({rep['outtype']}, {rep['layers']} layers, "
@@ -445,7 +444,6 @@ def eval_(
     ] = Path("linearize-out/eval"),
 ) -> None:
     """Perplexity, lm-eval tasks, per-layer linear probing and an LLM judge; writes results.json."""
-
     cfg = config
     for name in models_:
         where = out if len(models_) == 1 else out / Path(name).name
@@ -483,7 +481,6 @@ def compare(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compare"),
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
-
     comparison.compare(dirs, out, _csv(labels) or None)
     typer.echo(
         (out / "compare.md").read_text() + f"wrote {out}/compare.json, .csv, .md, .png, .html"
@@ -499,7 +496,6 @@ def report(
 ) -> None:
     """Rebuild the HTML page of each run from the JSON it wrote (e.g. a run of an older
     version): report.html, sweep.html, dynamics.html, compare.html or bench.html."""
-
     pages = [page for d in dirs for page in render_dir(d)]
     typer.echo("\n".join(f"wrote {p}" for p in pages))
 
@@ -569,7 +565,6 @@ def dynamics(
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/dynamics"),
 ) -> None:
     """Linearity across a series of checkpoints: dynamics.json/.csv/.md/.png/.html."""
-
     rows = dyn.dynamics(
         checkpoints,
         data,

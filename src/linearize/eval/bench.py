@@ -241,7 +241,6 @@ def bench(
 ) -> list[dict]:
     """Load each model once (anything ``linearize.load`` reads), measure them interleaved, and
     write bench.json/.csv/.md and a figure (PNG + HTML) into ``out``; returns the rows."""
-
     c = config or BenchConfig()
     c.check()
     if labels is not None and len(labels) != len(models):

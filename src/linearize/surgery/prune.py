@@ -670,14 +670,31 @@ class _HeldOut:
     batch_size: int
 
     def __call__(self, when: str) -> dict:
-        ppl = {
-            sfx: perplexity(self.lm, self.tok, src, self.seq_len, self.tokens, self.batch_size)
-            if src
-            else None
-            for sfx, src in (("", self.eval_data), ("_ood", self.ood_data))
-        }
+        ppl, ood = held_out_perplexities(
+            self.lm,
+            self.tok,
+            (self.eval_data, self.ood_data),
+            self.seq_len,
+            self.tokens,
+            self.batch_size,
+        )
         return {
-            f"perplexity_{when}": ppl[""],
-            f"perplexity_{when}_ood": ppl["_ood"],
+            f"perplexity_{when}": ppl,
+            f"perplexity_{when}_ood": ood,
             f"params_{when}": sum(p.numel() for p in self.lm.parameters()),
         }
+
+
+def held_out_perplexities(
+    model: nn.Module,
+    tok,
+    sources: tuple[str | None, ...],
+    seq_len: int,
+    tokens: int,
+    batch_size: int,
+) -> tuple[float | None, ...]:
+    """Perplexity of ``model`` on each source (None where none is given): the in-domain and
+    out-of-domain pair that ``prune`` and ``sweep`` report, by one protocol."""
+    return tuple(
+        perplexity(model, tok, src, seq_len, tokens, batch_size) if src else None for src in sources
+    )

@@ -24,9 +24,14 @@ from linearize import arch, data, models
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
-from linearize.eval.perplexity import perplexity
 from linearize.report import png, render
-from linearize.surgery.prune import REPLACEMENTS, STRATEGIES, PruneConfig, prune_model_
+from linearize.surgery.prune import (
+    REPLACEMENTS,
+    STRATEGIES,
+    PruneConfig,
+    held_out_perplexities,
+    prune_model_,
+)
 
 SEQUENTIAL = ("linear-greedy", "ppl-greedy")
 COLUMNS = (
@@ -103,11 +108,9 @@ def sweep(
     done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
     lm, tok = models.load(model, dtype=dtype, device=device)
 
-    def ppl(m) -> tuple[float | None, float | None]:
-        return tuple(
-            perplexity(m, tok, src, base.seq_len, eval_tokens, base.batch_size) if src else None
-            for src in (eval_data, ood_data)
-        )
+    def ppl(m) -> tuple[float | None, ...]:
+        sources = (eval_data, ood_data)
+        return held_out_perplexities(m, tok, sources, base.seq_len, eval_tokens, base.batch_size)
 
     def add(row: dict) -> None:
         rows.append(row)

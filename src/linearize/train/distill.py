@@ -469,6 +469,7 @@ class _Step:
     cache: TeacherCache | None
 
     def __post_init__(self) -> None:
+        self.s_mods, self.t_mods = [p[0] for p in self.pairs], [p[1] for p in self.pairs]
         # hidden-only losses need no student logits: ask for one position instead of all
         forward = inspect.signature(self.loop.unwrapped().forward).parameters
         hidden_only = not (self.c.w_kl or self.c.w_lm)
@@ -477,11 +478,10 @@ class _Step:
     def __call__(self, index: int) -> dict[str, Tensor]:
         index %= len(self.micro)  # the same batches every epoch
         b = {k: v.to(self.loop.acc.device) for k, v in self.micro[index].items()}
-        t_mods, s_mods = [p[1] for p in self.pairs], [p[0] for p in self.pairs]
         t_logits, t_states = _teacher_pass(
-            self.teacher, t_mods, b, index, self.cache, bool(self.c.w_kl)
+            self.teacher, self.t_mods, b, index, self.cache, bool(self.c.w_kl)
         )
-        with self.loop.acc.autocast(), record(inputs=s_mods) as s_in:
+        with self.loop.acc.autocast(), record(inputs=self.s_mods) as s_in:
             s_logits = self.loop.model(**b, use_cache=False, **self.head_kw).logits
         return distill_loss(s_logits, t_logits, s_in.inputs, t_states, b, self.c)
 

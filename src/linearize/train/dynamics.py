@@ -79,7 +79,6 @@ def dynamics(
     on_row: Callable[[dict], None] | None = None,
 ) -> list[dict]:
     """One row per checkpoint: step, mean scores and per-layer scores; writes the outputs."""
-
     series = expand(specs)
     if not series:
         raise LinearizeError("give at least one checkpoint")
