@@ -7,6 +7,7 @@ import json
 
 import pytest
 import typer
+from conftest import run_cli
 from typer.testing import CliRunner
 
 from linearize.cli import app
@@ -48,6 +49,24 @@ def test_analyze_writes_all_outputs(tiny_dir, tmp_path):
     html = (out / "report.html").read_text()
     assert "plotly" in html.lower() and "<script" in html and "linearity_no_residual" in html
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary files left"
+
+
+def test_a_warning_is_one_plain_line_on_stderr(tiny_dir, tmp_path):
+    """Fewer tokens than dimensions warns; the user sees the message, not our source lines."""
+    done = run_cli(
+        "analyze",
+        tiny_dir,
+        "--tokens",
+        32,
+        "--seq-len",
+        32,
+        "--no-progress",
+        "--out",
+        tmp_path / "r",
+    )
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert any(ln.startswith("warning: only 32 tokens for hidden size") for ln in lines), lines
+    assert not any(".py:" in ln or "warnings.warn" in ln for ln in lines), lines
 
 
 def test_json_flag_prints_report(tiny_dir, tmp_path):

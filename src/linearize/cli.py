@@ -132,6 +132,12 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = _one_line_warning
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> str:
+    """A warning at the command line is a message for the user, not a source location."""
+    return f"warning: {message}\n"
 
 
 def _init_distributed() -> tuple[int, int]:
