@@ -1,7 +1,7 @@
 """Speed, size and quality of SmolLM2 pruned by k layers with none / linear / fold, in one table.
 
     python benchmarks/speed_table.py [--ks 4,8,12] [--tokens 8192] [--eval-tokens 8192] [--out DIR]
-                                     [--sweeps DIR] [--no-quality]
+                                     [--sweeps DIR | --removed 12,13,...] [--no-quality]
 
 For each replacement, the default greedy pruning (``linearize prune`` defaults, with
 ``--tokens`` calibration tokens) runs once to the largest k and saves a checkpoint as it passes
@@ -12,7 +12,8 @@ in one process, interleaved. Checkpoints already in ``--out`` are reused.
 Speed does not depend on the fitted values, only on the shapes, so with ``--sweeps DIR`` (the
 output of ``benchmarks/prune_variants.py``) the checkpoints are built from the layers those
 greedy runs removed (``--strategy layers``, 512 calibration tokens) and ``--no-quality`` leaves
-the perplexity columns to those runs.
+the perplexity columns to those runs. ``--removed L1,L2,…`` does the same from one list of
+original layer indices (k = 4 removes its first four), for every replacement.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from linearize.surgery.prune import PruneConfig, prune_model_
 from linearize.surgery.replace import save
 
 
+def _removals(sweeps: str, rep: str) -> list[dict]:
+    sub = {"none": "none", "linear": "original_calib_+_self", "fold": "fold_local_calib_+_self"}
+    return json.loads((Path(sweeps) / sub[rep] / "sweep.json").read_text())["rows"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", default="4,8,12")
@@ -38,6 +44,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default="linearize-out/bench-speed")
     ap.add_argument("--sweeps", default=None, help="prune_variants.py output: reuse its removals")
+    ap.add_argument("--removed", default=None, help="original layers in removal order")
     ap.add_argument("--no-quality", action="store_true")
     a = ap.parse_args()
     out = Path(a.out)
@@ -46,13 +53,11 @@ def main() -> None:
     dirs: list[tuple[str, str]] = []
     for rep in a.replace.split(","):
         todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
-        if todo and a.sweeps:
-            sub = {
-                "none": "none",
-                "linear": "original_calib_+_self",
-                "fold": "fold_local_calib_+_self",
-            }[rep]
-            rows = json.loads((Path(a.sweeps) / sub / "sweep.json").read_text())["rows"]
+        if todo and (a.sweeps or a.removed):
+            rows = _removals(a.sweeps, rep) if a.sweeps else []
+            if a.removed:
+                order = [int(x) for x in a.removed.split(",")]
+                rows = [{"k": k, "removed": order[:k]} for k in ks]
             for r in rows:
                 if r["k"] in todo:
                     m = copy.deepcopy(model)

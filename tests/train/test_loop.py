@@ -32,7 +32,8 @@ def _train(tmp_path, name: str, grad_accum: int, steps: int = 3, rows=None, **ev
     loop = Loop(tmp_path / name, grad_accum=grad_accum, device="cpu")
     loop.prepare(_model(), Schedule(lr=0.1, total_steps=steps, warmup=0.0, max_grad_norm=1e9))
     rows = rows or len(X) // grad_accum
-    loop.run(_mse_step(loop, rows), 8, Every(save_every=10**9, **every))
+    loop.tokens_per_step(seq_len=1, batch_size=rows, tokens=10**6)  # one "token" per row
+    loop.run(_mse_step(loop, rows), Every(save_every=10**9, **every))
     return loop
 
 
@@ -51,6 +52,7 @@ def test_rows_metrics_checkpoint_and_resume(tmp_path):
     loop = _train(tmp_path, "r", 1, 4, eval_every=2, evaluate=evaluate, on_step=seen.append)
     assert [r["step"] for r in seen] == [1, 2, 3, 4] and loop.finished
     assert [r.get("probe") for r in seen] == [None, 2.0, None, 4.0]
+    assert [r["tokens"] for r in seen] == [8, 16, 24, 32] and loop.summary()["tokens_seen"] == 32
     assert seen[0]["half"] == pytest.approx(seen[0]["loss"] / 2)
     assert (tmp_path / "r" / "checkpoints" / "step-4" / "trainer.json").exists()
     assert (tmp_path / "r" / "metrics.csv").read_text().count("\n") == 5
@@ -65,7 +67,7 @@ def test_a_diverged_loss_stops_with_one_line_and_saves_nothing(tmp_path):
     loop.prepare(_model(), Schedule(lr=0.1, total_steps=3))
     nan = lambda index: {"loss": loop.model(X).sum() * float("nan")}  # noqa: E731
     with pytest.raises(LinearizeError, match="diverged"):
-        loop.run(nan, 8, Every(save_every=1))
+        loop.run(nan, Every(save_every=1))
     assert not (tmp_path / "nan" / "checkpoints").exists()
     with pytest.raises(LinearizeError, match="less than one optimizer step"):
         loop.tokens_per_step(seq_len=16, batch_size=2, tokens=10)

@@ -537,12 +537,12 @@ def distill(
     if c.eval_data and loop.step == 0 and loop.is_main:
         before = held_out(0)["perplexity"]
     every = Every(c.save_every, c.eval_every, held_out if c.eval_data else None, on_step=on_step)
-    loop.run(_Step(c, loop, teacher, pairs, micro, cache), per_step, every, max_steps)
+    loop.run(_Step(c, loop, teacher, pairs, micro, cache), every, max_steps)
     summary = {
         "student": student_dir,
         "teacher": name,
         "config": asdict(c),
-        **loop.summary(per_step),
+        **loop.summary(),
         "perplexity_before": before,
         "perplexity_after": _last_perplexity(loop.rows),
     }

@@ -74,17 +74,20 @@ class Loop:
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.device = "cpu" if self.cpu else str(self.acc.device)
         self.step = 0
+        self.step_tokens = 0  # set by tokens_per_step()
         self.rows: list[dict] = []
         self.elapsed = 0.0
 
     def tokens_per_step(self, seq_len: int, batch_size: int, tokens: int) -> int:
-        """Tokens of one optimizer step over all processes; a budget under one step is an error."""
+        """Tokens of one optimizer step over all processes, remembered for the metrics and the
+        summary; a budget under one step is an error."""
         per_step = seq_len * batch_size * self.grad_accum * self.world
         if tokens < per_step:
             raise LinearizeError(
                 f"--tokens {tokens} is less than one optimizer step "
                 f"({batch_size}×{seq_len}×{self.grad_accum}×{self.world} = {per_step} tokens)"
             )
+        self.step_tokens = per_step
         return per_step
 
     @property
@@ -116,7 +119,6 @@ class Loop:
     def run(
         self,
         loss_step: Callable[[int], dict[str, Tensor]],
-        tokens_per_step: int,
         every: Every,
         stop_at: int | None = None,
     ) -> None:
@@ -135,7 +137,7 @@ class Loop:
                 self.step += 1
                 row = {
                     "step": self.step,
-                    "tokens": self.step * tokens_per_step,
+                    "tokens": self.step * self.step_tokens,
                     "lr": self.sched.get_last_lr()[0],
                     **logs,
                 }
@@ -177,12 +179,12 @@ class Loop:
         if on_step is not None and self.is_main:
             on_step(row)
 
-    def summary(self, tokens_per_step: int) -> dict:
+    def summary(self) -> dict:
         """What every run's summary JSON says about the loop itself."""
         return {
             "steps": self.step,
             "total_steps": self.schedule.total_steps,
-            "tokens_seen": self.step * tokens_per_step,
+            "tokens_seen": self.step * self.step_tokens,
             "elapsed_s": round(self.elapsed, 2),
             "world_size": self.world,
             "version": __version__,

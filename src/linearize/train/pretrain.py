@@ -391,10 +391,10 @@ def pretrain(
     if step == 0:
         probes.append(_probe(loop.unwrapped(), tok, c, 0, per_step))
     every = Every(c.save_every, c.probe_every, evaluate, save_model, on_step)
-    loop.run(_Step(c, loop, seqs, data.pad_id_of(tok)), per_step, every, max_steps)
+    loop.run(_Step(c, loop, seqs, data.pad_id_of(tok)), every, max_steps)
     summary = {
         "config": asdict(c),
-        **loop.summary(per_step),
+        **loop.summary(),
         "parameters": sum(p.numel() for p in loop.unwrapped().parameters()),
         "final": probes[-1] if probes else None,
     }
