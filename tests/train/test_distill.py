@@ -345,3 +345,47 @@ def test_text_sampled_from_the_teacher_joins_the_training_data(teacher_dir, tmp_
     assert second["steps"] == first["steps"]
     with pytest.raises(LinearizeError, match="empty part"):
         distill(student, _cfg(data="builtin:calib+"), tmp_path / "c", device="cpu")
+
+
+@pytest.mark.parametrize(
+    "train, start", [("replacements", 1), ("replacements+neighbors", 1), ("all", 0)]
+)
+def test_the_student_starts_where_it_stops_being_the_teacher(
+    teacher_dir, tmp_path, monkeypatch, train, start
+):
+    """Layers 0..start-1 of the student are frozen copies of the teacher's, so its forward
+    starts from the teacher's state there: the same losses and weights as the whole forward."""
+    import linearize.train.distill as D
+
+    student = _pruned(teacher_dir, tmp_path)  # keeps original layers 0, 1, 4; map before 4
+    starts: list[int] = []
+    real = D.shared_prefix
+    monkeypatch.setattr(D, "shared_prefix", lambda s, t: starts.append(real(s, t)) or starts[-1])
+    fast: list[dict] = []
+    cfg = _cfg(eval_data="", train=train, w_lm=0.1)
+    distill(student, cfg, tmp_path / "fast", device="cpu", on_step=fast.append)
+    assert starts == [start]
+    monkeypatch.setattr(D, "shared_prefix", lambda s, t: 0)
+    full: list[dict] = []
+    distill(student, cfg, tmp_path / "full", device="cpu", on_step=full.append)
+    assert len(fast) == len(full) == 8
+    for a, b in zip(fast, full, strict=True):
+        for k in ("loss", "hidden", "kl", "lm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-8), (k, a, b)
+    got = load(str(tmp_path / "fast" / "final"), device="cpu")[0].state_dict()
+    want = load(str(tmp_path / "full" / "final"), device="cpu")[0].state_dict()
+    assert got.keys() == want.keys()
+    assert max(float((got[k] - want[k]).abs().max()) for k in got) <= 1e-6
+
+
+def test_no_shortcut_when_the_prefix_differs_from_the_teacher(teacher_dir, tmp_path):
+    from linearize.train.distill import select_trainable_, shared_prefix
+
+    student, _ = load(_pruned(teacher_dir, tmp_path), device="cpu")
+    teacher, _ = load(str(teacher_dir), device="cpu")
+    select_trainable_(student, "replacements")
+    assert shared_prefix(student, teacher) == 1  # layer 1's output is not a teacher boundary
+    assert shared_prefix(student, copy.deepcopy(teacher).double()) == 0  # another dtype
+    with torch.no_grad():
+        arch.get_layers(student)[1][0].mlp.down_proj.weight.add_(1e-3)  # e.g. healed before
+    assert shared_prefix(student, teacher) == 0

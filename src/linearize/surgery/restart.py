@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -102,6 +102,22 @@ def _layer_range(model: nn.Module, start: int, stop: int, have_state: bool) -> l
     if start > 0 and not have_state:
         raise ValueError("a restart after layer 0 needs the state at its boundary")
     return [layers[i] for i in range(start, stop)]
+
+
+@contextlib.contextmanager
+def starting_at(model: nn.Module, start: int, state: Callable[[], Tensor]) -> Iterator[None]:
+    """Forward passes inside the block skip layers [0, start) and give layer ``start`` (before
+    any bridge there) ``state()`` instead of what the embedding made: for a prefix whose output
+    is already known. Gradients flow as usual from layer ``start`` on."""
+    _, layers = arch.get_layers(model)
+    first = layers[start]
+
+    def feed(module, args, kwargs):
+        h = layer_input(args, kwargs)
+        return _with_hidden(args, kwargs, state().to(device=h.device, dtype=h.dtype))
+
+    with arch.layers_removed(model, range(start)), hooks(pre=[(first, feed)], prepend=True):
+        yield
 
 
 @torch.no_grad()

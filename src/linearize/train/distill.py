@@ -13,6 +13,9 @@ averaged over real tokens, where b runs over the B aligned boundaries and ``hidd
 alike), ``cosine``: 1 − cos(s, t), or ``both``. Teacher states come from a forward pass under
 ``no_grad`` on the same batch, or, with ``cache_teacher`` (automatic when batches repeat), from safetensors shards written the
 first time each batch is seen (worth it with ``epochs`` > 1 or repeated runs).
+In one process the student's frozen leading layers, copies of the teacher's, do not run: its
+forward starts from the teacher's state where they end (``shared_prefix``), which changes no
+loss or gradient and skips about half the student's forward after a mid-depth cut.
 
 The loop runs on accelerate: one CPU process, or DDP under ``torchrun`` / ``accelerate
 launch``, bf16 autocast on GPUs, gradient accumulation, warmup + cosine schedule, clipping,
@@ -23,6 +26,7 @@ TensorBoard event files under ``out/tensorboard`` when tensorboard is installed)
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -45,6 +49,7 @@ from linearize.eval.perplexity import perplexity
 from linearize.selfgen import calibration_sequences
 from linearize.surgery.prune import runs_of
 from linearize.surgery.replace import BRIDGE, save
+from linearize.surgery.restart import starting_at
 from linearize.train.loop import Every, Loop, Schedule
 
 TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
@@ -191,6 +196,38 @@ def select_trainable_(student: nn.Module, mode: str, lora_rank: int = 16) -> nn.
             "(it was pruned with --replace none); use --train replacements+neighbors, all or lora"
         )
     return student
+
+
+def shared_prefix(student: nn.Module, teacher: nn.Module) -> int:
+    """How many leading student layers are frozen, bridge-free copies of the teacher's (same
+    embedding, same weights, same dtype), up to a boundary whose teacher state the teacher
+    pass records. The student's forward can start there from that state: the same loss and
+    gradients for about half the student's forward after a mid-depth cut. 0 when nothing is
+    shared (e.g. ``--train all`` or ``lora``)."""
+    kept = kept_layers(student)
+    _, s_layers = arch.get_layers(student)
+    _, t_layers = arch.get_layers(teacher)
+    # the teacher pass records its stream at kept layers only: stop at one (kept[p] == p)
+    p = 0
+    while (
+        p + 1 < len(s_layers)
+        and kept[p + 1] == p + 1
+        and getattr(s_layers[p], BRIDGE, None) is None
+        and not any(q.requires_grad for q in s_layers[p].parameters())
+    ):
+        p += 1
+    shared = [(student.get_input_embeddings(), teacher.get_input_embeddings())]
+    shared += [(s_layers[i], t_layers[i]) for i in range(p)]
+    for s_mod, t_mod in shared:
+        a, b = s_mod.state_dict(), t_mod.state_dict()
+        if a.keys() != b.keys() or any(
+            a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])
+            for k in a
+        ):
+            return 0
+        if any(q.requires_grad for q in s_mod.parameters()):
+            return 0
+    return p
 
 
 # -- the loss ------------------------------------------------------------------------------------
@@ -474,6 +511,15 @@ class _Step:
         forward = inspect.signature(self.loop.unwrapped().forward).parameters
         hidden_only = not (self.c.w_kl or self.c.w_lm)
         self.head_kw = {"logits_to_keep": 1} if hidden_only and "logits_to_keep" in forward else {}
+        # one process: start the student where it stops being a copy of the teacher (DDP keeps
+        # the whole forward: its reducer expects the module structure it wrapped; LoRA trains
+        # every layer, so nothing is shared)
+        student = self.loop.unwrapped()
+        shortcut = self.loop.world == 1 and self.c.train != "lora"
+        self.start = shared_prefix(student, self.teacher) if shortcut else 0
+        if self.start:
+            first = arch.get_layers(student)[1][self.start]
+            self.start_pair = self.s_mods.index(first)
 
     def __call__(self, index: int) -> dict[str, Tensor]:
         index %= len(self.micro)  # the same batches every epoch
@@ -481,9 +527,16 @@ class _Step:
         t_logits, t_states = _teacher_pass(
             self.teacher, self.t_mods, b, index, self.cache, bool(self.c.w_kl)
         )
-        with self.loop.acc.autocast(), record(inputs=self.s_mods) as s_in:
+        shortcut = (
+            starting_at(self.loop.unwrapped(), self.start, lambda: t_states[self.start_pair])
+            if self.start
+            else contextlib.nullcontext()
+        )
+        with self.loop.acc.autocast(), record(inputs=self.s_mods) as s_in, shortcut:
             s_logits = self.loop.model(**b, use_cache=False, **self.head_kw).logits
-        return distill_loss(s_logits, t_logits, s_in.inputs, t_states, b, self.c)
+        # boundaries inside the shared prefix did not run: they equal the teacher's
+        s_states = [t if s is None else s for s, t in zip(s_in.inputs, t_states, strict=True)]
+        return distill_loss(s_logits, t_logits, s_states, t_states, b, self.c)
 
 
 def _last_perplexity(rows: list[dict]) -> float | None:
