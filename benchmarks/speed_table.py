@@ -54,10 +54,11 @@ def main() -> None:
     for rep in a.replace.split(","):
         todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
         if todo and (a.sweeps or a.removed):
-            rows = _removals(a.sweeps, rep) if a.sweeps else []
             if a.removed:
                 order = [int(x) for x in a.removed.split(",")]
                 rows = [{"k": k, "removed": order[:k]} for k in ks]
+            else:
+                rows = _removals(a.sweeps, rep)
             for r in rows:
                 if r["k"] in todo:
                     m = copy.deepcopy(model)

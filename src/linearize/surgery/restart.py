@@ -107,16 +107,18 @@ def _layer_range(model: nn.Module, start: int, stop: int, have_state: bool) -> l
 @contextlib.contextmanager
 def starting_at(model: nn.Module, start: int, state: Callable[[], Tensor]) -> Iterator[None]:
     """Forward passes inside the block skip layers [0, start) and give layer ``start`` (before
-    any bridge there) ``state()`` instead of what the embedding made: for a prefix whose output
-    is already known. Gradients flow as usual from layer ``start`` on."""
+    any bridge, or any pre-hook already on it) a copy of ``state()`` instead of what the
+    embedding made: for a prefix whose output is already known. Gradients flow as usual from
+    layer ``start`` on; the copy keeps ``state()``'s tensor safe from in-place changes."""
     _, layers = arch.get_layers(model)
     first = layers[start]
 
     def feed(module, args, kwargs):
         h = layer_input(args, kwargs)
-        return _with_hidden(args, kwargs, state().to(device=h.device, dtype=h.dtype))
+        return _with_hidden(args, kwargs, state().to(device=h.device, dtype=h.dtype).clone())
 
-    with arch.layers_removed(model, range(start)), hooks(pre=[(first, feed)], prepend=True):
+    cut = arch.layers_removed(model, range(start)) if start > 0 else contextlib.nullcontext()
+    with cut, hooks(pre=[(first, feed)], prepend=True):
         yield
 
 
@@ -145,13 +147,9 @@ def run_from(
     device = model.get_input_embeddings().weight.device
     current = {"b": 0}
 
-    def feed(module, args, kwargs):
-        h = layer_input(args, kwargs)
-        if state_at_start is not None:
-            h = state_at_start(current["b"]).to(device=h.device, dtype=h.dtype).clone()
+    def at_start(module, args, kwargs):
         if on_boundary is not None:
-            on_boundary(current["b"], start, h)
-        return _with_hidden(args, kwargs, h) if state_at_start is not None else None
+            on_boundary(current["b"], start, layer_input(args, kwargs))
 
     def out_hook(j: int):
         def hook(module, args, kwargs, out):
@@ -162,13 +160,17 @@ def run_from(
 
         return hook
 
-    cut = arch.layers_removed(model, range(start)) if start > 0 else contextlib.nullcontext()
+    fed = (
+        starting_at(model, start, lambda: state_at_start(current["b"]))
+        if state_at_start is not None
+        else contextlib.nullcontext()
+    )
     extra = more_hooks(running) if more_hooks is not None else []
     outs = [(layer, out_hook(start + i + 1)) for i, layer in enumerate(running)]
     with (
         eval_mode(model),
-        cut,
-        hooks(pre=[(running[0], feed)], prepend=True),
+        hooks(pre=[(running[0], at_start)], prepend=True),
+        fed,  # entered second, so its feed goes in front: at_start sees the state fed in
         hooks(post=extra + outs),
     ):
         for b, batch in enumerate(batches):
