@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -48,13 +49,6 @@ def main() -> None:
     prompt = ids[:1, :32]
     pad = data.pad_id_of(tok)
 
-    def switch(on: bool) -> None:
-        for b in bridges:
-            if on:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = lambda h: h  # identity: the hook still runs, the matmul does not
-
     @torch.no_grad()
     def prefill() -> None:
         model(input_ids=ids, use_cache=False)
@@ -70,15 +64,7 @@ def main() -> None:
             pad_token_id=pad,
         )
 
-    times: dict[tuple[str, bool], list[float]] = {}
-    for r in range(-1, a.rounds):  # round -1 warms up and is not kept
-        for on in (True, False) if r % 2 == 0 else (False, True):
-            switch(on)
-            for name, fn in (("prefill", prefill), ("decode", decode)):
-                t = _timed(fn)
-                if r >= 0:
-                    times.setdefault((name, on), []).append(t)
-    switch(True)
+    times = _alternate(bridges, {"prefill": prefill, "decode": decode}, a.rounds)
     d = model.config.hidden_size
     params = sum(p.numel() for p in model.parameters())
     share = len(bridges) * (d * d + d) / params
@@ -94,6 +80,33 @@ def main() -> None:
             f"{name:8s} bridges on {on:.3f} s, off {off:.3f} s: cost {on / off - 1:+.2%}; "
             f"the bridges alone {alone[name] * 1000:.2f} ms = {alone[name] / off:.3%} of the pass"
         )
+
+
+def _switch(bridges: list[AffineBridge], on: bool) -> None:
+    for b in bridges:
+        if on:
+            b.__dict__.pop("forward", None)
+        else:
+            b.forward = lambda h: h  # identity: the hook still runs, the matmul does not
+
+
+def _alternate(
+    bridges: list[AffineBridge], passes: dict[str, Callable[[], None]], rounds: int
+) -> dict[tuple[str, bool], list[float]]:
+    """Seconds of each pass with the bridges on and off, A/B then B/A round after round; a
+    first round warms up and is not kept. The bridges are on again afterwards."""
+    times: dict[tuple[str, bool], list[float]] = {}
+    try:
+        for r in range(-1, rounds):
+            for on in (True, False) if r % 2 == 0 else (False, True):
+                _switch(bridges, on)
+                for name, fn in passes.items():
+                    t = _timed(fn)
+                    if r >= 0:
+                        times.setdefault((name, on), []).append(t)
+    finally:
+        _switch(bridges, True)
+    return times
 
 
 @torch.no_grad()

@@ -52,6 +52,25 @@ def _distill_times(student_dir: Path, dcfg: DistillConfig, out: Path, steps: int
     return (first[-1] - first[0]) / (len(first) - 1), cached
 
 
+def _plain_seconds(student_dir: Path, train: str, seq_len: int, batch_size: int, steps: int):
+    """Seconds per step of the student's own forward + LM loss + backward + AdamW, with the
+    same parameters trainable, on the same batches (the first step excluded)."""
+    student, tok = load(str(student_dir), dtype="float32", device="cpu")
+    trainable = select_trainable_(student, train)
+    opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=1e-4)
+    seqs = list(data.token_sequences(tok, "builtin:calib", seq_len, seq_len * batch_size * steps))
+    trainable.train()
+    times = []
+    for b in data.batches(seqs, batch_size, data.pad_id_of(tok)):
+        t0 = time.perf_counter()
+        labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+        trainable(**b, labels=labels, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    return sum(times[1:]) / len(times[1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6)
@@ -100,20 +119,7 @@ def main() -> None:
             finally:
                 distill_module.shared_prefix = real
 
-        student, tok = load(str(student_dir), dtype="float32", device="cpu")
-        trainable = select_trainable_(student, a.train)
-        opt = torch.optim.AdamW([p for p in trainable.parameters() if p.requires_grad], lr=1e-4)
-        seqs = list(data.token_sequences(tok, "builtin:calib", a.seq_len, per_step * a.steps))
-        trainable.train()
-        times = []
-        for b in data.batches(seqs, a.batch_size, data.pad_id_of(tok)):
-            t0 = time.perf_counter()
-            labels = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
-            trainable(**b, labels=labels, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad()
-            times.append(time.perf_counter() - t0)
-        plain_s = sum(times[1:]) / len(times[1:])
+        plain_s = _plain_seconds(student_dir, a.train, a.seq_len, a.batch_size, a.steps)
     print(
         f"tokens per step: {per_step} (batch {a.batch_size} × seq {a.seq_len}), "
         f"--train {a.train}, --w-kl {a.w_kl}, {a.steps} steps, first excluded"

@@ -35,6 +35,40 @@ def _removals(sweeps: str, rep: str) -> list[dict]:
     return json.loads((Path(sweeps) / sub[rep] / "sweep.json").read_text())["rows"]
 
 
+def _build(model, tok, rep: str, ks: list[int], a: argparse.Namespace, out: Path) -> None:
+    """The ``rep`` checkpoints for every k not yet in ``out``: from a removal order
+    (``--removed`` or a sweep's), or by running the default greedy pruning to the largest k."""
+    todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
+    if todo and (a.sweeps or a.removed):
+        if a.removed:
+            order = [int(x) for x in a.removed.split(",")]
+            rows = [{"k": k, "removed": order[:k]} for k in ks]
+        else:
+            rows = _removals(a.sweeps, rep)
+        for r in rows:
+            if r["k"] in todo:
+                m = copy.deepcopy(model)
+                cfg = PruneConfig(
+                    strategy="layers",
+                    layers=r["removed"],
+                    replace=rep,
+                    tokens=512,
+                    calib="builtin:calib",
+                )
+                prune_model_(m, tok, cfg)
+                save(m, tok, out / f"{rep}-{r['k']}", {"removed": r["removed"], "replace": rep})
+    elif todo:
+        m = copy.deepcopy(model)
+        done: list[int] = []
+
+        def on_step(step: dict) -> None:
+            done.append(step["layer"])
+            if len(done) in todo:
+                save(m, tok, out / f"{rep}-{len(done)}", {"removed": list(done), "replace": rep})
+
+        prune_model_(m, tok, PruneConfig(remove=max(todo), replace=rep, tokens=a.tokens), on_step)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ks", default="4,8,12")
@@ -52,39 +86,7 @@ def main() -> None:
     model, tok = load(None, dtype="float32", device="cpu")
     dirs: list[tuple[str, str]] = []
     for rep in a.replace.split(","):
-        todo = [k for k in ks if not (out / f"{rep}-{k}" / "config.json").exists()]
-        if todo and (a.sweeps or a.removed):
-            if a.removed:
-                order = [int(x) for x in a.removed.split(",")]
-                rows = [{"k": k, "removed": order[:k]} for k in ks]
-            else:
-                rows = _removals(a.sweeps, rep)
-            for r in rows:
-                if r["k"] in todo:
-                    m = copy.deepcopy(model)
-                    cfg = PruneConfig(
-                        strategy="layers",
-                        layers=r["removed"],
-                        replace=rep,
-                        tokens=512,
-                        calib="builtin:calib",
-                    )
-                    prune_model_(m, tok, cfg)
-                    save(m, tok, out / f"{rep}-{r['k']}", {"removed": r["removed"], "replace": rep})
-        elif todo:
-            m = copy.deepcopy(model)
-            done: list[int] = []
-
-            def on_step(step: dict, m=m, rep=rep, done=done, todo=todo) -> None:
-                done.append(step["layer"])
-                if len(done) in todo:
-                    save(
-                        m, tok, out / f"{rep}-{len(done)}", {"removed": list(done), "replace": rep}
-                    )
-
-            prune_model_(
-                m, tok, PruneConfig(remove=max(todo), replace=rep, tokens=a.tokens), on_step
-            )
+        _build(model, tok, rep, ks, a, out)
         dirs += [(f"{rep} k={k}", str(out / f"{rep}-{k}")) for k in ks]
     quality = {}
     qpath = out / "quality.json"
