@@ -325,6 +325,8 @@ def _say_pruned(rep: dict, out: Path) -> None:
             f"; out of domain ({rep['ood_data']}) {rep['perplexity_before_ood']} -> "
             f"{rep['perplexity_after_ood']}"
         )
+    if rep.get("reconstructed"):
+        ood += f"; refit the MLP output projections of layers {rep['reconstructed']}"
     typer.echo(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
         f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{ood}; wrote {out}"

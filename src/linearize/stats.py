@@ -401,6 +401,48 @@ def fit_affine(
     return AffineMap(weight=weight, bias=my - mx @ weight)  # bias: (d_out,)
 
 
+class RegressionStats:
+    """XᵀX and XᵀY of rows x (N, d_in) → y (N, d_out), in float64: for least-squares refits
+    of a weight matrix whose input and output differ in size (an MLP's output projection).
+    With ``bias`` a column of ones is appended to x, so the last row of a fit is the bias."""
+
+    def __init__(self, bias: bool = False) -> None:
+        self.bias = bias
+        self.n = 0
+        self.xx: Tensor | None = None
+        self.xy: Tensor | None = None
+
+    def update(self, x: Tensor, y: Tensor) -> None:
+        if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"expected (N, d_in) and (N, d_out) rows, got {x.shape}, {y.shape}")
+        x, y = x.to(_F64), y.to(_F64)
+        if self.bias:
+            x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        if self.xx is None:
+            self.xx = x.new_zeros(x.shape[1], x.shape[1])
+            self.xy = x.new_zeros(x.shape[1], y.shape[1])
+        self.xx += gram(x)
+        self.xy += x.T @ y
+        self.n += x.shape[0]
+
+
+def fit_toward(stats: RegressionStats, prior: Tensor, ridge: float) -> Tensor:
+    """argmin_W ‖XW − Y‖² + λ‖W − W₀‖² with W₀ = ``prior`` (d_in(+1), d_out): a refit that
+    stays near the weights it starts from. λ = ridge · tr(XᵀX)/d_in, as in fit_affine; the
+    bias row (``stats.bias``) is not pulled."""
+    if stats.xx is None:
+        raise ValueError("no rows were accumulated")
+    xx, w0 = stats.xx, prior.to(_F64)
+    if math.isinf(ridge):
+        return w0.clone()
+    d = xx.shape[0] - int(stats.bias)
+    pull = torch.ones(xx.shape[0], dtype=_F64, device=xx.device)
+    if stats.bias:
+        pull[-1] = 0.0
+    lam = ridge * float(torch.trace(xx[:d, :d])) / d
+    return SymmetricPinv(xx + lam * torch.diag(pull)).solve(stats.xy + lam * pull[:, None] * w0)
+
+
 def relative_error(stats: PairStats, fit: AffineMap) -> float:
     """‖XW + b − Y‖²_F / ‖Y‖²_F of a map on the accumulated pairs, from the raw moments alone:
     the share of Y's energy (mean included) that the map gets wrong."""

@@ -66,18 +66,20 @@ def _calib_batches(tokenizer):
     return list(data.batches(seqs, KW["batch_size"], data.pad_id_of(tokenizer)))
 
 
-def test_original_and_local_agree_when_layers_are_exactly_linear(tokenizer):
+@pytest.mark.parametrize("layers", [[1, 3], [2, 3]])
+def test_original_and_local_agree_when_layers_are_exactly_linear(tokenizer, layers):
+    # named layers: greedy would pick among exact ties (every affine layer scores 1), by noise
     base = _linear_model()
-    logits, removed = [], []
+    logits = []
     for target in ("local", "original"):
         m = copy.deepcopy(base)
-        res = prune_model_(m, tokenizer, PruneConfig(2, fit_target=target, **KW))
-        removed.append(res.removed)
+        cfg = PruneConfig(2, strategy="layers", layers=layers, fit_target=target, **KW)
+        cfg.reconstruct = 0  # the affine stand-in layers have no MLP to refit
+        prune_model_(m, tokenizer, cfg)
         with torch.no_grad():
             logits.append(m(_ids()).logits)
     with torch.no_grad():
         reference = base(_ids()).logits
-    assert removed[0] == removed[1] and len(removed[0]) == 2
     assert (logits[0] - logits[1]).abs().max() <= 1e-6
     assert (logits[1] - reference).abs().max() <= 1e-6  # exact layers: nothing is lost
 
@@ -269,3 +271,21 @@ def test_bad_calibration_part_is_one_line_error():
     with pytest.raises(LinearizeError, match="empty part"):
         data.calib_parts("builtin:calib+")
     assert data.calib_parts("builtin:calib+self") == ["builtin:calib", "self"]
+
+
+def test_rescoring_on_fewer_tokens_keeps_every_fit_on_all_of_them(tokenizer):
+    # seed 2: a model on which the first batch alone ranks the layers as every token does
+    base = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=2)
+    runs = []
+    for rescore in (0, 300):  # 0: every token re-scores; 300: the first batch only
+        m = copy.deepcopy(base)
+        cfg = PruneConfig(3, fit_target="original", rescore_tokens=rescore, **KW)
+        runs.append((m, prune_model_(m, tokenizer, cfg)))
+    (full, r_full), (few, r_few) = runs
+    assert r_few.calibration_passes < r_full.calibration_passes
+    assert r_few.steps[0]["score"] == r_full.steps[0]["score"]  # the first pass sees every token
+    assert r_few.steps[1]["score"] != pytest.approx(r_full.steps[1]["score"], abs=1e-12)
+    # the same removals in the same order: then the maps, fitted on every token, are the same
+    assert r_few.removed == r_full.removed
+    for p_few, p_full in zip(few.parameters(), full.parameters(), strict=True):
+        assert (p_few - p_full).abs().max() <= 1e-9

@@ -4,7 +4,9 @@ Strategies (``--strategy``), each faithful to where it comes from:
 
 - ``linear-greedy`` (Razzhigaev et al., the paper): k times, score every remaining layer on
   the calibration tokens through the current, already pruned and patched model, remove the
-  best one, fit its replacement there;
+  best one, fit its replacement there (the first pass and every fit see all ``--tokens``; the
+  re-scoring after each cut sees the first ``--rescore-tokens`` of them, and starts at the
+  cut, since nothing upstream changed);
 - ``linear-oneshot``: rank once on the original model;
 - ``block-influence`` (ShortGPT, Men et al. 2024): the k layers with the lowest 1 − cos;
 - ``angular-block`` (Gromov et al. 2024 / PruneMe): the contiguous block of k layers with the
@@ -21,6 +23,10 @@ puts one affine map (least squares on raw states, float64 normal equations, opti
 where each run of removed layers was; ``fold`` multiplies that map into the MLP output
 projection of the layer before the run, leaving a stock checkpoint.
 
+After the cuts, ``--reconstruct N`` (default 2; ``linear`` and ``fold``) refits the MLP output
+projection of the first N kept layers after each cut, by closed-form least squares, to the original model's state
+after the same layer: the layers downstream of a map take up what it could not express.
+
 Non-greedy strategies choose the whole set first, then replace each contiguous run with one
 fit, in ascending order, so every fit sees the model as upstream cuts left it. Every layer
 index a user sees is 0-based in the original model's numbering.
@@ -28,8 +34,10 @@ index a user sees is 0-based in the original model's numbering.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -47,22 +55,31 @@ from linearize.capture import (
     block_distances,
     check_finite,
     collect_stats,
-    fold_stats,
     span_stats,
 )
 from linearize.errors import LinearizeError
 from linearize.eval.perplexity import batch_nll, perplexity
 from linearize.report import render
 from linearize.selfgen import calibration_sequences
-from linearize.stats import PRIORS, AffineMap, PairStats, fit_affine, relative_error
+from linearize.stats import (
+    PRIORS,
+    AffineMap,
+    PairStats,
+    RegressionStats,
+    fit_affine,
+    fit_toward,
+    relative_error,
+)
 from linearize.surgery.replace import (
     bridge_positions,
+    fit_into_,
     fold_span_,
     proj_has_bias,
     replace_span_,
     save,
     set_bridge_,
     set_span_map_,
+    weight_rows,
 )
 from linearize.surgery.restart import BoundaryStore, run_from
 
@@ -150,6 +167,20 @@ class PruneConfig:
         True, "greedy: re-run only the layers after each cut (--no-restart: full passes)"
     )
     cache_gb: float = option(4.0, "RAM for stored calibration states (the rest spills to disk)")
+    reconstruct: int = option(
+        2,
+        "linear, fold: refit the MLP output projection of the first N kept layers after each "
+        "cut to the original model's state there (closed-form least squares, no training; 0: "
+        "off; --replace none drops layers and refits nothing)",
+    )
+    reconstruct_ridge: float = option(
+        0.1, "--reconstruct: ridge pulling each refit toward its weights, relative to tr(XᵀX)/d"
+    )
+    rescore_tokens: int = option(
+        8192,
+        "linear-greedy: calibration tokens that re-score the layers after each cut (the first "
+        "pass and every fit use all --tokens; 0: all)",
+    )
 
     def check(self, n: int, hf_config=None) -> int:
         """Validate against a model of ``n`` layers (and its config, for ``fold``); returns k.
@@ -183,7 +214,16 @@ class PruneConfig:
                 raise LinearizeError("--replace fold cannot remove layer 0: no MLP comes before it")
         if self.ppl_tokens < 1:
             raise LinearizeError(f"ppl_tokens must be at least 1, got {self.ppl_tokens}")
+        if self.reconstruct < 0 or self.reconstruct_ridge < 0:
+            raise LinearizeError("--reconstruct and --reconstruct-ridge must be at least 0")
+        if self.rescore_tokens < 0:
+            raise LinearizeError(f"--rescore-tokens must be at least 0, got {self.rescore_tokens}")
         return k
+
+    @property
+    def refits(self) -> int:
+        """Layers refit after each cut: ``reconstruct``, except that ``none`` only drops."""
+        return 0 if self.replace == "none" else self.reconstruct
 
     @property
     def target(self) -> str:
@@ -206,6 +246,8 @@ class PruneResult:
     calibration_passes: float = 0.0  # layer forwards spent ÷ one full pass of the original
     state_cache_mb: float = 0.0  # peak RAM of the stored boundary states
     state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget)
+    reconstructed: list[int] = field(default_factory=list)  # layers whose projection was refit
+    reconstruct_s: float = 0.0  # time of those refits (in elapsed_s)
     first_pass_s: float | None = None  # greedy: time of the first, full scoring pass
     elapsed_s: float = 0.0
     # every layer's criterion (and scores, where measured) before the first cut: the page's curve
@@ -289,6 +331,8 @@ class _Pruner:
                 few.append(s[: c.ppl_tokens - used])
                 used += len(few[-1])
             self.ppl_batches = list(data.batches(few, c.batch_size, pad))
+        self.n_rescore = _prefix_batches(self.batches, c.rescore_tokens)
+        self.rescored: dict[int, PairStats] | None = None  # first pass, re-scoring tokens only
         self.alive = list(range(n))  # alive[p] = original index of the layer now at position p
         self.result = PruneResult(CHOSEN_BY.get(c.strategy, c.score), [])
         self.store = BoundaryStore(int(c.cache_gb * (1 << 30)))
@@ -319,13 +363,15 @@ class _Pruner:
 
         return on_boundary
 
-    def _run(self, start: int, stop: int, before_batch=None) -> None:
-        """Layers [start, stop) on every batch from the stored state at ``start``; records the
-        boundaries start..stop and marks them current."""
+    def _run(self, start: int, stop: int, before_batch=None, first: int | None = None) -> None:
+        """Layers [start, stop) on every batch (or the ``first`` few) from the stored state at
+        ``start``; records the boundaries start..stop, and marks them current when every batch
+        ran."""
         state = None if start == 0 else (lambda b: self.store.get(self._key(start) + (b,)))
+        batches = self.batches if first is None else self.batches[:first]
         run_from(
             self.model,
-            self.pass_over(self.batches, stop - start),
+            self.pass_over(batches, stop - start),
             start,
             stop,
             state,
@@ -334,7 +380,8 @@ class _Pruner:
             before_batch,
         )
         self.recorded = True
-        self.valid = max(self.valid, stop)
+        if len(batches) == len(self.batches):
+            self.valid = max(self.valid, stop)
 
     def ensure_valid(self, p: int) -> None:
         """Make the stored stream entering position ``p`` current (runs only what is stale)."""
@@ -343,8 +390,9 @@ class _Pruner:
         if p > self.valid:
             self._run(self.valid, p)
 
-    def score_from(self, p: int) -> dict[int, PairStats]:
-        """Statistics of every layer from position ``p`` on, recording the boundaries."""
+    def score_from(self, p: int, first: int | None = None) -> dict[int, PairStats]:
+        """Statistics of every layer from position ``p`` on (over all batches, or the ``first``
+        few), recording the boundaries."""
         _, layers = arch.get_layers(self.model)
         n = len(layers)
         if p >= n:
@@ -352,8 +400,15 @@ class _Pruner:
         if p > 0:
             self.ensure_valid(p)
         cap = LayerCapture(layers, range(p, n), stop_at_last=False)
+
+        def before_batch(b: int, batch: dict[str, Tensor]) -> None:
+            cap.begin_batch(batch["attention_mask"])
+            if b == self.n_rescore and first is None:  # what the re-scoring tokens alone give
+                self.rescored = copy.deepcopy(cap.stats)
+
+        self.rescored = None
         with cap:
-            self._run(p, n, before_batch=lambda b, batch: cap.begin_batch(batch["attention_mask"]))
+            self._run(p, n, before_batch=before_batch, first=first)
         check_finite(cap.stats, self.model)
         return cap.stats
 
@@ -386,12 +441,14 @@ class _Pruner:
             lambda b: self.store.get(xk + (b,)), lambda b: self.store.get(yk + (b,))
         )
 
-    def _original_fold_stats(self, start: int, end: int) -> PairStats:
-        """Folding into layer start−1's MLP output m: x = m, y = Y_orig − h + m, with h that
-        layer's output in the pruned model and Y_orig as in _original_linear_stats."""
+    def _fold_stats(self, start: int, end: int, original: bool) -> PairStats:
+        """Pairs for folding the run [start, end) into layer start−1's MLP output m: x = m,
+        y = Y − h + m, with h that layer's output in the pruned model and Y the stream the
+        fold must produce: the run's own output (local, capture.fold_stats's pairs) or the
+        original's state where the run ends. Runs from the stored state entering start−1."""
         self.ensure_valid(start - 1)
         proj = arch.mlp_out_proj(self.model, start - 1)
-        yk = ("o", self._target(end))
+        yk, stop = ("o", self._target(end)), start if original else end
         stats, held = PairStats(), {}
 
         def keep(m, args, kwargs, out):
@@ -399,16 +456,18 @@ class _Pruner:
 
         def on_boundary(b: int, j: int, h: Tensor) -> None:
             if j == start:
-                m = held.pop("m").reshape(h.shape)  # OPT's fc2 works on (B*T, d) rows
-                y = self.store.get(yk + (b,)).to(h) - h + m
+                held["h"], held["m"] = h, held["m"].reshape(h.shape)  # OPT's fc2: (B*T, d) rows
+            if j == stop:
+                h0, m = held.pop("h"), held.pop("m")
+                y = (self.store.get(yk + (b,)).to(h) if original else h) - h0 + m
                 stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
 
         key = self._key(start - 1)
         run_from(
             self.model,
-            self.pass_over(self.batches, 1),
+            self.pass_over(self.batches, stop - start + 1),
             start - 1,
-            start,
+            stop,
             lambda b: self.store.get(key + (b,)),
             on_boundary,
             lambda running: [(proj, keep)],
@@ -436,10 +495,7 @@ class _Pruner:
             fit_error = relative_error(stats, fit)
             replace_span_(model, start, end, fit)
         elif c.replace == "fold":
-            if original:
-                fs = self._original_fold_stats(start, end)
-            else:
-                fs = fold_stats(model, self.pass_over(self.batches), start, end)
+            fs = self._fold_stats(start, end, original)
             proj = arch.mlp_out_proj(model, start - 1)
             fit = self._fit(fs, bias=proj_has_bias(proj))
             fit_error = relative_error(fs, fit)
@@ -472,6 +528,65 @@ class _Pruner:
             set_bridge_(self.model, p, self._fit(self._original_linear_stats(p, p)))
             self._changed(p)
 
+    def reconstruct(self) -> None:
+        """Refit the MLP output projection W of the first ``c.reconstruct`` kept layers after
+        every cut, in order:
+        W = argmin ‖G W − (Y_orig − h + m)‖² + λ‖W − W₀‖², with G the projection's input and m
+        its output in the pruned model, h the layer's output and Y_orig the original model's
+        state that h stands for (before a bridge, the state the bridge was fitted from).
+        A linear problem, because the projection is the last thing the layer adds to the
+        stream: each refit takes up what the map before it could not express, as a function of
+        the layer's own MLP features."""
+        try:  # the projection a fold needs, for the same reason
+            arch.check_foldable(self.model.config)
+        except LinearizeError:
+            warnings.warn(
+                f"--reconstruct skipped: '{self.model.config.model_type}' has no MLP output "
+                "projection added straight to the residual stream",
+                stacklevel=2,
+            )
+            return
+        n = len(self.alive)
+        cuts = [p for p in range(n) if self.alive[p] != (self.alive[p - 1] + 1 if p else 0)]
+        # not the layer before a cut: fitting a fold's projection to the original's state lost
+        # out of domain on SmolLM2 (2.64× against 2.57× at k = 8), as --fit-target original did
+        todo = {q for p in cuts for q in range(p, min(p + self.c.refits, n))}
+        for q in sorted(todo):
+            proj = arch.mlp_out_proj(self.model, q)
+            stats = self._projection_stats(q, proj)
+            fit_into_(proj, fit_toward(stats, weight_rows(proj), self.c.reconstruct_ridge))
+            self._changed(q)
+            self.result.reconstructed.append(self.alive[q])
+
+    def _projection_stats(self, q: int, proj: nn.Module) -> RegressionStats:
+        """Rows (G, Y_orig − h + m) of layer q's MLP output projection on every batch."""
+        self.ensure_valid(q)
+        bridged = q + 1 in bridge_positions(self.model)  # a map after q: match its input
+        yk = ("o", self.alive[q] + 1 if bridged else self._target(q + 1))
+        key = self._key(q)
+        stats, held = RegressionStats(bias=proj_has_bias(proj)), {}
+
+        def keep(m, args, kwargs, out):
+            held["g"], held["m"] = args[0] if args else kwargs["input"], out
+
+        def on_boundary(b: int, j: int, h: Tensor) -> None:
+            if j == q + 1:
+                g, m = held.pop("g"), held.pop("m").reshape(h.shape)
+                y = self.store.get(yk + (b,)).to(h) - h + m
+                g = g.reshape(*h.shape[:-1], g.shape[-1])
+                stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
+
+        run_from(
+            self.model,
+            self.pass_over(self.batches, 1),
+            q,
+            q + 1,
+            lambda b: self.store.get(key + (b,)),
+            on_boundary,
+            lambda running: [(proj, keep)],
+        )
+        return stats
+
     # -- strategies ---------------------------------------------------------------------------
     def greedy_linear(self) -> None:
         t0 = time.perf_counter()
@@ -486,13 +601,19 @@ class _Pruner:
             if step == 0:
                 self._keep_initial(stats, scored)
             best = max(scored, key=scored.get)
+            every_batch = step == 0 or self.n_rescore == len(self.batches)
             changed = self.remove_run(
-                best, best + 1, _natural(self.c.score, scored[best]), stats[best]
+                best,
+                best + 1,
+                _natural(self.c.score, scored[best]),
+                stats[best] if every_batch else None,  # a fit sees every calibration token
             )
             if step + 1 < self.k:
+                if step == 0 and self.rescored is not None:
+                    stats = self.rescored  # later steps compare scores over the same tokens
                 restart = changed if self.c.restart else 0
                 kept = {p: s for p, s in stats.items() if p < restart}
-                stats = kept | self.score_from(restart)
+                stats = kept | self.score_from(restart, first=self.n_rescore)
 
     def _keep_initial(self, stats: dict[int, PairStats], scored: dict[int, float]) -> None:
         """Record the criterion of every layer before the first cut (positions are original
@@ -547,6 +668,11 @@ class _Pruner:
     def run(self) -> PruneResult:
         start = self.t0 = time.perf_counter()
         try:
+            scores_first = self.c.strategy == "linear-greedy" or (
+                self.c.strategy == "linear-oneshot" and self.c.target == "original"
+            )
+            if self.c.refits and not scores_first:
+                self.ensure_valid(0)  # the original model's states, before anything is cut
             if self.c.strategy == "linear-greedy":
                 self.greedy_linear()
             elif self.c.strategy == "ppl-greedy":
@@ -558,6 +684,10 @@ class _Pruner:
                     self.remove_run(p, p + (hi - lo), chosen[lo])
             if self.c.refit and self.c.replace == "linear" and self.c.target == "original":
                 self.refit()
+            if self.c.refits:
+                t0 = time.perf_counter()
+                self.reconstruct()
+                self.result.reconstruct_s = round(time.perf_counter() - t0, 2)
         finally:
             self.result.state_cache_mb = round(self.store.peak_ram / 2**20, 1)
             self.result.state_spilled_mb = round(self.store.spilled / 2**20, 1)
@@ -567,6 +697,18 @@ class _Pruner:
         )
         self.result.elapsed_s = round(time.perf_counter() - start, 2)
         return self.result
+
+
+def _prefix_batches(batches: list[dict[str, Tensor]], tokens: int) -> int:
+    """How many leading batches hold at least ``tokens`` real tokens (all of them for 0)."""
+    if tokens <= 0:
+        return len(batches)
+    seen = 0
+    for i, b in enumerate(batches):
+        seen += int(b["attention_mask"].sum())
+        if seen >= tokens:
+            return i + 1
+    return len(batches)
 
 
 @torch.no_grad()

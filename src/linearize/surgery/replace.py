@@ -140,6 +140,26 @@ def fold_into_(proj: nn.Module, fit: AffineMap) -> None:
         proj.bias.copy_((b.double() @ t.to(torch.float64) + c.to(torch.float64)).to(b.dtype))
 
 
+def weight_rows(proj: nn.Module) -> Tensor:
+    """A projection's weights as rows W (d_in, d_out) of o = x W, with the bias as one more
+    row where it has one: the layout fit_toward solves for."""
+    w = proj.weight.detach()
+    w = w.T if isinstance(proj, nn.Linear) else w  # Conv1D already stores (d_in, d_out)
+    if proj_has_bias(proj):
+        w = torch.cat([w, proj.bias.detach()[None]], dim=0)
+    return w.double()
+
+
+@torch.no_grad()
+def fit_into_(proj: nn.Module, rows: Tensor) -> None:
+    """Make ``proj`` compute x ↦ x W (+ b) for ``rows`` laid out as weight_rows gives them."""
+    d_in = proj.weight.shape[1] if isinstance(proj, nn.Linear) else proj.weight.shape[0]
+    w, b = rows[:d_in], rows[d_in:]
+    proj.weight.copy_((w.T if isinstance(proj, nn.Linear) else w).to(proj.weight.dtype))
+    if proj_has_bias(proj):
+        proj.bias.copy_(b[0].to(proj.bias.dtype))
+
+
 def fold_span_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
     """Fold ``fit`` (fitted by capture.fold_stats) into layer start−1's MLP output projection
     and remove layers [start, end). A bridge at ``end`` stays where it is: it acts on the

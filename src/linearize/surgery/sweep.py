@@ -148,7 +148,9 @@ def _grid(
 
 def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add) -> None:
     """One strategy × replacement at every count in ``todo``: a greedy run once up to the
-    largest count, any other strategy once per count, each on a fresh copy of ``lm``."""
+    largest count, any other strategy once per count, each on a fresh copy of ``lm``. With
+    ``--reconstruct`` a greedy run is read at its end only (the refits come after the last
+    cut), so it runs once per count too."""
     if cfg.replace == "fold":
         try:
             arch.check_foldable(hf_config)
@@ -156,7 +158,7 @@ def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add) -> No
             for k in todo:
                 add(_na(cfg.strategy, cfg.replace, k, str(e)))
             return
-    if cfg.strategy in SEQUENTIAL:
+    if cfg.strategy in SEQUENTIAL and not cfg.refits:
         _run_sequential(lm, tok, replace(cfg, remove=max(todo)), todo, ppl, add)
         return
     for k in todo:
