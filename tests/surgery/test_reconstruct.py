@@ -50,6 +50,7 @@ def test_fit_toward_moves_monotonically_from_least_squares_to_the_prior():
     [
         ("llama", "linear", [2, 3]),
         ("llama", "fold", [1, 3]),
+        ("llama", "none", [2]),  # with --reconstruct: a stock checkpoint, no map
         ("gpt2", "linear", [1, 2]),  # Conv1D projection with a bias
         ("opt", "linear", [2]),  # fc2 on (B*T, d) rows
     ],
@@ -75,10 +76,12 @@ def test_reconstruct_brings_the_pruned_model_closer_to_the_original(
     assert set(results[2].reconstructed) >= set(after) and results[2].reconstructed
 
 
-def test_dropping_layers_refits_nothing(tokenizer):
-    m = make_tiny("llama", torch.float64, num_hidden_layers=5, seed=3)
-    res = prune_model_(m, tokenizer, PruneConfig(2, replace="none", reconstruct=2, **KW))
-    assert res.reconstructed == [] and len(res.removed) == 2
+def test_dropping_layers_refits_only_when_asked(tokenizer):
+    base = make_tiny("llama", torch.float64, num_hidden_layers=5, seed=3)
+    cfg = PruneConfig(2, strategy="layers", layers=[2, 3], replace="none", **KW)
+    assert prune_model_(copy.deepcopy(base), tokenizer, cfg).reconstructed == []  # a baseline
+    cfg.reconstruct = 1
+    assert prune_model_(copy.deepcopy(base), tokenizer, cfg).reconstructed == [4]
 
 
 def test_reconstruct_is_skipped_with_a_warning_where_no_projection_can_take_it(tokenizer):

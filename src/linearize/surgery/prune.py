@@ -23,8 +23,8 @@ puts one affine map (least squares on raw states, float64 normal equations, opti
 where each run of removed layers was; ``fold`` multiplies that map into the MLP output
 projection of the layer before the run, leaving a stock checkpoint.
 
-After the cuts, ``--reconstruct N`` (default 2; ``linear`` and ``fold``) refits the MLP output
-projection of the first N kept layers after each cut, by closed-form least squares, to the original model's state
+After the cuts, ``--reconstruct N`` (default 2 for ``linear`` and ``fold``, 0 for ``none``)
+refits the MLP output projection of the first N kept layers after each cut, by closed-form least squares, to the original model's state
 after the same layer: the layers downstream of a map take up what it could not express.
 
 Non-greedy strategies choose the whole set first, then replace each contiguous run with one
@@ -167,11 +167,11 @@ class PruneConfig:
         True, "greedy: re-run only the layers after each cut (--no-restart: full passes)"
     )
     cache_gb: float = option(4.0, "RAM for stored calibration states (the rest spills to disk)")
-    reconstruct: int = option(
-        2,
-        "linear, fold: refit the MLP output projection of the first N kept layers after each "
-        "cut to the original model's state there (closed-form least squares, no training; 0: "
-        "off; --replace none drops layers and refits nothing)",
+    reconstruct: int | None = option(
+        None,
+        "refit the MLP output projection of the first N kept layers after each cut to the "
+        "original model's state there (closed-form least squares, no training; default: 2 for "
+        "linear and fold, 0 for none, which then only drops layers)",
     )
     reconstruct_ridge: float = option(
         0.1, "--reconstruct: ridge pulling each refit toward its weights, relative to tr(XᵀX)/d"
@@ -214,7 +214,7 @@ class PruneConfig:
                 raise LinearizeError("--replace fold cannot remove layer 0: no MLP comes before it")
         if self.ppl_tokens < 1:
             raise LinearizeError(f"ppl_tokens must be at least 1, got {self.ppl_tokens}")
-        if self.reconstruct < 0 or self.reconstruct_ridge < 0:
+        if (self.reconstruct or 0) < 0 or self.reconstruct_ridge < 0:
             raise LinearizeError("--reconstruct and --reconstruct-ridge must be at least 0")
         if self.rescore_tokens < 0:
             raise LinearizeError(f"--rescore-tokens must be at least 0, got {self.rescore_tokens}")
@@ -222,8 +222,11 @@ class PruneConfig:
 
     @property
     def refits(self) -> int:
-        """Layers refit after each cut: ``reconstruct``, except that ``none`` only drops."""
-        return 0 if self.replace == "none" else self.reconstruct
+        """Layers refit after each cut: ``reconstruct``, by default 2 with a map or a fold
+        and 0 for ``none``, so that plain dropping stays the baseline it is named for."""
+        if self.reconstruct is None:
+            return 0 if self.replace == "none" else 2
+        return self.reconstruct
 
     @property
     def target(self) -> str:
@@ -311,7 +314,7 @@ class _Pruner:
         self.n_orig = n
         self.k = c.check(n, model.config)
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
-        needed = not (c.strategy == "layers" and c.replace == "none")
+        needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
         seqs = (
             calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens) if needed else []
         )
