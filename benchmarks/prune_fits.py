@@ -20,7 +20,8 @@ from linearize import load
 from linearize.eval.perplexity import perplexity
 from linearize.surgery.prune import PruneConfig, prune_model_
 
-CUT = dict(strategy="layers", layers=list(range(12, 20)), fit_target="original")
+# the map alone (reconstruct 0), unless a variant asks for the refits after it
+CUT = dict(strategy="layers", layers=list(range(12, 20)), fit_target="original", reconstruct=0)
 VARIANTS = {
     "pydoc": {"calib": "builtin:calib"},
     "pydoc, identity ridge 1e-4": {"calib": "builtin:calib", "prior": "identity", "ridge": 1e-4},
@@ -30,6 +31,15 @@ VARIANTS = {
     "self only": {"calib": "self"},
     "pydoc + self": {"calib": "builtin:calib+self"},
     "fortunes:calib (oracle, not a method)": {"calib": "fortunes:calib"},
+    "pydoc + self, reconstruct 2 (ridge 0.1)": {"calib": "builtin:calib+self", "reconstruct": 2},
+    **{
+        f"pydoc + self, reconstruct {n} (ridge {r})": {
+            "calib": "builtin:calib+self",
+            "reconstruct": n,
+            "reconstruct_ridge": r,
+        }
+        for n, r in ((1, 0.1), (3, 0.1), (4, 0.1), (2, 0.0), (2, 0.01), (2, 1.0))
+    },
 }
 EVALS = ("builtin:eval", "fortunes:eval", "fortunes")
 
@@ -49,7 +59,7 @@ def main() -> None:
             continue
         m = copy.deepcopy(model)
         start = time.perf_counter()
-        prune_model_(m, tok, PruneConfig(tokens=a.tokens, **CUT, **over))
+        prune_model_(m, tok, PruneConfig(tokens=a.tokens, **{**CUT, **over}))
         took = time.perf_counter() - start
         ratios = [perplexity(m, tok, e, 512, a.eval_tokens, 8) / b for e, b in zip(EVALS, base)]
         print(

@@ -23,7 +23,9 @@ from linearize.surgery.sweep import sweep
 
 # name → (replacement, PruneConfig overrides)
 MIX = {"calib": "builtin:calib+self"}
-PAPER = {"calib": "builtin:calib", "fit_target": "local"}  # explicit: the defaults changed
+# explicit: the defaults changed (fit target, text, refits after the cuts, re-scoring tokens)
+PAPER = {"calib": "builtin:calib", "fit_target": "local", "reconstruct": 0, "rescore_tokens": 0}
+REFIT = {"reconstruct": 2}  # the MLP output projections of the 2 kept layers after each cut
 VARIANTS: dict[str, tuple[str, dict]] = {
     "none": ("none", {}),
     "paper (local fit)": ("linear", {}),
@@ -39,6 +41,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "fold (local fit)": ("fold", {}),
     "fold original, calib + self": ("fold", {"fit_target": "original", **MIX}),
     "fold local, calib + self": ("fold", MIX),
+    "original, calib + self, reconstruct 2": ("linear", {"fit_target": "original", **MIX, **REFIT}),
+    "fold local, calib + self, reconstruct 2": ("fold", {**MIX, **REFIT}),
+    "none, calib + self, reconstruct 2": ("none", {**MIX, **REFIT}),
 }
 
 
