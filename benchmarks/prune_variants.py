@@ -101,6 +101,10 @@ def main() -> None:
             }
             table.append(line)
             print(json.dumps(line), flush=True)
+    _print_table(table)
+
+
+def _print_table(table: list[dict]) -> None:
     print(
         "\n| variant | k | × original, in-domain | × original, out of domain | time (s) | removed |"
     )
