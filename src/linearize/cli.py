@@ -319,17 +319,17 @@ def prune(
 
 
 def _say_pruned(rep: dict, out: Path) -> None:
-    ood = ""
+    more = ""
     if rep.get("perplexity_before_ood"):
-        ood = (
+        more = (
             f"; out of domain ({rep['ood_data']}) {rep['perplexity_before_ood']} -> "
             f"{rep['perplexity_after_ood']}"
         )
     if rep.get("reconstructed"):
-        ood += f"; refit the MLP output projections of layers {rep['reconstructed']}"
+        more += f"; refit the MLP output projections of layers {rep['reconstructed']}"
     typer.echo(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
-        f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{ood}; wrote {out}"
+        f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{more}; wrote {out}"
     )
 
 

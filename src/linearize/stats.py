@@ -408,7 +408,6 @@ class RegressionStats:
 
     def __init__(self, bias: bool = False) -> None:
         self.bias = bias
-        self.n = 0
         self.xx: Tensor | None = None
         self.xy: Tensor | None = None
 
@@ -423,7 +422,6 @@ class RegressionStats:
             self.xy = x.new_zeros(x.shape[1], y.shape[1])
         self.xx += gram(x)
         self.xy += x.T @ y
-        self.n += x.shape[0]
 
 
 def fit_toward(stats: RegressionStats, prior: Tensor, ridge: float) -> Tensor:

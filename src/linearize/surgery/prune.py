@@ -24,8 +24,9 @@ where each run of removed layers was; ``fold`` multiplies that map into the MLP 
 projection of the layer before the run, leaving a stock checkpoint.
 
 After the cuts, ``--reconstruct N`` (default 2 for ``linear`` and ``fold``, 0 for ``none``)
-refits the MLP output projection of the first N kept layers after each cut, by closed-form least squares, to the original model's state
-after the same layer: the layers downstream of a map take up what it could not express.
+refits the MLP output projection of the first N kept layers after each cut, by closed-form
+least squares, to the original model's state after the same layer: the layers downstream of a
+map take up what it could not express.
 
 Non-greedy strategies choose the whole set first, then replace each contiguous run with one
 fit, in ascending order, so every fit sees the model as upstream cuts left it. Every layer
@@ -444,37 +445,47 @@ class _Pruner:
             lambda b: self.store.get(xk + (b,)), lambda b: self.store.get(yk + (b,))
         )
 
-    def _fold_stats(self, start: int, end: int, original: bool) -> PairStats:
-        """Pairs for folding the run [start, end) into layer start−1's MLP output m: x = m,
-        y = Y − h + m, with h that layer's output in the pruned model and Y the stream the
-        fold must produce: the run's own output (local, capture.fold_stats's pairs) or the
-        original's state where the run ends. Runs from the stored state entering start−1."""
-        self.ensure_valid(start - 1)
-        proj = arch.mlp_out_proj(self.model, start - 1)
-        yk, stop = ("o", self._target(end)), start if original else end
-        stats, held = PairStats(), {}
+    def _projection_pass(self, q: int, stop: int, use: Callable[..., None]) -> None:
+        """Layers [q, stop) on every batch from the stored state entering position q, with
+        ``use(b, g, m, h, h_stop)`` per batch: g and m the input and output of layer q's MLP
+        output projection (in h's shape), h layer q's output, h_stop the stream at ``stop``.
+        The rows the fold fits and the refits are made of."""
+        self.ensure_valid(q)
+        proj, held = arch.mlp_out_proj(self.model, q), {}
 
         def keep(m, args, kwargs, out):
-            held["m"] = out
+            held["g"], held["m"] = args[0] if args else kwargs["input"], out
 
         def on_boundary(b: int, j: int, h: Tensor) -> None:
-            if j == start:
-                held["h"], held["m"] = h, held["m"].reshape(h.shape)  # OPT's fc2: (B*T, d) rows
+            if j == q + 1:  # OPT's fc2 works on (B*T, ·) rows
+                held["h"], held["m"] = h, held["m"].reshape(h.shape)
+                held["g"] = held["g"].reshape(*h.shape[:-1], held["g"].shape[-1])
             if j == stop:
-                h0, m = held.pop("h"), held.pop("m")
-                y = (self.store.get(yk + (b,)).to(h) if original else h) - h0 + m
-                stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
+                use(b, held.pop("g"), held.pop("m"), held.pop("h"), h)
 
-        key = self._key(start - 1)
+        key = self._key(q)
         run_from(
             self.model,
-            self.pass_over(self.batches, stop - start + 1),
-            start - 1,
+            self.pass_over(self.batches, stop - q),
+            q,
             stop,
             lambda b: self.store.get(key + (b,)),
             on_boundary,
             lambda running: [(proj, keep)],
         )
+
+    def _fold_stats(self, start: int, end: int, original: bool) -> PairStats:
+        """Pairs for folding the run [start, end) into layer start−1's MLP output m: x = m,
+        y = Y − h + m, with h that layer's output in the pruned model and Y the stream the
+        fold must produce: the run's own output (local, capture.fold_stats's pairs) or the
+        original's state where the run ends."""
+        yk, stats = ("o", self._target(end)), PairStats()
+
+        def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor) -> None:
+            y = (self.store.get(yk + (b,)).to(h) if original else h_stop) - h + m
+            stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
+
+        self._projection_pass(start - 1, start if original else end, use)
         return stats
 
     # -- removal ------------------------------------------------------------------------------
@@ -484,6 +495,8 @@ class _Pruner:
         """Remove positions [start, end) with the configured replacement; returns the first
         position whose input changed (where the next pass must start)."""
         c, model = self.c, self.model
+        if c.refits:
+            self.ensure_valid(0)  # the refits need the original's states: record them uncut
         original = c.target == "original"
         fit_error, changed = None, start
         if c.replace == "linear" and original:
@@ -563,31 +576,15 @@ class _Pruner:
 
     def _projection_stats(self, q: int, proj: nn.Module) -> RegressionStats:
         """Rows (G, Y_orig − h + m) of layer q's MLP output projection on every batch."""
-        self.ensure_valid(q)
         bridged = q + 1 in bridge_positions(self.model)  # a map after q: match its input
         yk = ("o", self.alive[q] + 1 if bridged else self._target(q + 1))
-        key = self._key(q)
-        stats, held = RegressionStats(bias=proj_has_bias(proj)), {}
+        stats = RegressionStats(bias=proj_has_bias(proj))
 
-        def keep(m, args, kwargs, out):
-            held["g"], held["m"] = args[0] if args else kwargs["input"], out
+        def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor) -> None:
+            y = self.store.get(yk + (b,)).to(h) - h + m
+            stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
 
-        def on_boundary(b: int, j: int, h: Tensor) -> None:
-            if j == q + 1:
-                g, m = held.pop("g"), held.pop("m").reshape(h.shape)
-                y = self.store.get(yk + (b,)).to(h) - h + m
-                g = g.reshape(*h.shape[:-1], g.shape[-1])
-                stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
-
-        run_from(
-            self.model,
-            self.pass_over(self.batches, 1),
-            q,
-            q + 1,
-            lambda b: self.store.get(key + (b,)),
-            on_boundary,
-            lambda running: [(proj, keep)],
-        )
+        self._projection_pass(q, q + 1, use)
         return stats
 
     # -- strategies ---------------------------------------------------------------------------
@@ -671,11 +668,6 @@ class _Pruner:
     def run(self) -> PruneResult:
         start = self.t0 = time.perf_counter()
         try:
-            scores_first = self.c.strategy == "linear-greedy" or (
-                self.c.strategy == "linear-oneshot" and self.c.target == "original"
-            )
-            if self.c.refits and not scores_first:
-                self.ensure_valid(0)  # the original model's states, before anything is cut
             if self.c.strategy == "linear-greedy":
                 self.greedy_linear()
             elif self.c.strategy == "ppl-greedy":
