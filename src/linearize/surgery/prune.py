@@ -151,7 +151,11 @@ class PruneConfig:
         "calibration sources joined by '+'; 'self' is text sampled from the model itself "
         "(generated once, cached)",
     )
-    tokens: int = option(32768, "calibration tokens")
+    tokens: int = option(
+        131072,
+        "calibration tokens (half of them sampled from the model with the default --calib: "
+        "more text is what made the fits hold on other text; see the README)",
+    )
     seq_len: int = option(512, "tokens per calibration sequence")
     batch_size: int = option(8, "sequences per forward pass")
     ridge: float = option(0.0, "ridge for the linear fits, relative to tr(XᵀX)/d")
