@@ -16,19 +16,14 @@ from __future__ import annotations
 import argparse
 import math
 
-import torch
-
 from linearize import data, load
-from linearize.eval.perplexity import batch_nll
+from linearize.capture import eval_mode
+from linearize.eval.perplexity import pooled_nll
 
 
-@torch.no_grad()
 def perplexity_of(model, seqs: list[list[int]], pad_id: int) -> float:
-    nll, count = 0.0, 0
-    model.eval()
-    for b in data.batches(seqs, 8, pad_id):
-        s, n = batch_nll(model, b)
-        nll, count = nll + s, count + n
+    with eval_mode(model):
+        nll, count = pooled_nll(model, data.batches(seqs, 8, pad_id))
     return math.exp(nll / count)
 
 
@@ -41,20 +36,22 @@ def main() -> None:
     a = ap.parse_args()
 
     base, tok = load(None, dtype="float32", device="cpu")
-    seqs = list(data.token_sequences(tok, "builtin:calib", a.seq_len, a.skip + a.tokens))
-    held, used = [], 0
-    for s in seqs:
-        used += len(s)
-        if used > a.skip:
-            held.append(s)
-    n = sum(map(len, held))
+    pad = data.pad_id_of(tok)
+    # whole windows that start at or after --skip: none shares a token with the calibration
+    end = a.skip + a.tokens + a.seq_len
+    held, start, n = [], 0, 0
+    for s in data.token_sequences(tok, "builtin:calib", a.seq_len, end):
+        if start >= a.skip and n < a.tokens:
+            held.append(s[: a.tokens - n])
+            n += len(held[-1])
+        start += len(s)
     if n < a.tokens:
         raise SystemExit(f"builtin:calib holds only {n} tokens past {a.skip}")
-    ref = perplexity_of(base, held, data.pad_id_of(tok))
+    ref = perplexity_of(base, held, pad)
     print(f"{n} tokens of builtin:calib after the first {a.skip}; unpruned perplexity {ref:.3f}")
     for d in a.dirs:
         model, _ = load(d, dtype="float32", device="cpu")
-        p = perplexity_of(model, held, data.pad_id_of(tok))
+        p = perplexity_of(model, held, pad)
         print(f"{d}: {p:.3f} ({p / ref:.3f}x)")
 
 

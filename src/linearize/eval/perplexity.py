@@ -16,7 +16,7 @@ carried over. Lower perplexity than non-overlapping windows, at seq_len/stride t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
@@ -39,6 +39,16 @@ def batch_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, 
     return float(tok_nll[keep].double().sum()), int(keep.sum())
 
 
+def pooled_nll(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """(Σ NLL, predicted tokens) over padded batches: the protocol's sum, for callers that
+    already hold their token windows (perplexity = exp(Σ NLL / predicted tokens))."""
+    nll, count = 0.0, 0
+    for b in batches:
+        s, n = batch_nll(model, b)
+        nll, count = nll + s, count + n
+    return nll, count
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -50,16 +60,13 @@ def perplexity(
     stride: int | None = None,
 ) -> float:
     """Held-out perplexity by the protocol in this module's docstring."""
-    nll, count = 0.0, 0
     if stride is None:
         seqs = data.token_sequences(tokenizer, source, seq_len, tokens)
         batches = data.batches(seqs, batch_size, data.pad_id_of(tokenizer))
     else:
         batches = _sliding_batches(tokenizer, source, seq_len, tokens, stride, batch_size)
     with eval_mode(model):
-        for b in batches:
-            s, n = batch_nll(model, b)
-            nll, count = nll + s, count + n
+        nll, count = pooled_nll(model, batches)
     if count == 0:
         raise LinearizeError(f"perplexity source '{source}' has no token to predict")
     return math.exp(nll / count)

@@ -59,7 +59,7 @@ from linearize.capture import (
     span_stats,
 )
 from linearize.errors import LinearizeError
-from linearize.eval.perplexity import batch_nll, perplexity
+from linearize.eval.perplexity import perplexity, pooled_nll
 from linearize.report import render
 from linearize.selfgen import calibration_sequences
 from linearize.stats import (
@@ -713,10 +713,7 @@ def _prefix_batches(batches: list[dict[str, Tensor]], tokens: int) -> int:
 @torch.no_grad()
 def _batches_ppl(model: nn.Module, batches: list[dict[str, Tensor]]) -> float:
     """Perplexity over already tokenised batches (SLEB's calibration criterion)."""
-    nll, count = 0.0, 0
-    for b in batches:
-        s, n = batch_nll(model, b)
-        nll, count = nll + s, count + n
+    nll, count = pooled_nll(model, batches)
     return math.exp(nll / max(count, 1))
 
 
