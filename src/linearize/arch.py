@@ -31,9 +31,13 @@ class ArchSpec:
     n_layers_key: str = "num_hidden_layers"  # config attribute holding the layer count
     # config attributes holding one entry per layer; surgery must keep them in step
     per_layer_keys: tuple[str, ...] = field(default=("layer_types",))
+    # per layer: the attention's output projection, whose output is added unscaled to the
+    # residual stream, so refitting it toward the original's stream right after the attention
+    # is a linear problem. None: not in the table (only the MLP is refit there).
+    attn_out: str | None = None
 
 
-_LLAMA_LIKE = ArchSpec("model.layers", "model.norm", "mlp.down_proj")
+_LLAMA_LIKE = ArchSpec("model.layers", "model.norm", "mlp.down_proj", attn_out="self_attn.o_proj")
 _NORM_AFTER_MLP = ArchSpec("model.layers", "model.norm", None)
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -247,6 +251,16 @@ def mlp_out_proj(model: nn.Module, position: int) -> nn.Module:
     check_foldable(model.config)
     _, layers = get_layers(model)
     return get_attr(layers[position], get_spec(model.config).mlp_out)
+
+
+def attn_out_proj(model: nn.Module, position: int) -> nn.Module | None:
+    """The attention output projection of the layer at ``position`` (see ArchSpec.attn_out);
+    None when this architecture has none that the table knows."""
+    spec = get_spec(model.config)
+    if spec is None or spec.attn_out is None:
+        return None
+    _, layers = get_layers(model)
+    return get_attr(layers[position], spec.attn_out)
 
 
 @contextmanager

@@ -327,6 +327,8 @@ def _say_pruned(rep: dict, out: Path) -> None:
         )
     if rep.get("reconstructed"):
         more += f"; refit the MLP output projections of layers {rep['reconstructed']}"
+    if rep.get("reconstructed_attention"):
+        more += f" and the attention output projections of {rep['reconstructed_attention']}"
     typer.echo(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
         f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{more}; wrote {out}"

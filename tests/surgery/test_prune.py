@@ -236,6 +236,22 @@ def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
 
 
+def test_bridge_as_restores_what_was_there():
+    from linearize.stats import AffineMap
+    from linearize.surgery.replace import bridge_as, get_bridge, set_bridge_
+
+    model = make_tiny("llama", torch.float64, num_hidden_layers=3)
+    d = model.config.hidden_size
+    fit = AffineMap(weight=2 * torch.eye(d, dtype=torch.float64), bias=torch.ones(d).double())
+    with bridge_as(model, 1, fit):
+        assert bridge_positions(model) == [1] and bool(get_bridge(model, 1).bias.eq(1).all())
+    assert bridge_positions(model) == []
+    set_bridge_(model, 3, fit)  # before the final norm
+    with bridge_as(model, 3, AffineMap(weight=torch.eye(d).double(), bias=torch.zeros(d).double())):
+        assert bool(get_bridge(model, 3).bias.eq(0).all())
+    assert bool(get_bridge(model, 3).weight.diagonal().eq(2).all())
+
+
 def test_layers_removed_context_restores_everything():
     model = make_tiny("gemma2", num_hidden_layers=4)
     types = list(model.config.layer_types)

@@ -10,6 +10,7 @@ import torch
 from conftest import make_tiny
 from test_prune_fit import KW, _calib_batches, _final_states
 
+from linearize import arch
 from linearize.stats import RegressionStats, fit_toward
 from linearize.surgery.prune import PruneConfig, prune_model_
 
@@ -89,3 +90,48 @@ def test_reconstruct_is_skipped_with_a_warning_where_no_projection_can_take_it(t
     with pytest.warns(UserWarning, match="--reconstruct skipped"):
         res = prune_model_(m, tokenizer, PruneConfig(1, **KW))
     assert res.reconstructed == [] and len(res.removed) == 1
+
+
+def _mid_states(model, layer, batches):
+    """The stream between attention and MLP of ``layer`` (after any bridge) on every batch."""
+    held, out = {}, []
+    pre = layer.register_forward_pre_hook(
+        lambda m, a, k: held.update(x=a[0] if a else k["hidden_states"]), with_kwargs=True
+    )
+    post = layer.self_attn.o_proj.register_forward_hook(lambda m, a, o: out.append(held["x"] + o))
+    try:
+        with torch.no_grad():
+            for b in batches:
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+    finally:
+        pre.remove(), post.remove()
+    return torch.cat([z[b["attention_mask"].bool()] for z, b in zip(out, batches, strict=True)])
+
+
+@pytest.mark.parametrize("ridge", [0.0, math.inf])
+def test_attention_refit_moves_the_middle_state_toward_the_original(tokenizer, ridge):
+    base = make_tiny("llama", torch.float64, num_hidden_layers=6, seed=3)
+    batches = _calib_batches(tokenizer)  # the calibration rows themselves
+    want = _mid_states(base, base.model.layers[4], batches)
+    errors, results = {}, {}
+    for attention in (False, True):
+        m = copy.deepcopy(base)
+        cfg = PruneConfig(2, strategy="layers", layers=[2, 3], reconstruct=1, **KW)
+        cfg.reconstruct_ridge, cfg.reconstruct_attention = ridge, attention
+        results[attention] = prune_model_(m, tokenizer, cfg)
+        errors[attention] = float((_mid_states(m, m.model.layers[2], batches) - want).norm())
+    assert results[True].reconstructed_attention == [4] == results[True].reconstructed
+    assert results[False].reconstructed_attention == []
+    if ridge == 0.0:  # least squares on these very rows: the refit can only come closer
+        assert errors[True] < 0.98 * errors[False], errors
+    else:  # an infinite pull keeps the projection as it was
+        assert errors[True] == pytest.approx(errors[False], rel=1e-9)
+
+
+def test_attention_refit_only_where_the_table_knows_the_projection(tokenizer):
+    assert arch.attn_out_proj(make_tiny("llama", num_hidden_layers=2), 1) is not None
+    m = make_tiny("gpt2", torch.float64, num_hidden_layers=4)
+    assert arch.attn_out_proj(m, 1) is None
+    cfg = PruneConfig(1, strategy="layers", layers=[1], reconstruct_attention=True, **KW)
+    res = prune_model_(m, tokenizer, cfg)
+    assert res.reconstructed == [2, 3] and res.reconstructed_attention == []

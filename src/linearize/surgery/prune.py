@@ -26,7 +26,9 @@ projection of the layer before the run, leaving a stock checkpoint.
 After the cuts, ``--reconstruct N`` (default 2 for ``linear`` and ``fold``, 0 for ``none``)
 refits the MLP output projection of the first N kept layers after each cut, by closed-form
 least squares, to the original model's state after the same layer: the layers downstream of a
-map take up what it could not express.
+map take up what it could not express. Where the architecture table knows the attention's
+output projection (``--reconstruct-attention``, on by default), that is refit first, to the
+original's state between the layer's attention and its MLP.
 
 Non-greedy strategies choose the whole set first, then replace each contiguous run with one
 fit, in ascending order, so every fit sees the model as upstream cuts left it. Every layer
@@ -35,6 +37,7 @@ index a user sees is 0-based in the original model's numbering.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -72,9 +75,11 @@ from linearize.stats import (
     relative_error,
 )
 from linearize.surgery.replace import (
+    bridge_as,
     bridge_positions,
     fit_into_,
     fold_span_,
+    get_bridge,
     proj_has_bias,
     replace_span_,
     save,
@@ -178,6 +183,11 @@ class PruneConfig:
         "original model's state there (closed-form least squares, no training; default: 2 for "
         "linear and fold, 0 for none, which then only drops layers)",
     )
+    reconstruct_attention: bool = option(
+        True,
+        "--reconstruct: refit each of those layers' attention output projection too (to the "
+        "original's state between attention and MLP), before its MLP's",
+    )
     reconstruct_ridge: float = option(
         0.1, "--reconstruct: ridge pulling each refit toward its weights, relative to tr(XᵀX)/d"
     )
@@ -255,6 +265,7 @@ class PruneResult:
     state_cache_mb: float = 0.0  # peak RAM of the stored boundary states
     state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget)
     reconstructed: list[int] = field(default_factory=list)  # layers whose projection was refit
+    reconstructed_attention: list[int] = field(default_factory=list)  # ... attention's too
     reconstruct_s: float = 0.0  # time of those refits (in elapsed_s)
     first_pass_s: float | None = None  # greedy: time of the first, full scoring pass
     elapsed_s: float = 0.0
@@ -449,23 +460,33 @@ class _Pruner:
             lambda b: self.store.get(xk + (b,)), lambda b: self.store.get(yk + (b,))
         )
 
-    def _projection_pass(self, q: int, stop: int, use: Callable[..., None]) -> None:
-        """Layers [q, stop) on every batch from the stored state entering position q, with
-        ``use(b, g, m, h, h_stop)`` per batch: g and m the input and output of layer q's MLP
-        output projection (in h's shape), h layer q's output, h_stop the stream at ``stop``.
-        The rows the fold fits and the refits are made of."""
+    def _projection_pass(
+        self,
+        q: int,
+        stop: int,
+        use: Callable[..., None],
+        proj: nn.Module | None = None,
+        state: Callable[[int], Tensor] | None = None,
+    ) -> None:
+        """Layers [q, stop) on every batch from the stored state entering position q (or
+        ``state(b)``), with ``use(b, g, m, h, h_stop, x)`` per batch: g and m the input and
+        output of ``proj`` (default: layer q's MLP output projection) in h's shape, h layer
+        q's output, h_stop the stream at ``stop``, x the state fed in. The rows the fold fits
+        and the refits are made of."""
         self.ensure_valid(q)
-        proj, held = arch.mlp_out_proj(self.model, q), {}
+        proj, held = proj or arch.mlp_out_proj(self.model, q), {}
 
         def keep(m, args, kwargs, out):
             held["g"], held["m"] = args[0] if args else kwargs["input"], out
 
         def on_boundary(b: int, j: int, h: Tensor) -> None:
+            if j == q:
+                held["x"] = h
             if j == q + 1:  # OPT's fc2 works on (B*T, ·) rows
                 held["h"], held["m"] = h, held["m"].reshape(h.shape)
                 held["g"] = held["g"].reshape(*h.shape[:-1], held["g"].shape[-1])
             if j == stop:
-                use(b, held.pop("g"), held.pop("m"), held.pop("h"), h)
+                use(b, held.pop("g"), held.pop("m"), held.pop("h"), h, held.pop("x"))
 
         key = self._key(q)
         run_from(
@@ -473,7 +494,7 @@ class _Pruner:
             self.pass_over(self.batches, stop - q),
             q,
             stop,
-            lambda b: self.store.get(key + (b,)),
+            state or (lambda b: self.store.get(key + (b,))),
             on_boundary,
             lambda running: [(proj, keep)],
         )
@@ -485,7 +506,7 @@ class _Pruner:
         original's state where the run ends."""
         yk, stats = ("o", self._target(end)), PairStats()
 
-        def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor) -> None:
+        def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor, _x) -> None:
             y = (self.store.get(yk + (b,)).to(h) if original else h_stop) - h + m
             stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
 
@@ -572,11 +593,44 @@ class _Pruner:
         # out of domain on SmolLM2 (2.64× against 2.57× at k = 8), as --fit-target original did
         todo = {q for p in cuts for q in range(p, min(p + self.c.refits, n))}
         for q in sorted(todo):
+            if self.c.reconstruct_attention and arch.attn_out_proj(self.model, q) is not None:
+                self._refit_attention(q)
+                self.result.reconstructed_attention.append(self.alive[q])
             proj = arch.mlp_out_proj(self.model, q)
             stats = self._projection_stats(q, proj)
             fit_into_(proj, fit_toward(stats, weight_rows(proj), self.c.reconstruct_ridge))
             self._changed(q)
             self.result.reconstructed.append(self.alive[q])
+
+    def _refit_attention(self, q: int) -> None:
+        """Refit layer q's attention output projection O, before its MLP's:
+        O = argmin ‖G O − (Z_orig − x)‖² + λ‖O − O₀‖², with G the projection's input and x the
+        layer's (bridged) input in the pruned model, and Z_orig the original
+        model's state between attention and MLP in the same layer. Linear, because the
+        attention output is added straight to the stream; the MLP refit then sees it."""
+        model, proj = self.model, arch.attn_out_proj(self.model, q)
+        start = ("o", self.alive[q])  # the original's stream entering this layer
+        d = model.config.hidden_size
+        ident = AffineMap(weight=torch.eye(d, dtype=torch.float64), bias=torch.zeros(d).double())
+        bridge = get_bridge(model, q)
+
+        def keep_mid(b: int, g: Tensor, o: Tensor, h: Tensor, h_stop: Tensor, x: Tensor) -> None:
+            self.store.put(("z", b), (x + o).clone())
+
+        # the original's middle state: its input through this (still original) attention
+        with bridge_as(model, q, ident) if bridge is not None else contextlib.nullcontext():
+            self._projection_pass(q, q + 1, keep_mid, proj, lambda b: self.store.get(start + (b,)))
+        stats = RegressionStats(bias=proj_has_bias(proj))
+
+        def use(b: int, g: Tensor, o: Tensor, h: Tensor, h_stop: Tensor, x: Tensor) -> None:
+            xb = x if bridge is None else bridge(x)
+            y = self.store.get(("z", b)).to(h) - xb  # the stream around the attention
+            stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
+
+        self._projection_pass(q, q + 1, use, proj)
+        fit_into_(proj, fit_toward(stats, weight_rows(proj), self.c.reconstruct_ridge))
+        self.store.drop_where(lambda key: key[0] == "z")
+        self._changed(q)
 
     def _projection_stats(self, q: int, proj: nn.Module) -> RegressionStats:
         """Rows (G, Y_orig − h + m) of layer q's MLP output projection on every batch."""
@@ -584,7 +638,7 @@ class _Pruner:
         yk = ("o", self.alive[q] + 1 if bridged else self._target(q + 1))
         stats = RegressionStats(bias=proj_has_bias(proj))
 
-        def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor) -> None:
+        def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor, _x) -> None:
             y = self.store.get(yk + (b,)).to(h) - h + m
             stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
 

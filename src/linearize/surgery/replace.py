@@ -16,8 +16,10 @@ Two kinds of replacement for a run of removed layers [start, end):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,28 @@ def set_bridge_(model: nn.Module, position: int, fit: AffineMap) -> None:
     bridge = ensure_bridge(model, position)
     bridge.weight.copy_(fit.weight)
     bridge.bias.copy_(fit.bias)
+
+
+@contextlib.contextmanager
+def bridge_as(model: nn.Module, position: int, fit: AffineMap) -> Iterator[None]:
+    """The bridge at ``position`` is ``fit`` inside the block, and what it was after (absent
+    bridges are detached again): to score a candidate map without copying the model."""
+    target = bridge_target(model, position)
+    old = getattr(target, BRIDGE, None)
+    saved = None if old is None else (old.weight.detach().clone(), old.bias.detach().clone())
+    set_bridge_(model, position, fit)
+    try:
+        yield
+    finally:
+        bridge = getattr(target, BRIDGE)
+        if saved is None:
+            target._linearize_hook.remove()
+            del target._linearize_hook
+            delattr(target, BRIDGE)
+        else:
+            with torch.no_grad():
+                bridge.weight.copy_(saved[0])
+                bridge.bias.copy_(saved[1])
 
 
 def set_span_map_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
