@@ -605,9 +605,9 @@ class _Pruner:
     def _refit_attention(self, q: int) -> None:
         """Refit layer q's attention output projection O, before its MLP's:
         O = argmin ‖G O − (Z_orig − x)‖² + λ‖O − O₀‖², with G the projection's input and x the
-        layer's (bridged) input in the pruned model, and Z_orig the original
-        model's state between attention and MLP in the same layer. Linear, because the
-        attention output is added straight to the stream; the MLP refit then sees it."""
+        layer's (bridged) input in the pruned model, Z_orig the original model's state between
+        attention and MLP in the same layer. Linear, because the attention output is added
+        straight to the stream; the MLP refit then sees it."""
         model, proj = self.model, arch.attn_out_proj(self.model, q)
         start = ("o", self.alive[q])  # the original's stream entering this layer
         d = model.config.hidden_size
