@@ -593,8 +593,9 @@ class _Pruner:
         # out of domain on SmolLM2 (2.64× against 2.57× at k = 8), as --fit-target original did
         todo = {q for p in cuts for q in range(p, min(p + self.c.refits, n))}
         for q in sorted(todo):
-            if self.c.reconstruct_attention and arch.attn_out_proj(self.model, q) is not None:
-                self._refit_attention(q)
+            attn = arch.attn_out_proj(self.model, q) if self.c.reconstruct_attention else None
+            if attn is not None:
+                self._refit_attention(q, attn)
                 self.result.reconstructed_attention.append(self.alive[q])
             proj = arch.mlp_out_proj(self.model, q)
             stats = self._projection_stats(q, proj)
@@ -602,13 +603,13 @@ class _Pruner:
             self._changed(q)
             self.result.reconstructed.append(self.alive[q])
 
-    def _refit_attention(self, q: int) -> None:
-        """Refit layer q's attention output projection O, before its MLP's:
+    def _refit_attention(self, q: int, proj: nn.Module) -> None:
+        """Refit layer q's attention output projection O (``proj``), before its MLP's:
         O = argmin ‖G O − (Z_orig − x)‖² + λ‖O − O₀‖², with G the projection's input and x the
         layer's (bridged) input in the pruned model, Z_orig the original model's state between
         attention and MLP in the same layer. Linear, because the attention output is added
         straight to the stream; the MLP refit then sees it."""
-        model, proj = self.model, arch.attn_out_proj(self.model, q)
+        model = self.model
         start = ("o", self.alive[q])  # the original's stream entering this layer
         d = model.config.hidden_size
         ident = AffineMap(weight=torch.eye(d, dtype=torch.float64), bias=torch.zeros(d).double())

@@ -104,8 +104,9 @@ def set_bridge_(model: nn.Module, position: int, fit: AffineMap) -> None:
 
 @contextlib.contextmanager
 def bridge_as(model: nn.Module, position: int, fit: AffineMap) -> Iterator[None]:
-    """The bridge at ``position`` is ``fit`` inside the block, and what it was after (absent
-    bridges are detached again): to score a candidate map without copying the model."""
+    """The bridge at ``position`` is ``fit`` inside the block, and what it was after (a bridge
+    that was absent is detached again): e.g. the identity, to run a layer on a state that
+    needs no bridging, without copying the model."""
     target = bridge_target(model, position)
     old = getattr(target, BRIDGE, None)
     saved = None if old is None else (old.weight.detach().clone(), old.bias.detach().clone())
@@ -113,15 +114,12 @@ def bridge_as(model: nn.Module, position: int, fit: AffineMap) -> Iterator[None]
     try:
         yield
     finally:
-        bridge = getattr(target, BRIDGE)
         if saved is None:
             target._linearize_hook.remove()
             del target._linearize_hook
             delattr(target, BRIDGE)
         else:
-            with torch.no_grad():
-                bridge.weight.copy_(saved[0])
-                bridge.bias.copy_(saved[1])
+            set_bridge_(model, position, AffineMap(weight=saved[0], bias=saved[1]))
 
 
 def set_span_map_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
