@@ -5,7 +5,13 @@ import math
 import pytest
 import torch
 
-from linearize.stats import PairStats, SymmetricPinv, fit_affine, procrustes_linearity
+from linearize.stats import (
+    PairStats,
+    SymmetricPinv,
+    fit_affine,
+    procrustes_linearity,
+    typical_rows,
+)
 
 
 def _stream(x, y, chunk=37, x_source=None, fast=False):
@@ -204,3 +210,20 @@ def test_gram_and_row_angles():
     direct = 2 * torch.atan2((nx - ny).norm(dim=-1), (nx + ny).norm(dim=-1))
     assert torch.allclose(angle[1:], direct, rtol=1e-6, atol=0)
     assert cos[0] == 0.0 and angle[0] == pytest.approx(math.pi / 2)
+
+
+def test_massive_rows_decide_the_score_and_typical_rows_leave_them_out():
+    """A few rows of norm 10⁴× the rest, mapped linearly, make any layer look linear; the
+    rows typical_rows keeps score as the clean rows alone do."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(400, 16, generator=g, dtype=torch.float64)
+    y = x + torch.tanh(2 * x) @ torch.randn(16, 16, generator=g, dtype=torch.float64)
+    sink = torch.randn(16, generator=g, dtype=torch.float64)
+    xs = torch.cat([x, 1e4 * sink.expand(4, 16) + torch.randn(4, 16, generator=g)])
+    ys = torch.cat([y, 2e4 * sink.expand(4, 16) + torch.randn(4, 16, generator=g)])
+    keep = typical_rows(xs, ys, 10.0)
+    assert keep.tolist() == [True] * 400 + [False] * 4
+    assert procrustes_linearity(xs, ys) > 0.9999 > procrustes_linearity(x, y)
+    s = PairStats()
+    s.update(xs[keep], ys[keep])
+    assert s.scores()["linearity"] == pytest.approx(procrustes_linearity(x, y), abs=1e-10)

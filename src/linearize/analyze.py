@@ -59,6 +59,11 @@ class AnalyzeConfig:
     )
     anisotropy: bool = option(False, "also report each output's anisotropy")
     exact: bool = option(False, "float64 d×d products (default float32: within ~1e-6, faster)")
+    massive: float = option(
+        0.0,
+        "leave out tokens whose state norm passes this many times the batch median (attention "
+        "sinks: on SmolLM2 they hold ~97% of the energy from layer 11 on); 0: every token",
+    )
 
 
 _D = AnalyzeConfig()
@@ -93,13 +98,15 @@ def analyze_model(
     on_batch: Callable[[int], None] | None = None,
     model_name: str | None = None,
     exact: bool = False,
+    massive: float = 0.0,
 ) -> LinearityReport:
     """Score every decoder layer (or ``layers``) of an in-memory causal LM.
 
     Sequences are sharded over torch.distributed ranks when a process group is up; the
     statistics are then summed, so every rank returns the same report. Each batch's d×d
     products run in float32 (within ~1e-6 of float64 on SmolLM2, see PairStats); ``exact``
-    takes them in float64, at about 1.3× the analysis time on CPU.
+    takes them in float64, at about 1.3× the analysis time on CPU. ``massive``: score without
+    the tokens of massive norm (stats.typical_rows), so the scores describe the text.
     """
     start = time.perf_counter()
     _, module_list = arch.get_layers(model)
@@ -108,7 +115,7 @@ def analyze_model(
     rank, world = _rank_world()
     seqs = data.token_sequences(tokenizer, source, seq_len, tokens, rank=rank, world_size=world)
     batches = data.batches(seqs, batch_size, data.pad_id_of(tokenizer))
-    stats = collect_stats(model, batches, chosen, on_batch, fast=not exact)
+    stats = collect_stats(model, batches, chosen, on_batch, fast=not exact, massive=massive)
     n = next(iter(stats.values())).n if stats else 0
     if n == 0:
         raise LinearizeError(f"data source '{data_source}' gave no tokens")
@@ -155,6 +162,7 @@ def analyze(
     on_batch: Callable[[int], None] | None = None,
     save: bool = True,
     exact: bool = _D.exact,
+    massive: float = _D.massive,
 ) -> LinearityReport:
     """Load ``model`` (None: the embedded SmolLM2), score it on ``data_source`` and write the
     report into ``out`` (default ``linearize-out/analyze-<model>``). Bad input is refused with
@@ -166,6 +174,8 @@ def analyze(
         raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
     if tokens is not None and tokens < 1:
         raise LinearizeError(f"--tokens must be at least 1, got {tokens}")
+    if massive < 0 or 0 < massive <= 1:
+        raise LinearizeError(f"--massive must be 0 (off) or above 1, got {massive}")
     data.resolve_source(data_source)  # fail on a bad source before loading the model
     lm, tok = models.load(model, dtype=dtype, device=device, device_map=device_map)
     report = analyze_model(
@@ -180,6 +190,7 @@ def analyze(
         on_batch,
         model_name=model or models.EMBEDDED_NAME,
         exact=exact,
+        massive=massive,
     )
     report.config = {
         "model": model or models.EMBEDDED_NAME,
@@ -192,6 +203,7 @@ def analyze(
         "device_map": device_map,
         "layers": list(layers) if layers is not None else None,
         "world_size": _rank_world()[1],
+        "massive": massive,
         "products": "float64" if exact or lm.dtype == torch.float64 else "float32",
         "torch": torch.__version__,
         "transformers": _transformers_version(),

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from linearize import arch
 from linearize.errors import LinearizeError
-from linearize.stats import PairStats, first_nonfinite, row_cosine, unshift_
+from linearize.stats import PairStats, first_nonfinite, row_cosine, typical_rows, unshift_
 
 
 class _StopForward(Exception):
@@ -103,6 +103,8 @@ class LayerCapture:
     Consecutive layers share moments: when layer i's input is the very tensor layer i−1
     returned (true in every plain decoder stack on one device), layer i borrows the output
     moments of layer i−1 instead of computing its own (see PairStats.x_source).
+    ``massive``: leave out rows whose norm passes that many times the batch's median
+    (stats.typical_rows); layers then keep their own moments, as their rows differ.
     """
 
     def __init__(
@@ -111,9 +113,11 @@ class LayerCapture:
         indices: Sequence[int],
         stop_at_last: bool = True,
         fast: bool = False,
+        massive: float = 0.0,
     ) -> None:
         self.layers = layers
         self.fast = fast
+        self.massive = massive
         self.indices = sorted(set(indices))
         self.stop_at_last = stop_at_last
         self.stats: dict[int, PairStats] = {}
@@ -138,6 +142,7 @@ class LayerCapture:
             x_raw, y_raw = self._inputs.pop(i), layer_output(out)
             prev = self._last_out
             shared = prev is not None and prev[0] == i - 1 and prev[1] is x_raw
+            shared = shared and not self.massive
             if i not in self._shared:  # decided on the first batch, then held to
                 self._shared[i] = shared
                 source = self.stats[i - 1] if shared else None
@@ -148,6 +153,9 @@ class LayerCapture:
                 )
             x = prev[2] if shared else self._rows(x_raw)
             y = self._rows(y_raw)
+            if self.massive:
+                keep = typical_rows(x, y, self.massive)
+                x, y = x[keep], y[keep]
             self.stats[i].update(x, y)
             self._last_out = (i, y_raw, y)
             if stop:
@@ -243,6 +251,7 @@ def collect_stats(
     layers: Sequence[int] | None = None,
     on_batch: Callable[[int], None] | None = None,
     fast: bool = False,
+    massive: float = 0.0,
 ) -> dict[int, PairStats]:
     """Accumulate PairStats for ``layers`` (default: all) of a causal LM over ``batches``.
 
@@ -250,12 +259,13 @@ def collect_stats(
     each batch, e.g. to move a progress bar. Under torch.distributed the result is summed
     over processes, each of which should have been given its own shard of the data.
     ``fast``: float32 products per batch (see PairStats), for float32/16 models.
+    ``massive``: score without the tokens of massive norm (see LayerCapture).
     """
     _, module_list = arch.get_layers(model)
     indices = sorted(set(range(len(module_list)) if layers is None else layers))
     body = arch.get_body(model)
     device = model.get_input_embeddings().weight.device
-    with eval_mode(model), LayerCapture(module_list, indices, fast=fast) as cap:
+    with eval_mode(model), LayerCapture(module_list, indices, fast=fast, massive=massive) as cap:
         for batch in batches:
             tokens = cap.run(body, batch, device)
             if on_batch is not None:

@@ -48,6 +48,39 @@ def test_greedy_picks_the_exactly_linear_layer(tokenizer):
     assert res.removed == [1] and res.steps[0]["score"] == pytest.approx(1.0, abs=1e-9)
 
 
+class _Sink(torch.nn.Module):
+    """Wraps a layer and makes the first token of every sequence massive, as attention sinks
+    are in real models, through a map that is linear on that token only."""
+
+    def __init__(self, layer, scale: float = 1e4):
+        super().__init__()
+        self.layer, self.scale = layer, scale
+
+    def forward(self, hidden_states, *args, **kwargs):
+        out = self.layer(hidden_states, *args, **kwargs)
+        h = out if torch.is_tensor(out) else out[0]
+        h = torch.cat([h[:, :1] * self.scale, h[:, 1:]], dim=1)
+        return h if torch.is_tensor(out) else (h, *out[1:])
+
+
+def test_greedy_without_massive_tokens_scores_the_text(tokenizer):
+    """With a sink at layer 0, every later layer scores ~1 on all tokens (the sink row is all
+    that counts); --massive scores them as analyze --massive does, on the other tokens."""
+    from linearize.analyze import analyze_model
+
+    model = make_tiny("llama", torch.float64, num_hidden_layers=4)
+    model.model.layers[0] = _Sink(model.model.layers[0])
+    every = analyze_model(model, tokenizer, "builtin:calib", 600, 48, 4)
+    typical = analyze_model(model, tokenizer, "builtin:calib", 600, 48, 4, massive=10)
+    assert all(r["linearity"] > 0.9999 for r in every.layers[1:])
+    assert all(r["linearity"] < 0.999 for r in typical.layers[1:])
+    res = prune_model_(model, tokenizer, PruneConfig(1, massive=10, reconstruct=0, **KW))
+    crit = {r["layer"]: r["criterion"] for r in res.initial}
+    for r in typical.layers:
+        assert crit[r["layer"]] == pytest.approx(r["linearity"], abs=1e-9)
+    assert res.removed == [max(crit, key=crit.get)]
+
+
 def test_greedy_by_replacement_error_picks_the_exactly_linear_layer(tokenizer):
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
@@ -113,6 +146,7 @@ def test_replacement_error_matches_direct_computation(tokenizer):
         (dict(remove=1, strategy="layers", layers=[5]), "out of range"),
         (dict(remove=1, strategy="layers", layers=[0, 1, 2]), "at least one must stay"),
         (dict(remove=1, strategy="magic"), "unknown strategy"),
+        (dict(remove=1, massive=0.5), "--massive"),
     ],
 )
 def test_bad_prune_requests_fail_before_work(kwargs, match, tokenizer):

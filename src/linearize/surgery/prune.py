@@ -164,6 +164,11 @@ class PruneConfig:
     seq_len: int = option(512, "tokens per calibration sequence")
     batch_size: int = option(8, "sequences per forward pass")
     ridge: float = option(0.0, "ridge for the linear fits, relative to tr(XᵀX)/d")
+    massive: float = option(
+        0.0,
+        "score layers without the tokens whose state norm passes this many times the batch "
+        "median (attention sinks, which otherwise decide the linearity score); 0: all tokens",
+    )
     ppl_tokens: int = option(4096, "ppl-greedy: calibration tokens scored per candidate removal")
     fit_target: str = option(
         "auto",
@@ -209,6 +214,8 @@ class PruneConfig:
             raise LinearizeError(f"--rank must be at least 0, got {self.rank}")
         if self.ridge < 0:
             raise LinearizeError(f"--ridge must be at least 0, got {self.ridge}")
+        if self.massive < 0 or 0 < self.massive <= 1:
+            raise LinearizeError(f"--massive must be 0 (off) or above 1, got {self.massive}")
         if self.strategy == "layers":
             if not self.layers:
                 raise LinearizeError("--strategy layers needs --layers, e.g. --layers 3,7,9")
@@ -418,7 +425,7 @@ class _Pruner:
             return {}
         if p > 0:
             self.ensure_valid(p)
-        cap = LayerCapture(layers, range(p, n), stop_at_last=False)
+        cap = LayerCapture(layers, range(p, n), stop_at_last=False, massive=self.c.massive)
 
         def before_batch(b: int, batch: dict[str, Tensor]) -> None:
             cap.begin_batch(batch["attention_mask"])
@@ -660,12 +667,13 @@ class _Pruner:
             if step == 0:
                 self._keep_initial(stats, scored)
             best = max(scored, key=scored.get)
-            every_batch = step == 0 or self.n_rescore == len(self.batches)
+            # a fit sees every calibration token, the massive ones too
+            every_batch = (step == 0 or self.n_rescore == len(self.batches)) and not self.c.massive
             changed = self.remove_run(
                 best,
                 best + 1,
                 _natural(self.c.score, scored[best]),
-                stats[best] if every_batch else None,  # a fit sees every calibration token
+                stats[best] if every_batch else None,
             )
             if step + 1 < self.k:
                 if step == 0 and self.rescored is not None:
@@ -713,7 +721,7 @@ class _Pruner:
         stats = (
             self.score_from(0)
             if c.target == "original"
-            else collect_stats(model, self.pass_over(self.batches))
+            else collect_stats(model, self.pass_over(self.batches), massive=c.massive)
         )
         scored = {
             p: _score(s, self.result.chosen_by, c.ridge)
