@@ -81,6 +81,17 @@ def test_greedy_without_massive_tokens_scores_the_text(tokenizer):
     assert res.removed == [max(crit, key=crit.get)]
 
 
+@pytest.mark.parametrize("strategy", ["linear-greedy", "block-influence", "angular-block"])
+def test_protected_layers_are_never_removed(strategy, tokenizer):
+    """The exactly linear layer 1 is what greedy would take first; --protect 1 and the last
+    layer (-1) leave it and the last one in place, whatever the strategy."""
+    model = make_tiny("llama", torch.float64, num_hidden_layers=5)
+    model.model.layers[1] = _AffineLayer(model.config.hidden_size, torch.float64)
+    cfg = PruneConfig(2, strategy=strategy, protect=[1, -1], reconstruct=0, **KW)
+    res = prune_model_(model, tokenizer, cfg)
+    assert len(res.removed) == 2 and not {1, 4} & set(res.removed)
+
+
 def test_greedy_by_replacement_error_picks_the_exactly_linear_layer(tokenizer):
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
@@ -147,6 +158,9 @@ def test_replacement_error_matches_direct_computation(tokenizer):
         (dict(remove=1, strategy="layers", layers=[0, 1, 2]), "at least one must stay"),
         (dict(remove=1, strategy="magic"), "unknown strategy"),
         (dict(remove=1, massive=0.5), "--massive"),
+        (dict(remove=1, protect=[3]), "out of range"),
+        (dict(remove=2, protect=[0, -1]), "too few layers left"),
+        (dict(remove=1, strategy="layers", layers=[2], protect=[-1]), "--protect keeps"),
     ],
 )
 def test_bad_prune_requests_fail_before_work(kwargs, match, tokenizer):

@@ -164,6 +164,13 @@ class PruneConfig:
     seq_len: int = option(512, "tokens per calibration sequence")
     batch_size: int = option(8, "sequences per forward pass")
     ridge: float = option(0.0, "ridge for the linear fits, relative to tr(XᵀX)/d")
+    protect: list[int] | None = option(
+        None,
+        "original layer indices that no strategy removes; negative ones count from the end "
+        "(-1: the last layer)",
+        cli=str,
+        parse=int_list,
+    )
     massive: float = option(
         0.0,
         "score layers without the tokens whose state norm passes this many times the batch "
@@ -214,6 +221,13 @@ class PruneConfig:
             raise LinearizeError(f"--rank must be at least 0, got {self.rank}")
         if self.ridge < 0:
             raise LinearizeError(f"--ridge must be at least 0, got {self.ridge}")
+        protect = self.protect or []
+        if any(not -n <= i < n for i in protect):
+            raise LinearizeError(
+                f"--protect {list(protect)} out of range: the model has {n} layers"
+            )
+        if self.strategy == "layers" and {i % n for i in protect} & set(self.layers or []):
+            raise LinearizeError("--layers names a layer that --protect keeps")
         if self.massive < 0 or 0 < self.massive <= 1:
             raise LinearizeError(f"--massive must be 0 (off) or above 1, got {self.massive}")
         if self.strategy == "layers":
@@ -229,6 +243,10 @@ class PruneConfig:
             k = len(self.layers)
         else:
             k = parse_remove(self.remove, n)
+            if k > n - len({i % n for i in protect}):
+                raise LinearizeError(
+                    f"--remove {k} with --protect {list(protect)}: too few layers left"
+                )
         if self.replace == "fold":
             if hf_config is not None:
                 arch.check_foldable(hf_config)
@@ -336,6 +354,7 @@ class _Pruner:
         n = arch.n_layers(model)
         self.n_orig = n
         self.k = c.check(n, model.config)
+        self.protected = {i % n for i in c.protect or []}
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
         needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
         seqs = (
@@ -368,6 +387,8 @@ class _Pruner:
         self._layer_passes = 0  # layer forwards × batches, for calibration_passes
 
     def _allowed(self, p: int) -> bool:
+        if self.alive[p] in self.protected:
+            return False
         return p >= 1 or self.c.replace != "fold"  # fold needs an MLP before the run
 
     def pass_over(self, batches: list, layers: int | None = None) -> list:
@@ -425,7 +446,10 @@ class _Pruner:
             return {}
         if p > 0:
             self.ensure_valid(p)
-        cap = LayerCapture(layers, range(p, n), stop_at_last=False, massive=self.c.massive)
+        # without the massive tokens, scores spread by ~1e-3 and are only ranked, never fitted
+        # from: float32 products (within 1e-6) give back what keeping own moments costs
+        massive = self.c.massive
+        cap = LayerCapture(layers, range(p, n), False, fast=bool(massive), massive=massive)
 
         def before_batch(b: int, batch: dict[str, Tensor]) -> None:
             cap.begin_batch(batch["attention_mask"])
@@ -715,13 +739,17 @@ class _Pruner:
         if c.strategy in ("angular-block", "lstsq-block"):
             dist = block_distances(model, self.pass_over(self.batches), k)
             key = "angular_last" if c.strategy == "angular-block" else "cosine_all"
-            starts = [s for s in range(len(dist[key])) if self._allowed(s)]
+            starts = [s for s in range(len(dist[key])) if all(map(self._allowed, range(s, s + k)))]
+            if not starts:
+                raise LinearizeError(f"no run of {k} layers is free of --protect")
             best = min(starts, key=lambda s: dist[key][s])
             return {i: dist[key][best] for i in range(best, best + k)}
         stats = (
             self.score_from(0)
             if c.target == "original"
-            else collect_stats(model, self.pass_over(self.batches), massive=c.massive)
+            else collect_stats(
+                model, self.pass_over(self.batches), fast=bool(c.massive), massive=c.massive
+            )
         )
         scored = {
             p: _score(s, self.result.chosen_by, c.ridge)
