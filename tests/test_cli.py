@@ -127,6 +127,7 @@ def files(tmp_path):
         ("zero_seq_len", ["--seq-len"]),
         ("unwritable_out", ["cannot write"]),
         ("bad_layers", ["out of range"]),
+        ("bad_massive", ["--massive"]),
     ],
 )
 def test_bad_input_gives_one_line_and_writes_nothing(case, words, files, tiny_dir, tmp_path):
@@ -142,6 +143,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, words, files, tiny_di
         "zero_seq_len": [tiny_dir, "--seq-len", 0],
         "unwritable_out": [tiny_dir],
         "bad_layers": [tiny_dir, "--layers", "1,7"],
+        "bad_massive": [tiny_dir, "--massive", 0.5],
     }[case]
     target = files["blocker"] / "sub" if case == "unwritable_out" else out
     res = run("analyze", *args, "--out", target, "--no-progress")

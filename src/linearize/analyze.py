@@ -170,13 +170,7 @@ def analyze(
     out_dir = Path(out) if out is not None else default_out_dir(model)
     if save:
         claim_output(out_dir)
-    if seq_len < 1:
-        raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
-    if tokens is not None and tokens < 1:
-        raise LinearizeError(f"--tokens must be at least 1, got {tokens}")
-    if massive < 0 or 0 < massive <= 1:
-        raise LinearizeError(f"--massive must be 0 (off) or above 1, got {massive}")
-    data.resolve_source(data_source)  # fail on a bad source before loading the model
+    _check_request(data_source, tokens, seq_len, massive)
     lm, tok = models.load(model, dtype=dtype, device=device, device_map=device_map)
     report = analyze_model(
         lm,
@@ -211,6 +205,17 @@ def analyze(
     if save and _rank_world()[0] == 0:
         save_report(report, out_dir)
     return report
+
+
+def _check_request(data_source: str, tokens: int | None, seq_len: int, massive: float) -> None:
+    """Refuse bad options and a bad source before the model is loaded."""
+    if seq_len < 1:
+        raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
+    if tokens is not None and tokens < 1:
+        raise LinearizeError(f"--tokens must be at least 1, got {tokens}")
+    if massive < 0 or 0 < massive <= 1:
+        raise LinearizeError(f"--massive must be 0 (off) or above 1, got {massive}")
+    data.resolve_source(data_source)
 
 
 def _transformers_version() -> str:
