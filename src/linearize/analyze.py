@@ -19,7 +19,7 @@ import torch.distributed as dist
 from linearize import arch, data, models
 from linearize._fields import int_list, option
 from linearize._io import claim_output, releases_output, write_json, write_text
-from linearize.capture import collect_stats
+from linearize.capture import check_massive, collect_stats
 from linearize.errors import LinearizeError
 from linearize.linearity import SCORE_KEYS, LinearityReport
 from linearize.report import png, render
@@ -213,8 +213,7 @@ def _check_request(data_source: str, tokens: int | None, seq_len: int, massive: 
         raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
     if tokens is not None and tokens < 1:
         raise LinearizeError(f"--tokens must be at least 1, got {tokens}")
-    if massive < 0 or 0 < massive <= 1:
-        raise LinearizeError(f"--massive must be 0 (off) or above 1, got {massive}")
+    check_massive(massive)
     data.resolve_source(data_source)
 
 

@@ -245,6 +245,12 @@ def all_reduce_stats_(stats: dict[int, PairStats]) -> None:
             dist.all_reduce(t)
 
 
+def check_massive(factor: float) -> None:
+    """Refuse a ``massive`` factor that would drop typical tokens: 0 is off, else above 1."""
+    if factor < 0 or 0 < factor <= 1:
+        raise LinearizeError(f"--massive must be 0 (off) or above 1, got {factor}")
+
+
 def collect_stats(
     model: nn.Module,
     batches: Iterable[dict[str, Tensor]],

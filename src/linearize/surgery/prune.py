@@ -58,6 +58,7 @@ from linearize.capture import (
     _masked_rows,
     block_distances,
     check_finite,
+    check_massive,
     collect_stats,
     span_stats,
 )
@@ -226,10 +227,9 @@ class PruneConfig:
             raise LinearizeError(
                 f"--protect {list(protect)} out of range: the model has {n} layers"
             )
-        if self.strategy == "layers" and {i % n for i in protect} & set(self.layers or []):
+        if self.strategy == "layers" and self.protected(n) & set(self.layers or []):
             raise LinearizeError("--layers names a layer that --protect keeps")
-        if self.massive < 0 or 0 < self.massive <= 1:
-            raise LinearizeError(f"--massive must be 0 (off) or above 1, got {self.massive}")
+        check_massive(self.massive)
         if self.strategy == "layers":
             if not self.layers:
                 raise LinearizeError("--strategy layers needs --layers, e.g. --layers 3,7,9")
@@ -243,7 +243,7 @@ class PruneConfig:
             k = len(self.layers)
         else:
             k = parse_remove(self.remove, n)
-            if k > n - len({i % n for i in protect}):
+            if k > n - len(self.protected(n)):
                 raise LinearizeError(
                     f"--remove {k} with --protect {list(protect)}: too few layers left"
                 )
@@ -259,6 +259,10 @@ class PruneConfig:
         if self.rescore_tokens < 0:
             raise LinearizeError(f"--rescore-tokens must be at least 0, got {self.rescore_tokens}")
         return k
+
+    def protected(self, n: int) -> set[int]:
+        """``protect`` as original indices of a model of ``n`` layers (negative from the end)."""
+        return {i % n for i in self.protect or []}
 
     @property
     def refits(self) -> int:
@@ -354,7 +358,10 @@ class _Pruner:
         n = arch.n_layers(model)
         self.n_orig = n
         self.k = c.check(n, model.config)
-        self.protected = {i % n for i in c.protect or []}
+        self.protected = c.protected(n)
+        # without the massive tokens, scores spread by ~1e-3 and are only ranked, never fitted
+        # from: float32 products (within 1e-6) give back what keeping own moments costs
+        self.scoring = {"fast": bool(c.massive), "massive": c.massive}
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
         needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
         seqs = (
@@ -446,10 +453,7 @@ class _Pruner:
             return {}
         if p > 0:
             self.ensure_valid(p)
-        # without the massive tokens, scores spread by ~1e-3 and are only ranked, never fitted
-        # from: float32 products (within 1e-6) give back what keeping own moments costs
-        massive = self.c.massive
-        cap = LayerCapture(layers, range(p, n), False, fast=bool(massive), massive=massive)
+        cap = LayerCapture(layers, range(p, n), stop_at_last=False, **self.scoring)
 
         def before_batch(b: int, batch: dict[str, Tensor]) -> None:
             cap.begin_batch(batch["attention_mask"])
@@ -747,9 +751,7 @@ class _Pruner:
         stats = (
             self.score_from(0)
             if c.target == "original"
-            else collect_stats(
-                model, self.pass_over(self.batches), fast=bool(c.massive), massive=c.massive
-            )
+            else collect_stats(model, self.pass_over(self.batches), **self.scoring)
         )
         scored = {
             p: _score(s, self.result.chosen_by, c.ridge)
