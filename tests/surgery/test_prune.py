@@ -284,6 +284,36 @@ def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
     assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2]
 
 
+def test_ppl_oneshot_drops_the_layers_whose_removal_alone_costs_least(tokenizer):
+    from linearize.eval.perplexity import perplexity
+
+    model = make_tiny("gemma2", num_hidden_layers=5)
+    direct = {}
+    for p in range(5):
+        with arch.layers_removed(model, [p]):
+            direct[p] = perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+    cfg = PruneConfig(2, strategy="ppl-oneshot", replace="none", ppl_tokens=192, **KW)
+    res = prune_model_(model, tokenizer, cfg)
+    cheapest = sorted(direct, key=direct.get)[:2]
+    assert sorted(res.removed) == sorted(cheapest) and arch.n_layers(model) == 3
+    assert [r["criterion"] for r in res.initial] == pytest.approx(
+        [direct[p] for p in range(5)], rel=1e-6
+    )
+
+
+def test_ppl_oneshot_scores_each_layer_with_its_own_map_in_place(tokenizer):
+    from linearize.eval.perplexity import perplexity
+
+    model = make_tiny("llama", torch.float64, num_hidden_layers=4)
+    model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
+    unpruned = perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+    cfg = PruneConfig(1, strategy="ppl-oneshot", ppl_tokens=192, reconstruct=0, **KW)
+    res = prune_model_(model, tokenizer, cfg)
+    crit = {r["layer"]: r["criterion"] for r in res.initial}
+    assert crit[2] == pytest.approx(unpruned, rel=1e-6)  # an exact map costs nothing
+    assert res.removed == [min(crit, key=crit.get)] and arch.n_layers(model) == 3
+
+
 def test_bridge_as_restores_what_was_there():
     from linearize.stats import AffineMap
     from linearize.surgery.replace import bridge_as, get_bridge, set_bridge_

@@ -26,8 +26,8 @@ def test_sweep_writes_every_cell_and_resumes(tiny_dir, tmp_path):
         out,
         device="cpu",
     )
-    # the original + 6 strategies × 3 replacements × 2 counts
-    assert len(rows) == 1 + 6 * 3 * 2
+    # the original + 7 strategies × 3 replacements × 2 counts
+    assert len(rows) == 1 + 7 * 3 * 2
     assert all(r["perplexity"] and r["perplexity"] > 1 for r in rows)
     assert all(len(r["removed"]) == r["k"] for r in rows)
     for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "sweep.html"):

@@ -16,6 +16,9 @@ Strategies (``--strategy``), each faithful to where it comes from:
   (``--replace linear`` or ``fold``);
 - ``ppl-greedy`` (SLEB, Song et al. 2024): k times, remove the layer whose removal raises
   calibration perplexity least;
+- ``ppl-oneshot``: replace each layer alone by its fitted map (a plain drop with ``--replace
+  none``), measure calibration perplexity, remove the k cheapest: one pass of fits and n short
+  scoring passes, because single-layer costs nearly multiply (benchmarks/RESULTS.md);
 - ``layers``: the user's own list.
 
 Replacements (``--replace``, see linearize.surgery.replace): ``none`` drops the layers; ``linear``
@@ -97,6 +100,7 @@ STRATEGIES = (
     "angular-block",
     "lstsq-block",
     "ppl-greedy",
+    "ppl-oneshot",
     "layers",
 )
 REPLACEMENTS = ("none", "linear", "fold")
@@ -140,7 +144,7 @@ class PruneConfig:
     strategy: str = option(
         "linear-greedy",
         "linear-greedy | linear-oneshot | block-influence | angular-block | lstsq-block | "
-        "ppl-greedy | layers (with --sweep: a list, or all)",
+        "ppl-greedy | ppl-oneshot | layers (with --sweep: a list, or all)",
     )
     replace: str = option("linear", "none | linear | fold (with --sweep: a list)")
     score: str = option(
@@ -177,7 +181,7 @@ class PruneConfig:
         "score layers without the tokens whose state norm passes this many times the batch "
         "median (attention sinks, which otherwise decide the linearity score); 0: all tokens",
     )
-    ppl_tokens: int = option(4096, "ppl-greedy: calibration tokens scored per candidate removal")
+    ppl_tokens: int = option(4096, "ppl-*: calibration tokens scored per candidate removal")
     fit_target: str = option(
         "auto",
         "original (the original model's state, from the pruned model's actual input) | local "
@@ -311,6 +315,7 @@ CHOSEN_BY = {
     "angular-block": "angular_distance_last_token",
     "lstsq-block": "cosine_distance",
     "ppl-greedy": "calibration_perplexity",
+    "ppl-oneshot": "calibration_perplexity",
 }
 
 
@@ -362,6 +367,8 @@ class _Pruner:
         # without the massive tokens, scores spread by ~1e-3 and are only ranked, never fitted
         # from: float32 products (within 1e-6) give back what keeping own moments costs
         self.scoring = {"fast": bool(c.massive), "massive": c.massive}
+        if c.strategy == "ppl-oneshot":  # its statistics are fitted from, so all tokens
+            self.scoring = {"fast": False, "massive": 0.0}
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
         needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
         seqs = (
@@ -375,7 +382,7 @@ class _Pruner:
             None if bool(b["attention_mask"].all()) else b["attention_mask"].reshape(-1).bool()
             for b in self.batches
         ]
-        if c.strategy == "ppl-greedy":
+        if c.strategy.startswith("ppl-"):
             few, used = [], 0
             for s in seqs:
                 if used >= c.ppl_tokens:
@@ -735,6 +742,22 @@ class _Pruner:
             best = max(scored, key=scored.get)
             self.remove_run(best, best + 1, -scored[best])
 
+    def ppl_alone(self) -> dict[int, float]:
+        """Each allowed layer's calibration perplexity with it alone replaced: by its affine
+        map fitted on every calibration token (the same fit as ``--fit-target original`` makes
+        for a first cut), or dropped with ``--replace none``; ``fold`` is scored by the map
+        it approximates. Higher = remove first, as for every ranking here."""
+        stats = self.score_from(0)
+        scored = {}
+        for p in filter(self._allowed, range(len(self.alive))):
+            fit = None if self.c.replace == "none" else self._fit(stats[p])
+            with arch.layers_removed(self.model, [p]):
+                bridged = bridge_as(self.model, p, fit) if fit else contextlib.nullcontext()
+                with bridged:
+                    scored[p] = -_batches_ppl(self.model, self.pass_over(self.ppl_batches))
+        self._keep_initial(stats, scored)
+        return scored
+
     def choose_once(self) -> dict[int, float | None]:
         """Original indices → the score that chose them, for the one-shot strategies."""
         c, model, k = self.c, self.model, self.k
@@ -748,6 +771,10 @@ class _Pruner:
                 raise LinearizeError(f"no run of {k} layers is free of --protect")
             best = min(starts, key=lambda s: dist[key][s])
             return {i: dist[key][best] for i in range(best, best + k)}
+        if c.strategy == "ppl-oneshot":
+            scored = self.ppl_alone()
+            top = sorted(scored, key=scored.get, reverse=True)[:k]
+            return {p: -scored[p] for p in top}
         stats = (
             self.score_from(0)
             if c.target == "original"
