@@ -268,14 +268,17 @@ def test_angular_block_picks_the_identity_block(tokenizer):
     assert sorted(res.removed) == [3, 4] and res.steps[0]["score"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
+def _calib_perplexity(model, tokenizer, drop: int | None = None) -> float:
+    """The 192-token calibration perplexity the ppl-* strategies measure, with ``drop`` out."""
     from linearize.eval.perplexity import perplexity
 
+    with arch.layers_removed(model, [] if drop is None else [drop]):
+        return perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+
+
+def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
     model = make_tiny("gemma2", num_hidden_layers=4)
-    direct = {}
-    for p in range(4):
-        with arch.layers_removed(model, [p]):
-            direct[p] = perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+    direct = {p: _calib_perplexity(model, tokenizer, p) for p in range(4)}
     cfg = PruneConfig(1, strategy="ppl-greedy", replace="none", ppl_tokens=192, **KW)
     res = prune_model_(model, tokenizer, cfg)
     best = min(direct, key=direct.get)
@@ -285,13 +288,8 @@ def test_ppl_greedy_removes_the_layer_whose_removal_costs_least(tokenizer):
 
 
 def test_ppl_oneshot_drops_the_layers_whose_removal_alone_costs_least(tokenizer):
-    from linearize.eval.perplexity import perplexity
-
     model = make_tiny("gemma2", num_hidden_layers=5)
-    direct = {}
-    for p in range(5):
-        with arch.layers_removed(model, [p]):
-            direct[p] = perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+    direct = {p: _calib_perplexity(model, tokenizer, p) for p in range(5)}
     cfg = PruneConfig(2, strategy="ppl-oneshot", replace="none", ppl_tokens=192, **KW)
     res = prune_model_(model, tokenizer, cfg)
     cheapest = sorted(direct, key=direct.get)[:2]
@@ -302,11 +300,9 @@ def test_ppl_oneshot_drops_the_layers_whose_removal_alone_costs_least(tokenizer)
 
 
 def test_ppl_oneshot_scores_each_layer_with_its_own_map_in_place(tokenizer):
-    from linearize.eval.perplexity import perplexity
-
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
-    unpruned = perplexity(model, tokenizer, "builtin:calib", 48, 192, 4)
+    unpruned = _calib_perplexity(model, tokenizer)
     cfg = PruneConfig(1, strategy="ppl-oneshot", ppl_tokens=192, reconstruct=0, **KW)
     res = prune_model_(model, tokenizer, cfg)
     crit = {r["layer"]: r["criterion"] for r in res.initial}
