@@ -366,9 +366,9 @@ class _Pruner:
         self.protected = c.protected(n)
         # without the massive tokens, scores spread by ~1e-3 and are only ranked, never fitted
         # from: float32 products (within 1e-6) give back what keeping own moments costs
-        self.scoring = {"fast": bool(c.massive), "massive": c.massive}
-        if c.strategy == "ppl-oneshot":  # its statistics are fitted from, so all tokens
-            self.scoring = {"fast": False, "massive": 0.0}
+        # (ppl-oneshot fits its candidates from these statistics, so it keeps every token)
+        massive = 0.0 if c.strategy == "ppl-oneshot" else c.massive
+        self.scoring = {"fast": bool(massive), "massive": massive}
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
         needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
         seqs = (
@@ -752,8 +752,7 @@ class _Pruner:
         for p in filter(self._allowed, range(len(self.alive))):
             fit = None if self.c.replace == "none" else self._fit(stats[p])
             with arch.layers_removed(self.model, [p]):
-                bridged = bridge_as(self.model, p, fit) if fit else contextlib.nullcontext()
-                with bridged:
+                with bridge_as(self.model, p, fit) if fit is not None else contextlib.nullcontext():
                     scored[p] = -_batches_ppl(self.model, self.pass_over(self.ppl_batches))
         self._keep_initial(stats, scored)
         return scored
@@ -773,19 +772,18 @@ class _Pruner:
             return {i: dist[key][best] for i in range(best, best + k)}
         if c.strategy == "ppl-oneshot":
             scored = self.ppl_alone()
-            top = sorted(scored, key=scored.get, reverse=True)[:k]
-            return {p: -scored[p] for p in top}
-        stats = (
-            self.score_from(0)
-            if c.target == "original"
-            else collect_stats(model, self.pass_over(self.batches), **self.scoring)
-        )
-        scored = {
-            p: _score(s, self.result.chosen_by, c.ridge)
-            for p, s in stats.items()
-            if self._allowed(p)
-        }
-        self._keep_initial(stats, scored)
+        else:
+            stats = (
+                self.score_from(0)
+                if c.target == "original"
+                else collect_stats(model, self.pass_over(self.batches), **self.scoring)
+            )
+            scored = {
+                p: _score(s, self.result.chosen_by, c.ridge)
+                for p, s in stats.items()
+                if self._allowed(p)
+            }
+            self._keep_initial(stats, scored)
         top = sorted(scored, key=scored.get, reverse=True)[:k]
         return {p: _natural(self.result.chosen_by, scored[p]) for p in top}
 
