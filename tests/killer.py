@@ -4,7 +4,9 @@
 
 MODE ``replace``: die the N-th time a file or directory named NAME is renamed into place
 (its temporary copy is complete, the old one still stands). MODE ``mid``: die halfway
-through the N-th write of a text file whose temporary name contains NAME.
+through the N-th write of a text file whose temporary name contains NAME. MODE ``term``:
+send itself SIGTERM (not SIGKILL) after the N-th safetensors file whose path contains NAME is
+saved, so the run may unwind.
 """
 
 from __future__ import annotations
@@ -45,8 +47,20 @@ def write_text(self, text, *a, **k):
     return real_write_text(self, text, *a, **k)
 
 
+import safetensors.torch  # noqa: E402
+
+real_save_file = safetensors.torch.save_file
+
+
+def save_file(tensors, filename, *a, **k):
+    real_save_file(tensors, filename, *a, **k)
+    if mode == "term" and _count(name in str(filename)):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 os.replace = replace
 Path.write_text = write_text
+safetensors.torch.save_file = save_file
 
 from linearize.cli import app  # noqa: E402 (after the patches, on purpose)
 

@@ -43,9 +43,9 @@ def one_line(res, *words, after_work: bool = False) -> str:
     return lines[-1]
 
 
-def kill_run(spec: str, *args) -> None:
-    """Run the CLI in a child process that SIGKILLs itself at ``spec`` (see killer.py)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(KILLER.parent))
+def kill_run(spec: str, *args, code: int = -9, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run the CLI in a child process that kills itself at ``spec`` (see killer.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(KILLER.parent), **env_vars)
     done = subprocess.run(
         [sys.executable, str(KILLER), spec, *map(str, args)],
         env=env,
@@ -53,7 +53,8 @@ def kill_run(spec: str, *args) -> None:
         text=True,
         timeout=300,
     )
-    assert done.returncode == -9, done.stderr[-2000:]
+    assert done.returncode == code, done.stderr[-2000:]
+    return done
 
 
 def readable(out: Path) -> None:
@@ -288,6 +289,24 @@ def test_prune_killed_while_replacing_a_checkpoint(tiny_dir, tmp_path):
 
     assert load(str(out), device="cpu")[0].config.num_hidden_layers == 2
     no_debris(tmp_path)
+
+
+def test_prune_terminated_unwinds_and_leaves_no_states(tiny_dir, tmp_path):
+    """SIGTERM (``kill``, a scheduler's stop) right after the pruner spilled its first boundary
+    state to disk: the run unwinds through its cleanup, says so in one line with status 143,
+    and leaves no spilled states, temporary files or lock behind."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    args = ["prune", tiny_dir, "--remove", 2, *FAST, "--calib", "builtin:calib", "--eval", ""]
+    args += ["--eval-ood", "", "--fit-target", "original", "--cache-gb", 0]
+    args += ["--out", tmp_path / "p"]
+    done = kill_run("term:linearize-states-:1", *args, code=143, TMPDIR=str(scratch))
+    lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
+    assert lines[-1] == "error: stopped by signal 15 (SIGTERM)", done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert not list(scratch.glob("linearize-states-*"))
+    no_debris(tmp_path)
+    assert run(*args).exit_code == 0  # the --out lock went with it
 
 
 def test_sweep_killed_then_resumed(tiny_dir, tmp_path):

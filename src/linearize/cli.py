@@ -10,10 +10,12 @@ import dataclasses
 import functools
 import inspect
 import os
+import signal
 import sys
+import threading
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -116,13 +118,44 @@ def command(*args: Any, **kwargs: Any) -> Callable:
         def run(*a: Any, **kw: Any) -> Any:
             _quiet_libraries()
             try:
-                return fn(*a, **kw)
+                with _terminate_unwinds():
+                    return fn(*a, **kw)
             except LinearizeError as e:
                 _fail(str(e))
+            except _Terminated as e:
+                typer.echo(f"error: stopped by signal {e.signum} (SIGTERM)", err=True)
+                raise typer.Exit(128 + e.signum) from None
 
         return app.command(*args, **kwargs)(run)
 
     return decorate
+
+
+class _Terminated(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so ``except Exception`` lets it pass."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    """Let SIGTERM (``kill``, a job scheduler's stop) unwind the command as Ctrl-C does, through
+    every ``finally``: spilled calibration states, temporary files and the --out lock go, where
+    the default action would end the process on the spot and leave them behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Terminated(signum)
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _quiet_libraries() -> None:

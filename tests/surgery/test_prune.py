@@ -161,6 +161,9 @@ def test_replacement_error_matches_direct_computation(tokenizer):
         (dict(remove=1, protect=[3]), "out of range"),
         (dict(remove=2, protect=[0, -1]), "too few layers left"),
         (dict(remove=1, strategy="layers", layers=[2], protect=[-1]), "--protect keeps"),
+        (dict(remove=1, cache_gb=-1.0), "--cache-gb must be at least 0"),
+        (dict(remove=1, ppl_tokens=0), "--ppl-tokens must be at least 1"),
+        (dict(remove=1, rescore_tokens=-1), "--rescore-tokens must be at least 0"),
     ],
 )
 def test_bad_prune_requests_fail_before_work(kwargs, match, tokenizer):

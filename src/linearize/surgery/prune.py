@@ -257,9 +257,11 @@ class PruneConfig:
             if self.strategy == "layers" and 0 in self.layers:
                 raise LinearizeError("--replace fold cannot remove layer 0: no MLP comes before it")
         if self.ppl_tokens < 1:
-            raise LinearizeError(f"ppl_tokens must be at least 1, got {self.ppl_tokens}")
+            raise LinearizeError(f"--ppl-tokens must be at least 1, got {self.ppl_tokens}")
         if (self.reconstruct or 0) < 0 or self.reconstruct_ridge < 0:
             raise LinearizeError("--reconstruct and --reconstruct-ridge must be at least 0")
+        if self.cache_gb < 0:
+            raise LinearizeError(f"--cache-gb must be at least 0, got {self.cache_gb}")
         if self.rescore_tokens < 0:
             raise LinearizeError(f"--rescore-tokens must be at least 0, got {self.rescore_tokens}")
         return k
