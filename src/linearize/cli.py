@@ -244,6 +244,38 @@ def _token_progress(total: int | None, enabled: bool, world: int):
         yield lambda n: bar.advance(task(), n * world)
 
 
+@contextmanager
+def _phase_progress(enabled: bool):
+    """For work made of many passes (prune): one rich line on stderr with what runs now, its
+    batches done, and the time since the start; yields (on_progress, say), ``say`` printing
+    a line above it. Nothing shows before the first phase, so an early error stays alone."""
+    if not enabled:
+        yield None, lambda line: typer.echo(line, err=True)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+    )
+
+    cols = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn()]
+    bar = Progress(*cols, TimeElapsedColumn(), console=Console(stderr=True))
+    with _lazy_task(bar, "starting") as task:
+
+        def on_progress(what: str, done: int, total: int) -> None:
+            t = task()
+            bar.update(t, description=what, completed=done)
+            state = next(x for x in bar.tasks if x.id == t)
+            state.total = total or None  # None: a phase of unknown length
+            state.finished_time = None  # a phase's end is not the run's: the clock goes on
+
+        yield on_progress, lambda line: bar.console.print(line, markup=False, highlight=False)
+
+
 @command()
 @with_config(AnalyzeConfig)
 def analyze(
@@ -324,30 +356,35 @@ def prune(
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float64")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show what runs now on stderr")] = True,
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
     if config.layers is not None and config.strategy == "linear-greedy":
         config.strategy = "layers"
-
-    def on_step(step: dict) -> None:
-        typer.echo(f"removed layer {step['layer']} (score {step['score']})", err=True)
-
     if sweep is not None:
-        _run_sweep(model, config, sweep, eval_data, eval_tokens, out, dtype, device, eval_ood)
+        with _phase_progress(progress) as (on_progress, say):
+            args = (eval_data, eval_tokens, out, dtype, device, eval_ood, on_progress, say)
+            _run_sweep(model, config, sweep, *args)
         return
     out = out or Path("linearize-out/pruned")
-    rep = pruning.prune(
-        model,
-        config,
-        eval_data=eval_data or None,
-        eval_tokens=eval_tokens,
-        out=out,
-        dtype=dtype,
-        device=device,
-        on_step=on_step,
-        ood_data=eval_ood,
-    )
+    with _phase_progress(progress) as (on_progress, say):
+
+        def on_step(step: dict) -> None:
+            say(f"removed layer {step['layer']} (score {step['score']})")
+
+        rep = pruning.prune(
+            model,
+            config,
+            eval_data=eval_data or None,
+            eval_tokens=eval_tokens,
+            out=out,
+            dtype=dtype,
+            device=device,
+            on_step=on_step,
+            ood_data=eval_ood,
+            on_progress=on_progress,
+        )
     _say_pruned(rep, out)
 
 
@@ -368,16 +405,17 @@ def _say_pruned(rep: dict, out: Path) -> None:
     )
 
 
-def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, ood) -> None:
+def _run_sweep(
+    model, config, ks, eval_data, eval_tokens, out, dtype, device, ood, on_progress, say
+) -> None:
     if not eval_data:
         raise LinearizeError("--sweep needs a held-out source (--eval)")
     out = out or Path("linearize-out/sweep")
 
     def on_row(r: dict) -> None:
-        typer.echo(
+        say(
             f"{r['strategy']} / {r['replace']} / k={r['k']}: perplexity "
-            f"{r['perplexity'] or r['note']}",
-            err=True,
+            f"{r['perplexity'] or r['note']}"
         )
 
     rows = sweeping.sweep(
@@ -393,6 +431,7 @@ def _run_sweep(model, config, ks, eval_data, eval_tokens, out, dtype, device, oo
         device,
         on_row,
         ood,
+        on_progress,
     )
     typer.echo(sweeping.table_markdown(rows))
     typer.echo(f"wrote {out}/sweep.json, sweep.csv, sweep.md, sweep.png, sweep.html")

@@ -375,3 +375,28 @@ def test_dropping_named_layers_reads_no_calibration_text(tokenizer, tmp_path, mo
     res = prune_model_(model, tokenizer, cfg)
     assert res.removed == [1] and res.forward_passes == 0 and arch.n_layers(model) == 2
     assert not (tmp_path / "self-text").exists()  # nothing sampled from the model
+
+
+@pytest.mark.parametrize("strategy", ["linear-greedy", "ppl-oneshot"])
+def test_progress_hears_every_pass_to_its_end(strategy, tokenizer):
+    """What the CLI's progress line shows: every pass over calibration batches starts at 0 and
+    reaches its total, the totals add up to the passes prune.json counts, and the phases name
+    layers by their original indices."""
+    calls = []
+    cfg = PruneConfig(2, strategy=strategy, ppl_tokens=192, **KW)
+    model = make_tiny("llama", num_hidden_layers=4)
+    res = prune_model_(model, tokenizer, cfg, on_progress=lambda *a: calls.append(a))
+    starts = [(what, total) for what, done, total in calls if done == 0 and total]
+    ends = [(what, total) for what, done, total in calls if done == total and total]
+    assert starts == ends and sum(total for _, total in starts) == res.forward_passes
+    assert calls[0] == ("calibration text", 0, 0)
+    phases = {what for what, _ in starts}
+    assert "scoring, layers 0–3" in phases
+    assert any(w.startswith("refitting the MLP of layer") for w in phases)
+    if strategy == "ppl-oneshot":
+        assert {f"perplexity with layer {p} mapped" for p in range(4)} <= phases
+    else:  # the re-scoring after a cut starts at the cut, in the original numbering
+        later = {
+            w for w in phases if w.startswith("scoring, layers ") and w != "scoring, layers 0–3"
+        }
+        assert later and all(w.endswith("–3") for w in later)

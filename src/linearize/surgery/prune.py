@@ -45,7 +45,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -106,6 +106,7 @@ STRATEGIES = (
 REPLACEMENTS = ("none", "linear", "fold")
 SCORES = ("linearity", "linearity_no_residual", "replacement_error")
 FIT_TARGETS = ("auto", "local", "original")
+Progress = Callable[[str, int, int], None]  # (what, batches done, batches in it; 0: unknown)
 
 
 def replacement_error(stats: PairStats, ridge: float = 0.0) -> float:
@@ -360,8 +361,11 @@ class _Pruner:
     position whose input still equals the original's.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, c: PruneConfig, on_step) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer, c: PruneConfig, on_step, on_progress=None
+    ) -> None:
         self.model, self.c, self.on_step = model, c, on_step
+        self.on_progress: Progress | None = on_progress
         n = arch.n_layers(model)
         self.n_orig = n
         self.k = c.check(n, model.config)
@@ -373,6 +377,8 @@ class _Pruner:
         self.scoring = {"fast": bool(massive), "massive": massive}
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
         needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
+        if needed and on_progress is not None:
+            on_progress("calibration text", 0, 0)
         seqs = (
             calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens) if needed else []
         )
@@ -407,13 +413,21 @@ class _Pruner:
             return False
         return p >= 1 or self.c.replace != "fold"  # fold needs an MLP before the run
 
-    def pass_over(self, batches: list, layers: int | None = None) -> list:
-        """Count a pass over ``batches`` through ``layers`` layers (default: all)."""
+    def pass_over(
+        self, batches: list, what: str, layers: int | None = None
+    ) -> Iterable[dict[str, Tensor]]:
+        """Count a pass over ``batches`` through ``layers`` layers (default: all), and report
+        its progress as ``what`` after every batch."""
         self.result.forward_passes += len(batches)
         self._layer_passes += len(batches) * (
             arch.n_layers(self.model) if layers is None else layers
         )
-        return batches
+        return batches if self.on_progress is None else _ticking(batches, what, self.on_progress)
+
+    def _names(self, start: int, stop: int) -> str:
+        """Positions [start, stop) as original layer indices, for progress lines."""
+        idx = self.alive[start:stop]
+        return f"layer {idx[0]}" if len(idx) == 1 else f"layers {idx[0]}–{idx[-1]}"
 
     # -- boundary states ----------------------------------------------------------------------
     def _key(self, p: int) -> tuple:
@@ -426,7 +440,14 @@ class _Pruner:
 
         return on_boundary
 
-    def _run(self, start: int, stop: int, before_batch=None, first: int | None = None) -> None:
+    def _run(
+        self,
+        start: int,
+        stop: int,
+        before_batch=None,
+        first: int | None = None,
+        what: str = "calibration states",
+    ) -> None:
         """Layers [start, stop) on every batch (or the ``first`` few) from the stored state at
         ``start``; records the boundaries start..stop, and marks them current when every batch
         ran."""
@@ -434,7 +455,7 @@ class _Pruner:
         batches = self.batches if first is None else self.batches[:first]
         run_from(
             self.model,
-            self.pass_over(batches, stop - start),
+            self.pass_over(batches, f"{what}, {self._names(start, stop)}", stop - start),
             start,
             stop,
             state,
@@ -471,7 +492,7 @@ class _Pruner:
 
         self.rescored = None
         with cap:
-            self._run(p, n, before_batch=before_batch, first=first)
+            self._run(p, n, before_batch=before_batch, first=first, what="scoring")
         check_finite(cap.stats, self.model)
         return cap.stats
 
@@ -511,6 +532,7 @@ class _Pruner:
         use: Callable[..., None],
         proj: nn.Module | None = None,
         state: Callable[[int], Tensor] | None = None,
+        what: str = "fitting at",
     ) -> None:
         """Layers [q, stop) on every batch from the stored state entering position q (or
         ``state(b)``), with ``use(b, g, m, h, h_stop, x)`` per batch: g and m the input and
@@ -535,7 +557,7 @@ class _Pruner:
         key = self._key(q)
         run_from(
             self.model,
-            self.pass_over(self.batches, stop - q),
+            self.pass_over(self.batches, f"{what} {self._names(q, q + 1)}", stop - q),
             q,
             stop,
             state or (lambda b: self.store.get(key + (b,))),
@@ -554,7 +576,8 @@ class _Pruner:
             y = (self.store.get(yk + (b,)).to(h) if original else h_stop) - h + m
             stats.update(_masked_rows(m, self.masks[b]), _masked_rows(y, self.masks[b]))
 
-        self._projection_pass(start - 1, start if original else end, use)
+        what = f"folding {self._names(start, end)} into"
+        self._projection_pass(start - 1, start if original else end, use, what=what)
         return stats
 
     # -- removal ------------------------------------------------------------------------------
@@ -575,7 +598,8 @@ class _Pruner:
             set_span_map_(model, start, end, fit)
         elif c.replace == "linear":
             if stats is None:
-                stats = span_stats(model, self.pass_over(self.batches), start, end)
+                what = f"fitting the map for {self._names(start, end)}"
+                stats = span_stats(model, self.pass_over(self.batches, what), start, end)
             fit = self._fit(stats)
             fit_error = relative_error(stats, fit)
             replace_span_(model, start, end, fit)
@@ -664,7 +688,9 @@ class _Pruner:
 
         # the original's middle state: its input through this (still original) attention
         with bridge_as(model, q, ident) if bridge is not None else contextlib.nullcontext():
-            self._projection_pass(q, q + 1, keep_mid, proj, lambda b: self.store.get(start + (b,)))
+            self._projection_pass(
+                q, q + 1, keep_mid, proj, lambda b: self.store.get(start + (b,)), "original at"
+            )
         stats = RegressionStats(bias=proj_has_bias(proj))
 
         def use(b: int, g: Tensor, o: Tensor, h: Tensor, h_stop: Tensor, x: Tensor) -> None:
@@ -672,7 +698,7 @@ class _Pruner:
             y = self.store.get(("z", b)).to(h) - xb  # the stream around the attention
             stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
 
-        self._projection_pass(q, q + 1, use, proj)
+        self._projection_pass(q, q + 1, use, proj, what="refitting the attention of")
         fit_into_(proj, fit_toward(stats, weight_rows(proj), self.c.reconstruct_ridge))
         self.store.drop_where(lambda key: key[0] == "z")
         self._changed(q)
@@ -687,7 +713,7 @@ class _Pruner:
             y = self.store.get(yk + (b,)).to(h) - h + m
             stats.update(_masked_rows(g, self.masks[b]), _masked_rows(y, self.masks[b]))
 
-        self._projection_pass(q, q + 1, use)
+        self._projection_pass(q, q + 1, use, what="refitting the MLP of")
         return stats
 
     # -- strategies ---------------------------------------------------------------------------
@@ -737,8 +763,11 @@ class _Pruner:
             scored = {}
             for p in range(len(self.alive)):
                 if self._allowed(p):
+                    what = f"perplexity without {self._names(p, p + 1)}"
                     with arch.layers_removed(self.model, [p]):
-                        scored[p] = -_batches_ppl(self.model, self.pass_over(self.ppl_batches))
+                        scored[p] = -_batches_ppl(
+                            self.model, self.pass_over(self.ppl_batches, what)
+                        )
             if step == 0:
                 self._keep_initial({}, scored)
             best = max(scored, key=scored.get)
@@ -753,9 +782,12 @@ class _Pruner:
         scored = {}
         for p in filter(self._allowed, range(len(self.alive))):
             fit = None if self.c.replace == "none" else self._fit(stats[p])
+            what = (
+                f"perplexity with {self._names(p, p + 1)} {'dropped' if fit is None else 'mapped'}"
+            )
             with arch.layers_removed(self.model, [p]):
                 with bridge_as(self.model, p, fit) if fit is not None else contextlib.nullcontext():
-                    scored[p] = -_batches_ppl(self.model, self.pass_over(self.ppl_batches))
+                    scored[p] = -_batches_ppl(self.model, self.pass_over(self.ppl_batches, what))
         self._keep_initial(stats, scored)
         return scored
 
@@ -765,7 +797,7 @@ class _Pruner:
         if c.strategy == "layers":
             return {i: None for i in c.layers}
         if c.strategy in ("angular-block", "lstsq-block"):
-            dist = block_distances(model, self.pass_over(self.batches), k)
+            dist = block_distances(model, self.pass_over(self.batches, "block distances"), k)
             key = "angular_last" if c.strategy == "angular-block" else "cosine_all"
             starts = [s for s in range(len(dist[key])) if all(map(self._allowed, range(s, s + k)))]
             if not starts:
@@ -778,7 +810,7 @@ class _Pruner:
             stats = (
                 self.score_from(0)
                 if c.target == "original"
-                else collect_stats(model, self.pass_over(self.batches), **self.scoring)
+                else collect_stats(model, self.pass_over(self.batches, "scoring"), **self.scoring)
             )
             scored = {
                 p: _score(s, self.result.chosen_by, c.ridge)
@@ -842,9 +874,21 @@ def prune_model_(
     tokenizer,
     config: PruneConfig,
     on_step: Callable[[dict], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> PruneResult:
-    """Prune ``model`` in place; returns what was removed (original numbering)."""
-    return _Pruner(model, tokenizer, config, on_step).run()
+    """Prune ``model`` in place; returns what was removed (original numbering).
+    ``on_progress(what, done, total)`` hears every pass over the calibration batches, after
+    each batch (total 0: a phase of unknown length begins)."""
+    return _Pruner(model, tokenizer, config, on_step, on_progress).run()
+
+
+def _ticking(
+    batches: list[dict[str, Tensor]], what: str, on_progress: Progress
+) -> Iterator[dict[str, Tensor]]:
+    on_progress(what, 0, len(batches))
+    for i, b in enumerate(batches):
+        yield b
+        on_progress(what, i + 1, len(batches))
 
 
 @releases_output
@@ -858,6 +902,7 @@ def prune(
     device: str = "auto",
     on_step: Callable[[dict], None] | None = None,
     ood_data: str | None = "default",
+    on_progress: Progress | None = None,
 ) -> dict:
     """Load, prune, evaluate before/after, and write a loadable checkpoint to ``out``.
 
@@ -877,8 +922,11 @@ def prune(
     ood_data = data.eval_sources(eval_data, ood_data)
     lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
     held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
+    say = on_progress or (lambda what, done, total: None)
+    say("held-out perplexity, before", 0, 0)
     before = held_out("before")
-    res = prune_model_(lm, tok, c, on_step)
+    res = prune_model_(lm, tok, c, on_step, on_progress)
+    say("held-out perplexity, after", 0, 0)
     after = held_out("after")
     record = {
         "base_model": model or models.EMBEDDED_NAME,

@@ -28,6 +28,7 @@ from linearize.report import png, render
 from linearize.surgery.prune import (
     REPLACEMENTS,
     STRATEGIES,
+    Progress,
     PruneConfig,
     held_out_perplexities,
     prune_model_,
@@ -84,8 +85,10 @@ def sweep(
     device: str = "auto",
     on_row: Callable[[dict], None] | None = None,
     ood_data: str | None = "default",
+    on_progress: Progress | None = None,
 ) -> list[dict]:
-    """Run the sweep and write its table and plot into ``out``; returns the rows.
+    """Run the sweep and write its table and plot into ``out``; returns the rows
+    (``on_progress`` as for ``prune_model_``, each phase named with its cell).
 
     Every row has two perplexities: ``eval_data`` (in-domain for the built-in calibration
     text) and ``ood_data``, English of another kind ("default": ``data.default_ood()``), so
@@ -109,6 +112,8 @@ def sweep(
     lm, tok = models.load(model, dtype=dtype, device=device)
 
     def ppl(m) -> tuple[float | None, ...]:
+        if on_progress is not None:
+            on_progress("held-out perplexity", 0, 0)
         sources = (eval_data, ood_data)
         return held_out_perplexities(m, tok, sources, base.seq_len, eval_tokens, base.batch_size)
 
@@ -125,7 +130,8 @@ def sweep(
         for r in replacements:
             todo = [k for k in ks if k > 0 and (s, r, k) not in done]
             if todo:
-                _cell(lm, tok, hf_config, replace(base, strategy=s, replace=r), todo, ppl, add)
+                cfg = replace(base, strategy=s, replace=r)
+                _cell(lm, tok, hf_config, cfg, todo, ppl, add, on_progress)
     return rows
 
 
@@ -146,7 +152,7 @@ def _grid(
     return list(strategies), list(replacements), ks
 
 
-def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add) -> None:
+def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add, progress) -> None:
     """One strategy × replacement at every count in ``todo``: a greedy run once up to the
     largest count, any other strategy once per count, each on a fresh copy of ``lm``. With
     ``--reconstruct`` a greedy run is read at its end only (the refits come after the last
@@ -159,11 +165,11 @@ def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add) -> No
                 add(_na(cfg.strategy, cfg.replace, k, str(e)))
             return
     if cfg.strategy in SEQUENTIAL and not cfg.refits:
-        _run_sequential(lm, tok, replace(cfg, remove=max(todo)), todo, ppl, add)
+        _run_sequential(lm, tok, replace(cfg, remove=max(todo)), todo, ppl, add, progress)
         return
     for k in todo:
         m = copy.deepcopy(lm)
-        res = prune_model_(m, tok, replace(cfg, remove=k))
+        res = prune_model_(m, tok, replace(cfg, remove=k), None, _named(progress, cfg, k))
         add(
             _row(
                 cfg.strategy, cfg.replace, k, ppl(m), res.removed, res.elapsed_s, res.forward_passes
@@ -172,7 +178,15 @@ def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add) -> No
         del m
 
 
-def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add) -> None:
+def _named(progress: Progress | None, cfg: PruneConfig, k: int) -> Progress | None:
+    """``progress`` with each phase prefixed by its cell."""
+    if progress is None:
+        return None
+    cell = f"{cfg.strategy} / {cfg.replace} / k={k}"
+    return lambda what, done, total: progress(f"{cell}: {what}", done, total)
+
+
+def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add, progress) -> None:
     m = copy.deepcopy(lm)
     start = time.perf_counter()
     removed: list[int] = []
@@ -183,7 +197,7 @@ def _run_sequential(lm, tok, cfg: PruneConfig, ks: list[int], ppl, add) -> None:
             elapsed = round(time.perf_counter() - start, 2)
             add(_row(cfg.strategy, cfg.replace, len(removed), ppl(m), list(removed), elapsed, None))
 
-    prune_model_(m, tok, cfg, on_step)
+    prune_model_(m, tok, cfg, on_step, _named(progress, cfg, cfg.remove))
 
 
 def _row(s, r, k, ppl: tuple[float | None, float | None], removed, elapsed, passes) -> dict:
