@@ -882,6 +882,10 @@ def prune_model_(
     return _Pruner(model, tokenizer, config, on_step, on_progress).run()
 
 
+def no_progress(what: str, done: int, total: int) -> None:
+    """The ``Progress`` that shows nothing."""
+
+
 def _ticking(
     batches: list[dict[str, Tensor]], what: str, on_progress: Progress
 ) -> Iterator[dict[str, Tensor]]:
@@ -922,7 +926,7 @@ def prune(
     ood_data = data.eval_sources(eval_data, ood_data)
     lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
     held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
-    say = on_progress or (lambda what, done, total: None)
+    say = on_progress or no_progress
     say("held-out perplexity, before", 0, 0)
     before = held_out("before")
     res = prune_model_(lm, tok, c, on_step, on_progress)

@@ -31,6 +31,7 @@ from linearize.surgery.prune import (
     Progress,
     PruneConfig,
     held_out_perplexities,
+    no_progress,
     prune_model_,
 )
 
@@ -112,8 +113,7 @@ def sweep(
     lm, tok = models.load(model, dtype=dtype, device=device)
 
     def ppl(m) -> tuple[float | None, ...]:
-        if on_progress is not None:
-            on_progress("held-out perplexity", 0, 0)
+        (on_progress or no_progress)("held-out perplexity", 0, 0)
         sources = (eval_data, ood_data)
         return held_out_perplexities(m, tok, sources, base.seq_len, eval_tokens, base.batch_size)
 
