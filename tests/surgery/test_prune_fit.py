@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -215,6 +216,27 @@ def test_boundary_store_spills_and_reads_back(tmp_path):
     assert ("b", 0) not in store and ("a", 0) in store
     store.close()
     assert not any(tmp_path.iterdir())
+
+
+def test_spilling_removes_the_states_of_runs_that_were_killed(tmp_path):
+    """A run killed outright leaves its spill directory; the next run that spills removes it,
+    and leaves those of runs still alive (here, this one) alone."""
+    import subprocess
+    import sys
+
+    child = [sys.executable, "-c", "import os; print(os.getpid())"]
+    dead = subprocess.run(child, text=True, capture_output=True, check=True).stdout.strip()
+    orphan = tmp_path / f"linearize-states-{dead}-x1"
+    live = tmp_path / f"linearize-states-{os.getpid()}-x2"
+    for d in (orphan, live):
+        d.mkdir()
+        (d / "o_1_0.safetensors").write_bytes(b"states")
+    store = BoundaryStore(ram_bytes=0, spill_dir=tmp_path)
+    store.put(("a", 0), torch.ones(4))
+    assert not orphan.exists() and live.exists()
+    assert len(list(tmp_path.glob(f"linearize-states-{os.getpid()}-*"))) == 2  # with its own
+    store.close()
+    assert [p.name for p in tmp_path.iterdir()] == [live.name]
 
 
 def test_fortunes_source_is_prose_not_code():

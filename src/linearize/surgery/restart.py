@@ -14,6 +14,7 @@ have done.
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +27,28 @@ from torch import Tensor, nn
 from linearize import arch
 from linearize._io import space_errors
 from linearize.capture import _StopForward, eval_mode, hooks, layer_input, layer_output
+
+SPILL_PREFIX = "linearize-states-"
+
+
+def remove_orphans(root: Path) -> list[Path]:
+    """Delete the spill directories under ``root`` whose run is gone (its pid, in the name, is
+    no longer alive): a run killed outright (SIGKILL, the OOM killer) cannot clean up after
+    itself, and its states can be gigabytes. A pid that is alive, or not ours to signal, is
+    left alone. Returns what was removed."""
+    gone = []
+    for d in root.glob(f"{SPILL_PREFIX}*-*"):
+        pid = d.name[len(SPILL_PREFIX) :].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+        except OSError:  # alive, under another user
+            pass
+    return gone
 
 
 class BoundaryStore:
@@ -54,7 +77,9 @@ class BoundaryStore:
             self.peak_ram = max(self.peak_ram, self.in_ram)
             return
         if self._spill is None:
-            self._spill = Path(tempfile.mkdtemp(prefix="linearize-states-", dir=self._spill_root))
+            root = Path(self._spill_root or tempfile.gettempdir())
+            remove_orphans(root)
+            self._spill = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=root))
         path = self._spill / ("_".join(map(str, key)) + ".safetensors")
         with space_errors(path):  # the cache's own spill: say so in one line, not a traceback
             save_file({"h": t.contiguous().cpu()}, str(path))
