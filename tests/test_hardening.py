@@ -57,6 +57,25 @@ def kill_run(spec: str, *args, code: int = -9, **env_vars: str) -> subprocess.Co
     return done
 
 
+def prune_args(model, out, remove: int = 1) -> list:
+    """A quick prune of ``model`` into ``out``: built-in calibration text, no perplexity."""
+    return [
+        "prune",
+        model,
+        "--remove",
+        remove,
+        *FAST,
+        "--calib",
+        "builtin:calib",
+        "--eval",
+        "",
+        "--eval-ood",
+        "",
+        "--out",
+        out,
+    ]
+
+
 def readable(out: Path) -> None:
     """Every output file in ``out`` parses: JSON, PNG, safetensors (hidden temporary files of a
     killed write are not outputs; the next run on ``out`` sweeps them)."""
@@ -149,21 +168,7 @@ def test_float16_overflow_says_to_use_another_dtype(broken_dirs, tmp_path):
 
 
 def test_nan_model_is_not_pruned_into_a_nan_checkpoint(broken_dirs, tmp_path):
-    res = run(
-        "prune",
-        broken_dirs["nan"],
-        "--remove",
-        1,
-        *FAST,
-        "--calib",
-        "builtin:calib",
-        "--eval",
-        "",
-        "--eval-ood",
-        "",
-        "--out",
-        tmp_path / "p",
-    )
+    res = run(*prune_args(broken_dirs["nan"], tmp_path / "p"))
     one_line(res, "non-finite")
     assert not (tmp_path / "p").exists()
 
@@ -229,21 +234,7 @@ def test_disk_full_while_saving_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mu, "safe_save_file", full)
-    res = run(
-        "prune",
-        tiny_dir,
-        "--remove",
-        1,
-        *FAST,
-        "--calib",
-        "builtin:calib",
-        "--eval",
-        "",
-        "--eval-ood",
-        "",
-        "--out",
-        tmp_path / "p",
-    )
+    res = run(*prune_args(tiny_dir, tmp_path / "p"))
     one_line(res, "no space left", after_work=True)
     assert not (tmp_path / "p").exists() or list((tmp_path / "p").iterdir()) == []
     no_debris(tmp_path)
@@ -264,19 +255,7 @@ def test_analyze_killed_mid_write_then_rerun(tiny_dir, tmp_path):
 def test_prune_killed_while_replacing_a_checkpoint(tiny_dir, tmp_path):
     out = tmp_path / "p"
     args = [
-        "prune",
-        tiny_dir,
-        "--remove",
-        1,
-        *FAST,
-        "--calib",
-        "builtin:calib",
-        "--eval",
-        "",
-        "--eval-ood",
-        "",
-        "--out",
-        out,
+        *prune_args(tiny_dir, out),
     ]
     assert run(*args).exit_code == 0
     kill_run("replace:p:1", *args)  # the new checkpoint is complete beside the old one
@@ -297,9 +276,7 @@ def test_prune_terminated_unwinds_and_leaves_no_states(tiny_dir, tmp_path):
     and leaves no spilled states, temporary files or lock behind."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
-    args = ["prune", tiny_dir, "--remove", 2, *FAST, "--calib", "builtin:calib", "--eval", ""]
-    args += ["--eval-ood", "", "--fit-target", "original", "--cache-gb", 0]
-    args += ["--out", tmp_path / "p"]
+    args = [*prune_args(tiny_dir, tmp_path / "p", 2), "--fit-target", "original", "--cache-gb", 0]
     done = kill_run("term:linearize-states-:1", *args, code=143, TMPDIR=str(scratch))
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
     assert lines[-1] == "error: stopped by signal 15 (SIGTERM)", done.stderr[-2000:]
@@ -354,24 +331,7 @@ def killed_at_step_4_then_resumed(args: list, out: Path, summary: str) -> None:
 
 def test_distill_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
     student = tmp_path / "student"
-    assert (
-        run(
-            "prune",
-            tiny_dir,
-            "--remove",
-            1,
-            *FAST,
-            "--calib",
-            "builtin:calib",
-            "--eval",
-            "",
-            "--eval-ood",
-            "",
-            "--out",
-            student,
-        ).exit_code
-        == 0
-    )
+    assert run(*prune_args(tiny_dir, student)).exit_code == 0
     out = tmp_path / "d"
     args = [
         "distill",
