@@ -4,9 +4,9 @@
 
 MODE ``replace``: die the N-th time a file or directory named NAME is renamed into place
 (its temporary copy is complete, the old one still stands). MODE ``mid``: die halfway
-through the N-th write of a text file whose temporary name contains NAME. MODE ``term``:
-send itself SIGTERM (not SIGKILL) after the N-th safetensors file whose path contains NAME is
-saved, so the run may unwind.
+through the N-th write of a text file whose temporary name contains NAME. MODE ``term``
+(``int``): send itself SIGTERM (SIGINT) after the N-th safetensors file whose path contains
+NAME is saved, so the run may unwind.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ real_save_file = safetensors.torch.save_file
 
 def save_file(tensors, filename, *a, **k):
     real_save_file(tensors, filename, *a, **k)
-    if mode == "term" and _count(name in str(filename)):
-        os.kill(os.getpid(), signal.SIGTERM)
+    if mode in ("term", "int") and _count(name in str(filename)):
+        os.kill(os.getpid(), signal.SIGTERM if mode == "term" else signal.SIGINT)
 
 
 os.replace = replace

@@ -270,16 +270,23 @@ def test_prune_killed_while_replacing_a_checkpoint(tiny_dir, tmp_path):
     no_debris(tmp_path)
 
 
-def test_prune_terminated_unwinds_and_leaves_no_states(tiny_dir, tmp_path):
-    """SIGTERM (``kill``, a scheduler's stop) right after the pruner spilled its first boundary
-    state to disk: the run unwinds through its cleanup, says so in one line with status 143,
-    and leaves no spilled states, temporary files or lock behind."""
+@pytest.mark.parametrize(
+    "mode, code, line",
+    [
+        ("term", 143, "error: stopped by signal 15 (SIGTERM)"),
+        ("int", 130, "error: stopped by signal 2 (SIGINT, Ctrl-C)"),
+    ],
+)
+def test_prune_stopped_unwinds_and_leaves_no_states(mode, code, line, tiny_dir, tmp_path):
+    """SIGTERM (``kill``, a scheduler's stop) or Ctrl-C right after the pruner spilled its first
+    boundary state to disk: the run unwinds through its cleanup, says so in one line, and
+    leaves no spilled states, temporary files or lock behind."""
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     args = [*prune_args(tiny_dir, tmp_path / "p", 2), "--fit-target", "original", "--cache-gb", 0]
-    done = kill_run("term:linearize-states-:1", *args, code=143, TMPDIR=str(scratch))
+    done = kill_run(f"{mode}:linearize-states-:1", *args, code=code, TMPDIR=str(scratch))
     lines = [ln for ln in done.stderr.splitlines() if ln.strip()]
-    assert lines[-1] == "error: stopped by signal 15 (SIGTERM)", done.stderr[-2000:]
+    assert lines[-1] == line, done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not list(scratch.glob("linearize-states-*"))
     no_debris(tmp_path)

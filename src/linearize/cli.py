@@ -125,6 +125,9 @@ def command(*args: Any, **kwargs: Any) -> Callable:
             except _Terminated as e:
                 typer.echo(f"error: stopped by signal {e.signum} (SIGTERM)", err=True)
                 raise typer.Exit(128 + e.signum) from None
+            except KeyboardInterrupt:  # after the same unwinding, one line, not click's "Aborted!"
+                typer.echo("error: stopped by signal 2 (SIGINT, Ctrl-C)", err=True)
+                raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(run)
 
