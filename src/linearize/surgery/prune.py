@@ -426,7 +426,7 @@ class _Pruner:
 
     def _names(self, start: int, stop: int) -> str:
         """Positions [start, stop) as original layer indices, for progress lines."""
-        idx = self.alive[start:stop]
+        idx = self.alive[start:stop] or ["none"]
         return f"layer {idx[0]}" if len(idx) == 1 else f"layers {idx[0]}–{idx[-1]}"
 
     # -- boundary states ----------------------------------------------------------------------
@@ -689,7 +689,12 @@ class _Pruner:
         # the original's middle state: its input through this (still original) attention
         with bridge_as(model, q, ident) if bridge is not None else contextlib.nullcontext():
             self._projection_pass(
-                q, q + 1, keep_mid, proj, lambda b: self.store.get(start + (b,)), "original at"
+                q,
+                q + 1,
+                keep_mid,
+                proj,
+                lambda b: self.store.get(start + (b,)),
+                "the original attention of",
             )
         stats = RegressionStats(bias=proj_has_bias(proj))
 
