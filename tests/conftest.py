@@ -171,3 +171,25 @@ def run_cli(*args, nproc: int = 1, timeout: int = 300) -> subprocess.CompletedPr
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def prune_args(model, out, remove: int = 1) -> list:
+    """A quick prune of ``model`` into ``out``: built-in calibration text, no perplexity."""
+    return [
+        "prune",
+        model,
+        "--remove",
+        remove,
+        "--tokens",
+        300,
+        "--seq-len",
+        30,
+        "--calib",
+        "builtin:calib",
+        "--eval",
+        "",
+        "--eval-ood",
+        "",
+        "--out",
+        out,
+    ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, prune_args
 from typer.testing import CliRunner
 
 from linearize._io import TMP_PREFIX, strict_json
@@ -55,25 +55,6 @@ def kill_run(spec: str, *args, code: int = -9, **env_vars: str) -> subprocess.Co
     )
     assert done.returncode == code, done.stderr[-2000:]
     return done
-
-
-def prune_args(model, out, remove: int = 1) -> list:
-    """A quick prune of ``model`` into ``out``: built-in calibration text, no perplexity."""
-    return [
-        "prune",
-        model,
-        "--remove",
-        remove,
-        *FAST,
-        "--calib",
-        "builtin:calib",
-        "--eval",
-        "",
-        "--eval-ood",
-        "",
-        "--out",
-        out,
-    ]
 
 
 def readable(out: Path) -> None:

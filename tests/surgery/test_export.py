@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import make_tiny, prune_args
 from typer.testing import CliRunner
 
 from linearize import arch, data
@@ -102,24 +102,9 @@ def test_a_users_gguf_is_pruned_through_a_cached_conversion(
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
     _, src = _pruned_dir(tmp_path, tokenizer, sp_model, "fold")
     export_gguf(str(src), tmp_path / "user.gguf", "f32")
-    args = [
-        "prune",
-        str(tmp_path / "user.gguf"),
-        "--remove",
-        "1",
-        "--tokens",
-        "300",
-        "--seq-len",
-        "30",
-        "--calib",
-        "builtin:calib",
-        "--eval",
-        "",
-        "--eval-ood",
-        "",
-    ]
     for out in ("a", "b"):  # the second run reuses the conversion
-        res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out)])
+        args = prune_args(tmp_path / "user.gguf", tmp_path / out)
+        res = CliRunner().invoke(app, [str(a) for a in args])
         assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "cache" / "gguf").iterdir())) == 1
     assert load(str(tmp_path / "b"), device="cpu")[0].config.num_hidden_layers == 2
