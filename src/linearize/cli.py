@@ -253,7 +253,7 @@ def _phase_progress(enabled: bool):
     batches done, and the time since the start; yields (on_progress, say), ``say`` printing
     a line above it. Nothing shows before the first phase, so an early error stays alone."""
     if not enabled:
-        yield None, lambda line: typer.echo(line, err=True)
+        yield pruning.no_progress, lambda line: typer.echo(line, err=True)
         return
     from rich.console import Console
     from rich.progress import (

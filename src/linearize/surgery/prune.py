@@ -109,6 +109,10 @@ FIT_TARGETS = ("auto", "local", "original")
 Progress = Callable[[str, int, int], None]  # (what, batches done, batches in it; 0: unknown)
 
 
+def no_progress(what: str, done: int, total: int) -> None:
+    """The ``Progress`` that shows nothing."""
+
+
 def replacement_error(stats: PairStats, ridge: float = 0.0) -> float:
     """‖XW + b − Y‖²_F / ‖Y‖²_F for the fitted affine map: the share of the residual stream's
     energy the replacement would get wrong (lower is better). Unlike 1 − linearity, it is
@@ -362,10 +366,10 @@ class _Pruner:
     """
 
     def __init__(
-        self, model: nn.Module, tokenizer, c: PruneConfig, on_step, on_progress=None
+        self, model: nn.Module, tokenizer, c: PruneConfig, on_step, on_progress: Progress
     ) -> None:
         self.model, self.c, self.on_step = model, c, on_step
-        self.on_progress: Progress | None = on_progress
+        self.on_progress = on_progress
         n = arch.n_layers(model)
         self.n_orig = n
         self.k = c.check(n, model.config)
@@ -377,8 +381,8 @@ class _Pruner:
         self.scoring = {"fast": bool(massive), "massive": massive}
         # dropping named layers fits nothing: no calibration text (nor sampling from the model)
         needed = not (c.strategy == "layers" and c.replace == "none" and not c.refits)
-        if needed and on_progress is not None:
-            on_progress("calibration text", 0, 0)
+        if needed:
+            self.on_progress("calibration text", 0, 0)
         seqs = (
             calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens) if needed else []
         )
@@ -422,7 +426,7 @@ class _Pruner:
         self._layer_passes += len(batches) * (
             arch.n_layers(self.model) if layers is None else layers
         )
-        return batches if self.on_progress is None else _ticking(batches, what, self.on_progress)
+        return _ticking(batches, what, self.on_progress)
 
     def _names(self, start: int, stop: int) -> str:
         """Positions [start, stop) as original layer indices, for progress lines."""
@@ -879,16 +883,12 @@ def prune_model_(
     tokenizer,
     config: PruneConfig,
     on_step: Callable[[dict], None] | None = None,
-    on_progress: Progress | None = None,
+    on_progress: Progress = no_progress,
 ) -> PruneResult:
     """Prune ``model`` in place; returns what was removed (original numbering).
     ``on_progress(what, done, total)`` hears every pass over the calibration batches, after
     each batch (total 0: a phase of unknown length begins)."""
     return _Pruner(model, tokenizer, config, on_step, on_progress).run()
-
-
-def no_progress(what: str, done: int, total: int) -> None:
-    """The ``Progress`` that shows nothing."""
 
 
 def _ticking(
@@ -911,7 +911,7 @@ def prune(
     device: str = "auto",
     on_step: Callable[[dict], None] | None = None,
     ood_data: str | None = "default",
-    on_progress: Progress | None = None,
+    on_progress: Progress = no_progress,
 ) -> dict:
     """Load, prune, evaluate before/after, and write a loadable checkpoint to ``out``.
 
@@ -931,11 +931,10 @@ def prune(
     ood_data = data.eval_sources(eval_data, ood_data)
     lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
     held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
-    say = on_progress or no_progress
-    say("held-out perplexity, before", 0, 0)
+    on_progress("held-out perplexity, before", 0, 0)
     before = held_out("before")
     res = prune_model_(lm, tok, c, on_step, on_progress)
-    say("held-out perplexity, after", 0, 0)
+    on_progress("held-out perplexity, after", 0, 0)
     after = held_out("after")
     record = {
         "base_model": model or models.EMBEDDED_NAME,

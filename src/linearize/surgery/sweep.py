@@ -86,7 +86,7 @@ def sweep(
     device: str = "auto",
     on_row: Callable[[dict], None] | None = None,
     ood_data: str | None = "default",
-    on_progress: Progress | None = None,
+    on_progress: Progress = no_progress,
 ) -> list[dict]:
     """Run the sweep and write its table and plot into ``out``; returns the rows
     (``on_progress`` as for ``prune_model_``, each phase named with its cell).
@@ -113,7 +113,7 @@ def sweep(
     lm, tok = models.load(model, dtype=dtype, device=device)
 
     def ppl(m) -> tuple[float | None, ...]:
-        (on_progress or no_progress)("held-out perplexity", 0, 0)
+        on_progress("held-out perplexity", 0, 0)
         sources = (eval_data, ood_data)
         return held_out_perplexities(m, tok, sources, base.seq_len, eval_tokens, base.batch_size)
 
@@ -178,10 +178,8 @@ def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add, progr
         del m
 
 
-def _named(progress: Progress | None, cfg: PruneConfig, k: int) -> Progress | None:
+def _named(progress: Progress, cfg: PruneConfig, k: int) -> Progress:
     """``progress`` with each phase prefixed by its cell."""
-    if progress is None:
-        return None
     cell = f"{cfg.strategy} / {cfg.replace} / k={k}"
     return lambda what, done, total: progress(f"{cell}: {what}", done, total)
 
