@@ -18,6 +18,10 @@ from pathlib import Path
 
 mode, name, nth = sys.argv[1].split(":")
 seen = 0
+if mode == "int":
+    # as at a terminal: a background job (CI, nohup, `cmd &`) starts with SIGINT ignored,
+    # which Python keeps, and then the signal this mode sends would do nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _count(hit: bool) -> bool:
