@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import warnings
 from pathlib import Path
@@ -114,10 +115,23 @@ def resolve_model(name: str | None, savable: bool = False) -> tuple[str, dict]:
     return name, {}  # a Hub id
 
 
+# config keys that say how a model was loaded, not what it is: a GGUF read directly and its
+# converted copy must share every cache keyed by the digest (prune's text, distill's teacher)
+_LOAD_KEYS = {
+    "quantization_config",
+    "architectures",
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+}
+
+
 def weights_digest(model: torch.nn.Module) -> str:
     """A cheap key that changes with the config and the weights (the first and last tensors,
     sampled): what a cache of anything computed from the model is keyed by."""
-    h = hashlib.sha256(model.config.to_json_string().encode())
+    cfg = {k: v for k, v in model.config.to_dict().items() if k not in _LOAD_KEYS}
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
     params = list(model.parameters())
     for p in params[:4] + params[-4:]:
         h.update(p.detach().reshape(-1)[:4096].double().cpu().numpy().tobytes())

@@ -6,8 +6,9 @@ on Python documentation alone lose much more on other English than on held-out d
 distribution, so mixing it into the calibration text is a data-free way to make the fits
 broader (as LLM-QAT does for quantisation with self-generated data). Each sequence starts from
 one of a fixed list of everyday openings and is sampled (temperature 1, top-p 0.95) to the full
-sequence length, so no sequence stops early. The tokens are cached on disk, keyed by the model,
-the tokenizer and the settings, so a second run on the same model pays nothing.
+sequence length, so no sequence stops early. The samples are one pool per model, tokenizer and
+settings on disk, grown as runs need more: a second run on the same model, or ``distill`` after
+``prune``, pays only for tokens no earlier run sampled.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -62,8 +64,12 @@ OPENINGS = (
 SAMPLING = {"temperature": 1.0, "top_p": 0.95}
 
 
-def _fingerprint(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int) -> str:
-    """A key that changes with the weights, the tokenizer and every setting."""
+Progress = Callable[[str, int, int], None]  # (what, batches done, batches in all)
+
+
+def _fingerprint(model: nn.Module, tokenizer, seq_len: int, seed: int, batch_size: int) -> str:
+    """A key that changes with the weights, the tokenizer and every setting but the token
+    count: one pool per model and settings, which any count reads a prefix of."""
     h = hashlib.sha256(models.weights_digest(model).encode())
     h.update(
         json.dumps(
@@ -71,8 +77,8 @@ def _fingerprint(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: i
                 len(tokenizer),
                 tokenizer("The river")["input_ids"],
                 seq_len,
-                tokens,
                 seed,
+                batch_size,
                 OPENINGS,
                 SAMPLING,
             ]
@@ -82,45 +88,51 @@ def _fingerprint(model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: i
 
 
 @torch.no_grad()
-def _generate(
-    model: nn.Module, tokenizer, seq_len: int, tokens: int, seed: int, batch_size: int
+def _sample_batch(
+    model: nn.Module, tokenizer, seq_len: int, seed: int, batch_size: int, index: int
 ) -> list[list[int]]:
+    """Batch ``index`` of the pool: ``batch_size`` sequences of ``seq_len`` tokens, seeded by
+    its own index, so the pool's first batches are the same however far it is grown. One
+    batched, KV-cached ``generate`` call; openings are left-padded so every row ends where
+    sampling starts."""
     pad = data.pad_id_of(tokenizer)
     prefix = data.bos_prefix(tokenizer)
     device = model.get_input_embeddings().weight.device
-    out: list[list[int]] = []
+    prompts = [
+        prefix
+        + tokenizer(OPENINGS[(index * batch_size + j) % len(OPENINGS)], add_special_tokens=False)[
+            "input_ids"
+        ]
+        for j in range(batch_size)
+    ]
+    width = max(map(len, prompts))
+    ids = torch.full((batch_size, width), pad, dtype=torch.long)
+    mask = torch.zeros((batch_size, width), dtype=torch.long)
+    for j, p in enumerate(prompts):
+        ids[j, width - len(p) :] = torch.tensor(p)
+        mask[j, width - len(p) :] = 1
+    new = seq_len - width
     with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        i = 0
-        while sum(map(len, out)) < tokens:
-            rows = min(batch_size, -(-(tokens - sum(map(len, out))) // seq_len))
-            prompts = [
-                prefix
-                + tokenizer(OPENINGS[(i + j) % len(OPENINGS)], add_special_tokens=False)[
-                    "input_ids"
-                ]
-                for j in range(rows)
-            ]
-            width = max(map(len, prompts))
-            ids = torch.full((rows, width), pad, dtype=torch.long)
-            mask = torch.zeros((rows, width), dtype=torch.long)
-            for j, p in enumerate(prompts):  # left padding: every row ends where generation starts
-                ids[j, width - len(p) :] = torch.tensor(p)
-                mask[j, width - len(p) :] = 1
-            new = seq_len - width
-            gen = model.generate(
-                ids.to(device),
-                attention_mask=mask.to(device),
-                do_sample=True,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                pad_token_id=pad,
-                **SAMPLING,
-            )
-            for j, p in enumerate(prompts):
-                out.append(gen[j, width - len(p) :].tolist())
-            i += rows
-    return out
+        torch.manual_seed(seed * 1_000_003 + index)
+        gen = model.generate(
+            ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=True,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=pad,
+            **SAMPLING,
+        )
+    return [gen[j, width - len(p) :].tolist() for j, p in enumerate(prompts)]
+
+
+def _read_pool(path: Path) -> list[list[int]]:
+    try:
+        seqs = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    ok = isinstance(seqs, list) and all(isinstance(q, list) for q in seqs)
+    return seqs if ok else []
 
 
 def self_sequences(
@@ -131,25 +143,40 @@ def self_sequences(
     seed: int = 0,
     batch_size: int = 32,
     cache: Path | None = None,
+    on_progress: Progress | None = None,
 ) -> list[list[int]]:
     """About ``tokens`` tokens of text sampled from ``model``, as sequences of ``seq_len``
-    tokens (the last one cut to the total), generated once and then read from the cache."""
+    tokens (the last one cut to the total).
+
+    The samples form one pool per model and settings on disk, grown a batch at a time and
+    saved after each: a run that needs more tokens than an earlier one samples only the
+    difference, ``prune`` and ``distill`` share the text they both use, and a killed sampling
+    run keeps the batches it finished."""
     if tokens < 1:
         return []
     root = cache or (models.cache_dir() / "self-text")
-    path = root / f"{_fingerprint(model, tokenizer, seq_len, tokens, seed)}.json"
-    try:
-        seqs = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    path = root / f"{_fingerprint(model, tokenizer, seq_len, seed, batch_size)}.json"
+    seqs = _read_pool(path)
+    have = sum(map(len, seqs))
+    if have < tokens:
+        total = len(seqs) // batch_size + -(-(tokens - have) // (seq_len * batch_size))
         warnings.warn(
-            f"sampling {tokens:,} calibration tokens from the model (once; cached in {root})",
+            f"sampling {tokens - have:,} tokens of text from the model (once; cached in {root})",
             stacklevel=2,
         )
-        seqs = _generate(model, tokenizer, seq_len, tokens, seed, batch_size)
-        try:
-            write_text(path, json.dumps(seqs))
-        except OSError:  # a read-only cache costs time next run, never the result
-            pass
+        what = "sampling text from the model"
+        while have < tokens:
+            done = len(seqs) // batch_size
+            if on_progress is not None:
+                on_progress(what, done, total)
+            seqs += _sample_batch(model, tokenizer, seq_len, seed, batch_size, done)
+            have = sum(map(len, seqs))
+            try:
+                write_text(path, json.dumps(seqs))
+            except OSError:  # a read-only cache costs time next run, never the result
+                pass
+        if on_progress is not None:
+            on_progress(what, total, total)
     used, keep = 0, []
     for s in seqs:
         s = s[: tokens - used]
@@ -160,7 +187,12 @@ def self_sequences(
 
 
 def calibration_sequences(
-    model: nn.Module, tokenizer, spec: str, seq_len: int, tokens: int
+    model: nn.Module,
+    tokenizer,
+    spec: str,
+    seq_len: int,
+    tokens: int,
+    on_progress: Progress | None = None,
 ) -> list[list[int]]:
     """The calibration sequences of a spec such as ``builtin:calib+self``: each part gets an
     equal share of ``tokens``, and the parts are interleaved sequence by sequence, so any
@@ -171,7 +203,9 @@ def calibration_sequences(
     streams = []
     for part, share in zip(parts, shares, strict=True):
         if part == data.SELF:
-            streams.append(self_sequences(model, tokenizer, seq_len, share))
+            streams.append(
+                self_sequences(model, tokenizer, seq_len, share, on_progress=on_progress)
+            )
         else:
             streams.append(list(data.token_sequences(tokenizer, part, seq_len, share)))
     out: list[list[int]] = []

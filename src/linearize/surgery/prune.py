@@ -384,7 +384,9 @@ class _Pruner:
         if needed:
             self.on_progress("calibration text", 0, 0)
         seqs = (
-            calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens) if needed else []
+            calibration_sequences(model, tokenizer, c.calib, c.seq_len, c.tokens, on_progress)
+            if needed
+            else []
         )
         if needed and not seqs:
             raise LinearizeError(f"calibration source '{c.calib}' gave no tokens")

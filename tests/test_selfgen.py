@@ -1,0 +1,58 @@
+"""Text sampled from the model: one pool per model and settings on disk, which any token count
+reads a prefix of and grows only by what no earlier run sampled."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny
+
+from linearize import selfgen
+
+
+def test_the_pool_is_shared_between_counts_and_grows_by_the_difference(
+    tokenizer, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    m = make_tiny("llama", num_hidden_layers=2)
+    sampled = []
+    real = selfgen._sample_batch
+
+    def counting(*args):
+        sampled.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(selfgen, "_sample_batch", counting)
+    small = selfgen.self_sequences(m, tokenizer, 24, 100, batch_size=2)
+    first = len(sampled)
+    assert sum(map(len, small)) == 100 and sampled == list(range(first))
+    big = selfgen.self_sequences(m, tokenizer, 24, 250, batch_size=2)
+    # only the difference was sampled, from the next batch on
+    assert sum(map(len, big)) == 250 and sampled == list(range(len(sampled)))
+    assert len(sampled) > first
+    flat = [t for s in big for t in s]
+    assert flat[:100] == [t for s in small for t in s]  # the smaller count is a prefix
+    n = len(sampled)
+    again = selfgen.self_sequences(m, tokenizer, 24, 250, batch_size=2)
+    assert again == big and len(sampled) == n  # read back, nothing sampled
+    assert len(list((tmp_path / "self-text").glob("*.json"))) == 1
+
+
+def test_a_batch_is_the_same_whatever_came_before(tokenizer):
+    m = make_tiny("llama", num_hidden_layers=2)
+    a = selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3)
+    selfgen._sample_batch(m, tokenizer, 20, 0, 2, 0)  # other sampling in between
+    assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3) == a
+    assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 4) != a
+    assert all(0 < len(s) <= 20 for s in a)  # a row ends at 20 tokens with its padding
+
+
+@pytest.mark.parametrize("broken", ["{", '{"a": 1}', "[1, 2]"])
+def test_a_broken_pool_file_is_sampled_again(broken, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    m = make_tiny("llama", num_hidden_layers=2)
+    first = selfgen.self_sequences(m, tokenizer, 24, 48, batch_size=2)
+    (pool,) = (tmp_path / "self-text").glob("*.json")
+    pool.write_text(broken)
+    with torch.no_grad():
+        assert selfgen.self_sequences(m, tokenizer, 24, 48, batch_size=2) == first
