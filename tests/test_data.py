@@ -100,3 +100,17 @@ def test_hub_style_source_reads_a_named_field(tmp_path):
     assert list(data._hf_documents(f"{ds}:::textbook")) == ["chapter one", "two"]
     with pytest.raises(LinearizeError, match="has no 'body' field"):
         list(data._hf_documents(f"{ds}:::body"))
+
+
+def test_licenses_are_a_source_of_distinct_legal_texts(tmp_path, monkeypatch):
+    lic = tmp_path / "licenses"
+    lic.mkdir()
+    (lic / "GPL-3").write_text("This program is free software.\n")
+    (lic / "MIT").write_text("Permission is hereby granted.\n")
+    (lic / "GPL").symlink_to(lic / "GPL-3")  # an alias, read once
+    monkeypatch.setattr(data, "LICENSES_DIR", lic)
+    docs = list(data.iter_documents(data.resolve_source("licenses")))
+    assert docs == ["This program is free software.\n\n\n", "Permission is hereby granted.\n\n\n"]
+    monkeypatch.setattr(data, "LICENSES_DIR", tmp_path / "none")
+    with pytest.raises(LinearizeError, match="base-files"):
+        data.resolve_source("licenses")

@@ -8,6 +8,8 @@ A source is one string, as on the command line:
 - ``fortunes``: English that is not code documentation, for out-of-domain evaluation: the
   non-technical files of Debian's ``fortunes`` package (literature, wisdom, people, law,
   science, …; BSD-licensed quotations and short prose), ~520k characters;
+- ``licenses``: the licence texts of Debian's base-files (GPL, Apache, MPL, GFDL, …; ~270k
+  characters of legal English), a second out-of-domain text;
 - a text file, or a directory of ``.txt`` files (read in sorted order);
 - a ``.jsonl`` file whose records have a ``text`` field;
 - a Hugging Face dataset ``name[:config[:split]]`` (needs the ``datasets`` package; streamed).
@@ -65,9 +67,16 @@ FORTUNE_FILES = (
 )
 
 
+# Debian's licence texts (GPL, Apache, MPL, GFDL, …; ~270k characters of legal English), on
+# every Debian system: a second out-of-domain text, of a genre neither code documentation nor
+# the fortunes' prose, that no default was chosen on
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+
 @dataclass(frozen=True)
 class Source:
-    """A resolved data source: ``kind`` is builtin | fortunes | text | dir | jsonl | hf."""
+    """A resolved data source: ``kind`` is builtin | fortunes | licenses | text | dir | jsonl |
+    hf."""
 
     spec: str
     kind: str
@@ -93,6 +102,12 @@ def resolve_source(spec: str) -> Source:
             )
         return Source(spec, "fortunes", FORTUNES_DIR, split=spec.partition(":")[2] or None)
     path = Path(spec).expanduser()
+    if spec == "licenses" and not path.exists():
+        if not _license_files():
+            raise LinearizeError(
+                f"data source 'licenses' needs {LICENSES_DIR} (Debian's base-files)"
+            )
+        return Source(spec, "licenses", LICENSES_DIR)
     if path.is_dir():
         if not any(path.rglob("*.txt")):
             raise LinearizeError(f"data directory '{spec}' has no .txt files")
@@ -187,6 +202,14 @@ def _fortune_documents(root: Path, split: str | None) -> Iterator[str]:
         yield "\n\n".join(paras) + "\n\n"
 
 
+def _license_files() -> list[Path]:
+    """The distinct licence texts of Debian's base-files (symlinks such as GPL → GPL-3 left
+    out), in name order."""
+    if not LICENSES_DIR.is_dir():
+        return []
+    return sorted(p for p in LICENSES_DIR.iterdir() if p.is_file() and not p.is_symlink())
+
+
 def _read_chunks(path: Path) -> Iterator[str]:
     """Yield a file's text in ~1 MB pieces split at line ends, so nothing huge is held."""
     with path.open("r", encoding="utf-8", errors="replace") as f:
@@ -235,6 +258,9 @@ def iter_documents(source: Source) -> Iterator[str]:
         yield from _builtin_documents(source.split)
     elif source.kind == "fortunes":
         yield from _fortune_documents(source.path, source.split)
+    elif source.kind == "licenses":
+        for p in _license_files():
+            yield p.read_text(encoding="utf-8", errors="replace") + "\n\n"
     elif source.kind == "text":
         yield from _read_chunks(source.path)
     elif source.kind == "dir":

@@ -389,3 +389,22 @@ def test_no_shortcut_when_the_prefix_differs_from_the_teacher(teacher_dir, tmp_p
     with torch.no_grad():
         arch.get_layers(student)[1][0].mlp.down_proj.weight.add_(1e-3)  # e.g. healed before
     assert shared_prefix(student, teacher) == 0
+
+
+def test_distill_writes_its_healing_curve_in_and_out_of_domain(teacher_dir, tmp_path):
+    """Held-out perplexity on both sources at step 0 and every --eval-every steps, in
+    distill.json's rows and on its page; a resumed run keeps the step-0 row."""
+    ood = tmp_path / "ood.txt"
+    ood.write_text("The cat sat on the mat and looked at the rain. " * 400)
+    student = _pruned(teacher_dir, tmp_path)
+    cfg = _cfg(eval_ood=str(ood), eval_every=4, save_every=4)
+    distill(student, copy.deepcopy(cfg), tmp_path / "d", device="cpu", max_steps=4)
+    res = distill(student, copy.deepcopy(cfg), tmp_path / "d", resume=True, device="cpu")
+    d = json.loads((tmp_path / "d" / "distill.json").read_text())
+    curve = [(int(r["step"]), r.get("perplexity_ood")) for r in d["rows"] if r.get("perplexity")]
+    assert [s for s, _ in curve] == [0, 4, 8] and all(float(p) > 1 for _, p in curve)
+    assert d["eval_ood_data"] == str(ood)
+    assert res["perplexity_before_ood"] == pytest.approx(float(curve[0][1]))
+    assert res["perplexity_after_ood"] == pytest.approx(float(curve[-1][1]))
+    html = (tmp_path / "d" / "report.html").read_text()
+    assert "Held-out perplexity against training tokens" in html and str(ood) in html

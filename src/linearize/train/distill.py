@@ -45,9 +45,9 @@ from linearize._fields import option
 from linearize._io import atomic_write, claim_output, releases_output, write_json
 from linearize.capture import record
 from linearize.errors import LinearizeError
-from linearize.eval.perplexity import perplexity
+from linearize.report import render
 from linearize.selfgen import calibration_sequences
-from linearize.surgery.prune import runs_of
+from linearize.surgery.prune import held_out_perplexities, runs_of
 from linearize.surgery.replace import BRIDGE, save
 from linearize.surgery.restart import starting_at
 from linearize.train.loop import Every, Loop, Schedule
@@ -91,6 +91,11 @@ class DistillConfig:
     lora_rank: int = option(16, "LoRA rank with --train lora")
     eval_data: str = option(
         "builtin:eval", "held-out perplexity source ('' to skip)", flag="--eval"
+    )
+    eval_ood: str = option(
+        "default",
+        "out-of-domain held-out perplexity source, measured beside --eval ('' to skip; default: "
+        "'fortunes' when Debian's fortunes package is installed)",
     )
     eval_tokens: int = option(8192, "held-out tokens")
     eval_every: int = option(50, "steps between held-out perplexities")
@@ -539,8 +544,8 @@ class _Step:
         return distill_loss(s_logits, t_logits, s_states, t_states, b, self.c)
 
 
-def _last_perplexity(rows: list[dict]) -> float | None:
-    found = [r["perplexity"] for r in rows if r.get("perplexity") not in (None, "")]
+def _last_perplexity(rows: list[dict], key: str = "perplexity") -> float | None:
+    found = [r[key] for r in rows if r.get(key) not in (None, "")]
     return float(found[-1]) if found else None
 
 
@@ -581,23 +586,32 @@ def distill(
     schedule = Schedule(c.lr, total_steps, c.warmup, c.weight_decay, c.max_grad_norm)
     loop.prepare(trainable, schedule, resume)
 
-    def held_out(step: int) -> dict:
-        return {
-            "perplexity": perplexity(loop.unwrapped(), tok, c.eval_data, c.seq_len, c.eval_tokens)
-        }
+    ood = data.eval_sources(c.eval_data, c.eval_ood) if c.eval_data else None
 
-    before = None
+    def held_out(step: int) -> dict:
+        ppl, ppl_ood = held_out_perplexities(
+            loop.unwrapped(), tok, (c.eval_data, ood), c.seq_len, c.eval_tokens, c.batch_size
+        )
+        return {"perplexity": ppl, **({"perplexity_ood": ppl_ood} if ood else {})}
+
+    before: dict = {}
     if c.eval_data and loop.step == 0 and loop.is_main:
-        before = held_out(0)["perplexity"]
+        before = held_out(0)
+        loop.rows.insert(0, {"step": 0, "tokens": 0, **before})
+    elif loop.rows and str(loop.rows[0].get("step")) == "0":  # resumed: its step-0 row (CSV)
+        before = {k: float(v) for k, v in loop.rows[0].items() if k.startswith("perplexity") and v}
     every = Every(c.save_every, c.eval_every, held_out if c.eval_data else None, on_step=on_step)
     loop.run(_Step(c, loop, teacher, pairs, micro, cache), every, max_steps)
     summary = {
         "student": student_dir,
         "teacher": name,
         "config": asdict(c),
+        "eval_ood_data": ood,
         **loop.summary(),
-        "perplexity_before": before,
+        "perplexity_before": before.get("perplexity"),
         "perplexity_after": _last_perplexity(loop.rows),
+        "perplexity_before_ood": before.get("perplexity_ood"),
+        "perplexity_after_ood": _last_perplexity(loop.rows, "perplexity_ood"),
     }
     if loop.finished:  # a run stopped early keeps its state in the checkpoint
         _save_final(loop, c, tok, summary)
@@ -629,4 +643,5 @@ def _save_final(loop: Loop, c: DistillConfig, tok, summary: dict) -> None:
 
     loop.save_final(write)
     if loop.is_main:
-        write_json(loop.out / "distill.json", summary)
+        write_json(loop.out / "distill.json", {**summary, "rows": loop.rows})
+        render(loop.out / "distill.json")
