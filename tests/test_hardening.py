@@ -8,20 +8,17 @@ import errno
 import fcntl
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny, prune_args
+from conftest import kill_run, make_tiny, prune_args
 from typer.testing import CliRunner
 
 from linearize._io import TMP_PREFIX, strict_json
 from linearize.cli import app
 
 runner = CliRunner()
-KILLER = Path(__file__).with_name("killer.py")
 FAST = ["--tokens", "300", "--seq-len", "30"]
 
 
@@ -41,20 +38,6 @@ def one_line(res, *words, after_work: bool = False) -> str:
     for w in words:
         assert w in lines[-1], lines[-1]
     return lines[-1]
-
-
-def kill_run(spec: str, *args, code: int = -9, **env_vars: str) -> subprocess.CompletedProcess:
-    """Run the CLI in a child process that kills itself at ``spec`` (see killer.py)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(KILLER.parent), **env_vars)
-    done = subprocess.run(
-        [sys.executable, str(KILLER), spec, *map(str, args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == code, done.stderr[-2000:]
-    return done
 
 
 def readable(out: Path) -> None:

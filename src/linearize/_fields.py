@@ -59,3 +59,53 @@ def str_list(text: str | list[str] | None) -> list[str]:
 def or_none(text: str | None) -> str | None:
     """'' on the command line means 'skip this part': None."""
     return text or None
+
+
+def parse_value(text: str) -> Any:
+    """A ``KEY=VALUE`` value as YAML reads it: ``3`` → 3, ``true`` → True, ``a+b`` → 'a+b'."""
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def coerce(key: str, value: Any, default: Any) -> Any:
+    """YAML reads ``3e-4`` as a string; make each value the type of its field, or say why not.
+    A field whose default is None takes any value."""
+    if isinstance(default, bool) or default is None or isinstance(default, (str, dict)):
+        ok = default is None or isinstance(value, type(default))
+        if not ok:
+            raise LinearizeError(
+                f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
+            )
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise LinearizeError(f"config key '{key}' must be a number, got {value!r}") from None
+    if isinstance(default, int):
+        if number != int(number):
+            raise LinearizeError(f"config key '{key}' must be an integer, got {value!r}")
+        return int(number)
+    return number
+
+
+def apply_overrides(config: Any, items: dict[str, str], prefix: str = "") -> Any:
+    """Set fields of the dataclass ``config`` from ``{name: text}`` (``KEY=VALUE`` arguments),
+    each parsed by its field's ``parse`` or as YAML and coerced to the field's type; an unknown
+    name is one line that lists the known ones. Returns ``config``, changed in place."""
+    from dataclasses import fields
+
+    known = {f.name: f for f in fields(config)}
+    for key, text in items.items():
+        f = known.get(key)
+        if f is None:
+            raise LinearizeError(
+                f"unknown config key '{prefix}{key}' (known: "
+                f"{', '.join(prefix + k for k in sorted(known))})"
+            )
+        if "parse" in f.metadata:
+            value = f.metadata["parse"](text)
+        else:
+            value = coerce(prefix + key, parse_value(text), getattr(config, key))
+        setattr(config, key, value)
+    return config

@@ -32,9 +32,11 @@ from linearize.eval import suite
 from linearize.eval.bench import BenchConfig
 from linearize.eval.suite import EvalConfig
 from linearize.report import render_dir
+from linearize.surgery import compress as compressing
 from linearize.surgery import export as exporting
 from linearize.surgery import prune as pruning
 from linearize.surgery import sweep as sweeping
+from linearize.surgery.compress import CompressConfig
 from linearize.surgery.prune import PruneConfig
 from linearize.train import distill as distillation
 from linearize.train import dynamics as dyn
@@ -247,6 +249,30 @@ def _token_progress(total: int | None, enabled: bool, world: int):
         yield lambda n: bar.advance(task(), n * world)
 
 
+class _PlainLines:
+    """Progress as plain lines on stderr, for a log file, where a live line never shows: one
+    line when a new phase begins, then at most one every ``every`` seconds, and one at its
+    end; each says the time since the start."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        import time
+
+        self.clock, self.every = time.monotonic, every
+        self.start = self.last = self.clock()
+        self.phase: str | None = None
+
+    def __call__(self, what: str, done: int, total: int, phase: str | None = None) -> None:
+        """``phase`` names what counts as one phase (default: ``what`` itself)."""
+        now = self.clock()
+        new, end = (phase or what) != self.phase, bool(total) and done >= total
+        if not (new or end or now - self.last >= self.every):
+            return
+        self.phase, self.last = phase or what, now
+        count = f" {done}/{total}" if total else ""
+        mins, secs = divmod(int(now - self.start), 60)
+        typer.echo(f"[{mins:d}:{secs:02d}] {what}{count}", err=True)
+
+
 @contextmanager
 def _phase_progress(enabled: bool):
     """For work made of many passes (prune): one rich line on stderr with what runs now, its
@@ -254,6 +280,9 @@ def _phase_progress(enabled: bool):
     a line above it. Nothing shows before the first phase, so an early error stays alone."""
     if not enabled:
         yield pruning.no_progress, lambda line: typer.echo(line, err=True)
+        return
+    if not sys.stderr.isatty():  # a log file (nohup, a scheduler): plain lines, now and then
+        yield _PlainLines(), lambda line: typer.echo(line, err=True)
         return
     from rich.console import Console
     from rich.progress import (
@@ -511,6 +540,42 @@ def distill(
     )
 
 
+@command()
+@with_config(CompressConfig)
+def compress(
+    args: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="[MODEL] [GROUP.KEY=VALUE ...]: the model (default: embedded SmolLM2), then "
+            "options of the commands underneath, e.g. prune.tokens=65536 distill.lr=1e-3 "
+            "bench.repeats=5"
+        ),
+    ] = None,
+    config: CompressConfig | None = None,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compressed"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    progress: Annotated[bool, typer.Option(help="show what runs now on stderr")] = True,
+) -> None:
+    """Cut, heal and export in one resumable run: a stock checkpoint (OUT/model), its GGUF
+    (OUT/model.gguf), and quality against speed (OUT/compress.json, compress.html)."""
+    items = args or []
+    models_given = [a for a in items if "=" not in a]
+    if len(models_given) > 1:
+        raise LinearizeError(f"one model at a time, got {', '.join(models_given)}")
+    model = models_given[0] if models_given else None
+    with _phase_progress(progress) as (on_progress, say):
+        rec = compressing.compress(
+            model,
+            config,
+            overrides=[a for a in items if "=" in a],
+            out=out,
+            device=device,
+            on_progress=on_progress,
+            say=say,
+        )
+    typer.echo(compressing.summary_line(rec, out))
+
+
 def _csv(value: str | None) -> list[str]:
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
@@ -691,6 +756,10 @@ def finetune(
 def _step_progress():
     """A rich progress line on stderr showing the step and the latest losses (from the first
     step on: an error found before it prints only its line)."""
+    if not sys.stderr.isatty():  # a log file: plain lines, now and then
+        lines = _PlainLines()
+        yield lambda row: lines(f"step {row['step']}: {_losses(row)}", 0, 0, "steps")
+        return
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -703,14 +772,17 @@ def _step_progress():
     with _lazy_task(bar, "starting") as task:
 
         def on_step(row: dict) -> None:
-            parts = " ".join(
-                f"{k} {v:.4g}"
-                for k, v in row.items()
-                if k not in ("step", "tokens") and isinstance(v, float)
-            )
-            bar.update(task(), description=f"step {row['step']}: {parts}")
+            bar.update(task(), description=f"step {row['step']}: {_losses(row)}")
 
         yield on_step
+
+
+def _losses(row: dict) -> str:
+    return " ".join(
+        f"{k} {v:.4g}"
+        for k, v in row.items()
+        if k not in ("step", "tokens") and isinstance(v, float)
+    )
 
 
 @app.callback()

@@ -22,28 +22,6 @@ spm = pytest.importorskip("sentencepiece")
 KW = dict(tokens=600, seq_len=48, batch_size=4, calib="builtin:calib")
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory):
-    """A 512-piece SentencePiece model trained on the built-in text: a tokenizer the converter
-    takes without a registry of known BPE pre-tokenizers."""
-    from pydoc_data.topics import topics
-
-    d = tmp_path_factory.mktemp("sp")
-    (d / "corpus.txt").write_text("\n".join(topics[k] for k in sorted(topics)[:100]))
-    spm.SentencePieceTrainer.train(
-        input=str(d / "corpus.txt"),
-        model_prefix=str(d / "sp"),
-        vocab_size=512,
-        model_type="bpe",
-        bos_id=1,
-        eos_id=2,
-        unk_id=0,
-        pad_id=-1,
-        minloglevel=2,
-    )
-    return d / "sp.model"
-
-
 def _ids():
     return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from linearize.errors import LinearizeError
 from linearize.models import EMBEDDED_NAME
 from linearize.report import figures
+from linearize.report.heal_pages import compress_page, distill_page
 from linearize.report.html import Page, Section, Table, figure_html, fmt, write_page
 from linearize.report.png import sweep_series, with_ratios
 
@@ -524,6 +525,8 @@ PAGES: dict[str, tuple[str, Builder]] = {
     "results.json": ("report.html", eval_page),
     "compare.json": ("compare.html", compare_page),
     "bench.json": ("bench.html", bench_page),
+    "distill.json": ("report.html", distill_page),
+    "compress.json": ("compress.html", compress_page),
 }
 
 

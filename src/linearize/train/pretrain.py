@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
+from linearize._fields import coerce, parse_value
 from linearize._io import (
     claim_output,
     releases_output,
@@ -145,12 +146,6 @@ class PretrainConfig:
                 raise LinearizeError(f"unknown model key 'model.{k}' (not a MistralConfig field)")
 
 
-def _parse_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
-
-
 def load_config(
     name: str = "tiny", overrides: list[str] | None = None, **options
 ) -> PretrainConfig:
@@ -184,9 +179,9 @@ def load_config(
         if not eq:
             raise LinearizeError(f"override '{item}' is not KEY=VALUE")
         if key.startswith("model."):
-            raw.setdefault("model", {})[key[6:]] = _parse_value(value)
+            raw.setdefault("model", {})[key[6:]] = parse_value(value)
         else:
-            raw[key] = _parse_value(value)
+            raw[key] = parse_value(value)
     raw.update({k: v for k, v in options.items() if v is not None})
     unknown = sorted(set(raw) - keys)
     if unknown:
@@ -195,30 +190,10 @@ def load_config(
         )
     defaults = PretrainConfig()
     for k, v in raw.items():
-        raw[k] = _coerce(k, v, getattr(defaults, k))
+        raw[k] = coerce(k, v, getattr(defaults, k))
     cfg = PretrainConfig(**raw)
     cfg.check()
     return cfg
-
-
-def _coerce(key: str, value, default):
-    """YAML reads ``3e-4`` as a string; make each value the type of its field, or say why not."""
-    if isinstance(default, bool) or default is None or isinstance(default, (str, dict)):
-        ok = default is None or isinstance(value, type(default))
-        if not ok:
-            raise LinearizeError(
-                f"config key '{key}' must be a {type(default).__name__}, got {value!r}"
-            )
-        return value
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise LinearizeError(f"config key '{key}' must be a number, got {value!r}") from None
-    if isinstance(default, int):
-        if number != int(number):
-            raise LinearizeError(f"config key '{key}' must be an integer, got {value!r}")
-        return int(number)
-    return number
 
 
 def regulariser(states: list[Tensor], mask: Tensor, kind: str, normalize: bool = True) -> Tensor:

