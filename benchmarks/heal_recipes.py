@@ -1,13 +1,14 @@
 """Healing recipes compared on one pruned student: perplexity in domain and out of domain.
 
-    python benchmarks/heal_recipes.py STUDENT --out DIR [--tokens 49152] [--only "NAME;NAME"]
+    python benchmarks/heal_recipes.py STUDENT --out DIR [--tokens 49152[,98304,...]] [--only "NAME;NAME"]
 
 Each recipe is one ``linearize.train.distill`` run on STUDENT (a ``linearize prune`` output) with the
-same token budget; its final model is then scored on ``builtin:eval`` (the calibration
-domain) and on ``fortunes`` (Debian's fortunes: English prose, never used for training).
-Ratios are to the original model's perplexity on the same tokens (from STUDENT's prune.json
-when it measured both, else measured here). One JSON line per recipe goes to DIR/recipes.jsonl;
-a rerun skips the recipes already there, so the script resumes.
+same token budget (several budgets: one run each, the healing curve); its final model is then
+scored on ``builtin:eval`` (the calibration domain), on ``fortunes`` (Debian's fortunes:
+English prose, never trained on; the text defaults were chosen on) and on ``licenses``
+(Debian's licence texts: legal English that no default was chosen on). Ratios are to the
+original model's perplexity on the same tokens, measured here. One JSON line per recipe and
+budget goes to DIR/recipes.jsonl; a rerun skips those already there, so the script resumes.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from linearize import load
 from linearize.eval.perplexity import perplexity
 from linearize.train.distill import DistillConfig, distill
 
+EVALS = {"ppl": "builtin:eval", "ppl_ood": "fortunes", "ppl_ood2": "licenses"}
+COMPRESS = {"train": "replacements+neighbors", "lr": 5e-4, "data": "builtin:calib+self"}
 RECIPES: dict[str, dict] = {
+    # what `linearize compress` heals with (its distill defaults)
+    "compress default": COMPRESS,
+    "compress default, sampled text only": {**COMPRESS, "data": "self"},
+    "compress default, all weights, lr 5e-5": {**COMPRESS, "train": "all", "lr": 5e-5},
+    "compress default, lr 1e-3": {**COMPRESS, "lr": 1e-3},
+    "compress default, KL only": {**COMPRESS, "w_hidden": 0.0},
     "maps, lr 1e-4 (the old default)": {"train": "replacements", "lr": 1e-4},
     "maps, lr 1e-3": {"train": "replacements", "lr": 1e-3},
     "maps + neighbours, lr 5e-4": {"train": "replacements+neighbors", "lr": 5e-4},
@@ -56,17 +65,16 @@ RECIPES: dict[str, dict] = {
 
 def score(model_dir: str, tokens: int) -> dict[str, float]:
     model, tok = load(model_dir, dtype="float32", device="cpu")
-    return {
-        "ppl": perplexity(model, tok, "builtin:eval", 512, tokens),
-        "ppl_ood": perplexity(model, tok, "fortunes", 512, tokens),
-    }
+    return {key: perplexity(model, tok, src, 512, tokens) for key, src in EVALS.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("student")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--tokens", type=int, default=49152, help="training tokens per recipe")
+    ap.add_argument(
+        "--tokens", default="49152", help="training tokens per recipe; a list: one run each"
+    )
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--only", default="", help="recipe names separated by ';' (default: all)")
@@ -74,52 +82,57 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "recipes.jsonl"
-    done = (
-        {json.loads(x)["recipe"] for x in log.read_text().splitlines()} if log.exists() else set()
-    )
+    done = {_key(json.loads(x)) for x in log.read_text().splitlines()} if log.exists() else set()
     pj = json.loads((Path(a.student) / "prune.json").read_text())
-    if pj.get("eval_tokens") == a.eval_tokens and pj.get("perplexity_before_ood"):
-        base = {"ppl": pj["perplexity_before"], "ppl_ood": pj["perplexity_before_ood"]}
-    else:
-        base = score(pj["base_model"], a.eval_tokens)
+    base = score(pj["base_model"], a.eval_tokens)
     wanted = [n for n in RECIPES if not a.only or n in a.only.split(";")]
-    rows = [("pruned, not healed", a.student, {})] + [(n, None, RECIPES[n]) for n in wanted]
-    for name, model_dir, kw in rows:
-        if name in done:
+    budgets = [int(t) for t in a.tokens.split(",")]
+    rows = [("pruned, not healed", a.student, {}, 0)]
+    rows += [(n, None, RECIPES[n], RECIPES[n].get("tokens", t)) for n in wanted for t in budgets]
+    for name, model_dir, kw, tokens in rows:
+        if (name, tokens) in done:
             continue
-        t0 = time.perf_counter()
-        steps = 0
-        tokens = kw.get("tokens", a.tokens) if model_dir is None else 0
-        if model_dir is None:
-            run = out / "run"
-            shutil.rmtree(run, ignore_errors=True)
-            cfg = DistillConfig(
-                **{"tokens": a.tokens, **kw},
-                batch_size=a.batch_size,
-                eval_data="",
-                save_every=10**9,
-            )
-            steps = distill(a.student, cfg, run, device="cpu")["steps"]
-            model_dir = str(run / "final")
-        train_s = time.perf_counter() - t0
-        ppl = score(model_dir, a.eval_tokens)
-        row = {
-            "recipe": name,
-            **kw,
-            "tokens": tokens,
-            "steps": steps,
-            "train_s": round(train_s, 1),
-            **ppl,
-            "ratio": ppl["ppl"] / base["ppl"],
-            "ratio_ood": ppl["ppl_ood"] / base["ppl_ood"],
-        }
+        row = _run(a, out, name, model_dir, kw, tokens)
+        row.update({f"ratio{k[3:]}": row[k] / base[k] for k in EVALS})
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        done.add((name, tokens))
         print(
-            f"{name:45s} × in-domain {row['ratio']:.3f}  × out of domain {row['ratio_ood']:.3f}"
-            f"  ({train_s:.0f} s)",
+            f"{name:45s} {tokens:>8,} tokens  × in-domain {row['ratio']:.3f}  × fortunes "
+            f"{row['ratio_ood']:.3f}  × licenses {row['ratio_ood2']:.3f}  ({row['train_s']:.0f} s)",
             flush=True,
         )
+
+
+def _key(row: dict) -> tuple[str, int]:
+    return row["recipe"], row["tokens"]
+
+
+def _run(a, out: Path, name: str, model_dir: str | None, kw: dict, tokens: int) -> dict:
+    """Heal STUDENT by one recipe (none for the unhealed row) and score the result."""
+    t0 = time.perf_counter()
+    steps = 0
+    if model_dir is None:
+        run = out / "run"
+        shutil.rmtree(run, ignore_errors=True)
+        cfg = DistillConfig(
+            **{**kw, "tokens": tokens},
+            batch_size=a.batch_size,
+            eval_data="",
+            save_every=10**9,
+            cache_teacher="off",
+        )
+        steps = distill(a.student, cfg, run, device="cpu")["steps"]
+        model_dir = str(run / "final")
+    train_s = time.perf_counter() - t0
+    return {
+        "recipe": name,
+        **kw,
+        "tokens": tokens,
+        "steps": steps,
+        "train_s": round(train_s, 1),
+        **score(model_dir, a.eval_tokens),
+    }
 
 
 if __name__ == "__main__":

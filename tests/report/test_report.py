@@ -79,6 +79,22 @@ CASES = {
     ),
     "compare": Case("compare.json", "metrics", _rows, "table", _rows, 2),
     "bench": Case("bench.json", "throughput-relative-to-the-first-model", _rows, "table", _rows, 1),
+    "distill": Case(
+        "distill.json",
+        "held-out-perplexity-against-training-tokens",
+        lambda d: sum(1 for r in d["rows"] if r.get("perplexity") not in (None, "")),
+        "every-step",
+        _rows,
+        0,
+    ),
+    "compress": Case(
+        "compress.json",
+        "quality-against-speed",
+        lambda d: len(d["stages"]["measure"]["quality"]),
+        "quality-against-speed",
+        lambda d: len(d["stages"]["measure"]["quality"]),
+        2,
+    ),
 }
 
 

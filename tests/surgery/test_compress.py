@@ -174,3 +174,16 @@ def test_overrides_reach_the_commands_underneath():
     assert (p.tokens, p.remove, p.replace) == (4096, "3", "fold")
     assert d.lr == 1e-3 and isinstance(d.lr, float) and b.repeats == 5
     assert d.data == "builtin:calib+self"
+
+
+def test_no_healing_keeps_the_cut_and_no_gguf_skips_the_export(tiny_gguf, tmp_path):
+    out = tmp_path / "c"
+    args = _args(tiny_gguf, out, "--heal-tokens", "0", "--no-gguf", "--no-speed")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    st = _record(out)["stages"]
+    assert st["heal"]["skipped"] == "--heal-tokens 0" and st["export"]["skipped"] == "--no-gguf"
+    assert not (out / "model.gguf").exists() and not (out / "heal").exists()
+    q = {r["model"]: r for r in st["measure"]["quality"]}
+    assert q["compressed"]["perplexity"] == pytest.approx(q["cut"]["perplexity"], rel=1e-4)
+    assert "prefill_tok_s_ratio" not in q["compressed"]

@@ -32,7 +32,7 @@ from linearize.surgery.export import OUTTYPES
 from linearize.surgery.prune import PruneConfig, no_progress
 from linearize.train.distill import DistillConfig
 
-STAGES = ("prune", "heal", "export", "measure")
+STAGES = tuple(stages.STEPS)  # prune, heal, export, measure: in this order
 GROUPS = ("prune", "distill", "bench")  # what KEY=VALUE overrides can name
 Progress = Callable[[str, int, int], None]  # (what runs now, done, total; 0: unknown)
 
@@ -100,7 +100,7 @@ def stage_configs(
     p = PruneConfig(remove=c.remove, replace=c.replace)
     d = DistillConfig(
         data="builtin:calib+self",
-        tokens=max(c.heal_tokens, 1),
+        tokens=max(c.heal_tokens, 1),  # 0: the heal stage copies the cut and trains nothing
         eval_data=c.eval_data,
         eval_ood=c.eval_ood,
         eval_every=8,
@@ -164,15 +164,13 @@ def compress(
     data.calib_parts(configs[1].data)
     data.eval_sources(c.eval_data or None, c.eval_ood)
     run = _open_run(out, model, c, configs)
-    steps = {"prune": stages.cut, "heal": stages.heal, "export": stages.export}
-    steps["measure"] = stages.measure
     for i, name in enumerate(STAGES):
         if run.done(name):
             say(f"[{i + 1}/{len(STAGES)}] {name}: done earlier, kept")
             continue
         label = f"[{i + 1}/{len(STAGES)}] {name}"
         on_progress(label, 0, 0)
-        steps[name](run, device, _prefixed(label, on_progress), say)
+        stages.STEPS[name](run, device, _prefixed(label, on_progress), say)
     return run.record
 
 

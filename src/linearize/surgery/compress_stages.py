@@ -236,3 +236,6 @@ def measure(run: Run, device: str, on_progress: Progress, say: Say) -> None:
             r.update({k: s[k] for k in ("prefill_tok_s_ratio", "decode_tok_s_b1_ratio")})
         rows[1].update({k: rows[2][k] for k in ("prefill_tok_s_ratio", "decode_tok_s_b1_ratio")})
     run.finish("measure", started, quality=rows, speed=speed)
+
+
+STEPS = {"prune": cut, "heal": heal, "export": export, "measure": measure}
