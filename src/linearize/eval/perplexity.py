@@ -100,3 +100,18 @@ def _sliding_batches(
         for r, (_, score) in enumerate(group):
             b["score_mask"][r, : len(score)] = torch.tensor(score)
         yield b
+
+
+def held_out_perplexities(
+    model: nn.Module,
+    tok,
+    sources: tuple[str | None, ...],
+    seq_len: int,
+    tokens: int,
+    batch_size: int,
+) -> tuple[float | None, ...]:
+    """Perplexity of ``model`` on each source (None where none is given): the in-domain and
+    out-of-domain pair that ``prune`` and ``sweep`` report, by one protocol."""
+    return tuple(
+        perplexity(model, tok, src, seq_len, tokens, batch_size) if src else None for src in sources
+    )

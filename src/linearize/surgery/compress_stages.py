@@ -20,9 +20,10 @@ from linearize import data, models
 from linearize._io import write_json
 from linearize.errors import LinearizeError
 from linearize.eval.bench import BenchConfig, bench_loaded
+from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import render
 from linearize.surgery.export import export_gguf
-from linearize.surgery.prune import PruneConfig, held_out_perplexities, prune
+from linearize.surgery.prune import PruneConfig, prune
 from linearize.train.distill import DistillConfig, distill
 from linearize.train.loop import latest_checkpoint
 

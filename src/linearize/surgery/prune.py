@@ -66,7 +66,7 @@ from linearize.capture import (
     span_stats,
 )
 from linearize.errors import LinearizeError
-from linearize.eval.perplexity import perplexity, pooled_nll
+from linearize.eval.perplexity import held_out_perplexities, pooled_nll
 from linearize.report import render
 from linearize.selfgen import calibration_sequences
 from linearize.stats import (
@@ -86,6 +86,7 @@ from linearize.surgery.replace import (
     get_bridge,
     proj_has_bias,
     replace_span_,
+    runs_of,
     save,
     set_bridge_,
     set_span_map_,
@@ -342,17 +343,6 @@ def _natural(key: str, ranked: float) -> float:
         if key in ("replacement_error", "block_influence", "calibration_perplexity")
         else ranked
     )
-
-
-def runs_of(indices: list[int]) -> list[tuple[int, int]]:
-    """Sorted indices → contiguous runs [start, end): [3, 4, 7] → [(3, 5), (7, 8)]."""
-    out: list[tuple[int, int]] = []
-    for i in sorted(indices):
-        if out and out[-1][1] == i:
-            out[-1] = (out[-1][0], i + 1)
-        else:
-            out.append((i, i + 1))
-    return out
 
 
 class _Pruner:
@@ -999,18 +989,3 @@ class _HeldOut:
             f"perplexity_{when}_ood": ood,
             f"params_{when}": sum(p.numel() for p in self.lm.parameters()),
         }
-
-
-def held_out_perplexities(
-    model: nn.Module,
-    tok,
-    sources: tuple[str | None, ...],
-    seq_len: int,
-    tokens: int,
-    batch_size: int,
-) -> tuple[float | None, ...]:
-    """Perplexity of ``model`` on each source (None where none is given): the in-domain and
-    out-of-domain pair that ``prune`` and ``sweep`` report, by one protocol."""
-    return tuple(
-        perplexity(model, tok, src, seq_len, tokens, batch_size) if src else None for src in sources
-    )

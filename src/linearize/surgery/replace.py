@@ -257,3 +257,14 @@ def restore_bridges_(model: nn.Module, path: Path) -> None:
                 if key not in tensors:
                     raise LinearizeError(f"checkpoint {path} lacks bridge tensor '{key}'")
                 param.copy_(tensors[key].to(param.dtype))
+
+
+def runs_of(indices: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices → contiguous runs [start, end): [3, 4, 7] → [(3, 5), (7, 8)]."""
+    out: list[tuple[int, int]] = []
+    for i in sorted(indices):
+        if out and out[-1][1] == i:
+            out[-1] = (out[-1][0], i + 1)
+        else:
+            out.append((i, i + 1))
+    return out

@@ -24,13 +24,13 @@ from linearize import arch, data, models
 from linearize._io import claim_output, previous_rows, releases_output, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
+from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import png, render
 from linearize.surgery.prune import (
     REPLACEMENTS,
     STRATEGIES,
     Progress,
     PruneConfig,
-    held_out_perplexities,
     no_progress,
     prune_model_,
 )

@@ -45,10 +45,10 @@ from linearize._fields import option
 from linearize._io import atomic_write, claim_output, releases_output, write_json
 from linearize.capture import record
 from linearize.errors import LinearizeError
+from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import render
 from linearize.selfgen import calibration_sequences
-from linearize.surgery.prune import held_out_perplexities, runs_of
-from linearize.surgery.replace import BRIDGE, save
+from linearize.surgery.replace import BRIDGE, runs_of, save
 from linearize.surgery.restart import starting_at
 from linearize.train.loop import Every, Loop, Schedule
 
