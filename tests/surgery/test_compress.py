@@ -187,3 +187,11 @@ def test_no_healing_keeps_the_cut_and_no_gguf_skips_the_export(tiny_gguf, tmp_pa
     q = {r["model"]: r for r in st["measure"]["quality"]}
     assert q["compressed"]["perplexity"] == pytest.approx(q["cut"]["perplexity"], rel=1e-4)
     assert "prefill_tok_s_ratio" not in q["compressed"]
+
+
+def test_each_stage_records_its_own_wall_time(done):
+    """Not the time of the command underneath (prune's excludes its text sampling and
+    perplexities, distill's its loading): what the stage took."""
+    st = _record(done)["stages"]
+    heal_loop = json.loads((done / "heal" / "distill.json").read_text())["elapsed_s"]
+    assert st["heal"]["elapsed_s"] > heal_loop

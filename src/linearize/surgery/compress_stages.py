@@ -53,7 +53,7 @@ class Run:
     def finish(self, stage: str, started: float, **found) -> None:
         """Record ``stage`` as done (atomically) and refresh the page."""
         elapsed = round(time.perf_counter() - started, 1)
-        self.record["stages"][stage] = {"status": "done", "elapsed_s": elapsed, **found}
+        self.record["stages"][stage] = {**found, "status": "done", "elapsed_s": elapsed}
         write_json(self.json, self.record)
         render(self.json)
 
@@ -91,7 +91,7 @@ def cut(run: Run, device: str, on_progress: Progress, say: Say) -> None:
         ood_data=run.c.eval_ood,
         on_progress=on_progress,
     )
-    keep = ("removed", "ood_data", "params_before", "params_after", "elapsed_s")
+    keep = ("removed", "ood_data", "params_before", "params_after")
     run.finish("prune", started, **{k: rep.get(k) for k in keep})
 
 
@@ -125,7 +125,7 @@ def heal(run: Run, device: str, on_progress: Progress, say: Say) -> None:
         move_dir(final, dst)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     summary = read_json(work / "distill.json")
-    keep = ("steps", "tokens_seen", "elapsed_s", "perplexity_before", "perplexity_after")
+    keep = ("steps", "tokens_seen", "perplexity_before", "perplexity_after")
     run.finish("heal", started, **{k: summary.get(k) for k in keep})
 
 
