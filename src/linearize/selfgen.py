@@ -161,7 +161,7 @@ def self_sequences(
     if have < tokens:
         total = len(seqs) // batch_size + -(-(tokens - have) // (seq_len * batch_size))
         warnings.warn(
-            f"sampling {tokens - have:,} tokens of text from the model (once; cached in {root})",
+            f"sampling {tokens - have:,} calibration tokens from the model (once; cached in {root})",
             stacklevel=2,
         )
         what = "sampling text from the model"

@@ -46,6 +46,7 @@ def distill_page(d: dict, where: Path) -> Page:
             f"hidden {c['hidden_loss']} × {c['w_hidden']}, KL × {c['w_kl']}, LM × {c['w_lm']}",
         ),
         ("steps", f"{d['steps']} of {d['total_steps']}, lr {c['lr']}"),
+        ("held out", f"{c.get('eval_data') or 'none'}; out of domain: {ood or 'none'}"),
         ("elapsed", f"{d['elapsed_s']:.0f} s"),
         ("version", d.get("version", "?")),
     ]

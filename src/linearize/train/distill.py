@@ -549,6 +549,28 @@ def _last_perplexity(rows: list[dict], key: str = "perplexity") -> float | None:
     return float(found[-1]) if found else None
 
 
+def _held_out(c: DistillConfig, loop: Loop, tok) -> tuple[Callable | None, dict, str | None]:
+    """The held-out evaluation (None with no --eval), the perplexities before training (taken
+    now, or read back from the step-0 row of a resumed run) and the out-of-domain source."""
+    if not c.eval_data:
+        return None, {}, None
+    ood = data.eval_sources(c.eval_data, c.eval_ood)
+
+    def held_out(step: int) -> dict:
+        ppl, ppl_ood = held_out_perplexities(
+            loop.unwrapped(), tok, (c.eval_data, ood), c.seq_len, c.eval_tokens, c.batch_size
+        )
+        return {"perplexity": ppl, **({"perplexity_ood": ppl_ood} if ood else {})}
+
+    before: dict = {}
+    if loop.step == 0 and loop.is_main:
+        before = held_out(0)
+        loop.rows.insert(0, {"step": 0, "tokens": 0, **before})
+    elif loop.rows and str(loop.rows[0].get("step")) == "0":  # resumed: its step-0 row (CSV)
+        before = {k: float(v) for k, v in loop.rows[0].items() if k.startswith("perplexity") and v}
+    return held_out, before, ood
+
+
 @releases_output
 def distill(
     student_dir: str,
@@ -571,8 +593,8 @@ def distill(
     out = Path(out)
     claim_output(out)
     data.calib_parts(c.data)
-    if c.eval_data:
-        data.resolve_source(c.eval_data)
+    if c.eval_data:  # both held-out sources are checked before anything loads
+        data.eval_sources(c.eval_data, c.eval_ood)
     loop = Loop(out, c.grad_accum, device)
     per_step = loop.tokens_per_step(c.seq_len, c.batch_size, c.tokens)
     student, tok, teacher, name = _load_pair(student_dir, c, loop.device)
@@ -586,21 +608,8 @@ def distill(
     schedule = Schedule(c.lr, total_steps, c.warmup, c.weight_decay, c.max_grad_norm)
     loop.prepare(trainable, schedule, resume)
 
-    ood = data.eval_sources(c.eval_data, c.eval_ood) if c.eval_data else None
-
-    def held_out(step: int) -> dict:
-        ppl, ppl_ood = held_out_perplexities(
-            loop.unwrapped(), tok, (c.eval_data, ood), c.seq_len, c.eval_tokens, c.batch_size
-        )
-        return {"perplexity": ppl, **({"perplexity_ood": ppl_ood} if ood else {})}
-
-    before: dict = {}
-    if c.eval_data and loop.step == 0 and loop.is_main:
-        before = held_out(0)
-        loop.rows.insert(0, {"step": 0, "tokens": 0, **before})
-    elif loop.rows and str(loop.rows[0].get("step")) == "0":  # resumed: its step-0 row (CSV)
-        before = {k: float(v) for k, v in loop.rows[0].items() if k.startswith("perplexity") and v}
-    every = Every(c.save_every, c.eval_every, held_out if c.eval_data else None, on_step=on_step)
+    held_out, before, ood = _held_out(c, loop, tok)
+    every = Every(c.save_every, c.eval_every, held_out, on_step=on_step)
     loop.run(_Step(c, loop, teacher, pairs, micro, cache), every, max_steps)
     summary = {
         "student": student_dir,
