@@ -18,11 +18,27 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+def _typing_only(tree: ast.Module) -> set[ast.AST]:
+    """Import nodes under ``if TYPE_CHECKING:``: read by type checkers, never run, so they
+    cannot fail at import time (a strategy names the session type that runs it)."""
+    return {
+        node
+        for block in ast.walk(tree)
+        if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+        for stmt in block.body
+        for node in ast.walk(stmt)
+    }
+
+
 def _imports(path: Path, mods: dict[str, Path]) -> set[str]:
-    """Modules of the package that ``path`` imports anywhere (``from pkg import submodule``
-    counts as the submodule, not the package's ``__init__``)."""
+    """Modules of the package that ``path`` imports anywhere but under ``TYPE_CHECKING``
+    (``from pkg import submodule`` counts as the submodule, not the package's ``__init__``)."""
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    skip = _typing_only(tree)
+    for node in ast.walk(tree):
+        if node in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("linearize"):
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
@@ -51,6 +67,13 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if m not in state:
             visit(m, [])
     return found
+
+
+def test_typing_only_imports_are_told_apart():
+    src = "from typing import TYPE_CHECKING\nfrom a import b\nif TYPE_CHECKING:\n    from c import d\n"
+    tree = ast.parse(src)
+    names = [n.module for n in _typing_only(tree) if isinstance(n, ast.ImportFrom)]
+    assert names == ["c"]
 
 
 def test_cycle_finder_finds_a_cycle():

@@ -19,11 +19,19 @@ def option(
     cli: type | None = None,
     parse: Callable[[Any], Any] | None = None,
     flag: str | None = None,
+    choices: tuple[str, ...] | Callable[[], tuple[str, ...]] | None = None,
+    what: str | None = None,
+    panel: str | None = None,
 ) -> Any:
     """A dataclass field with its ``help``. ``cli`` is the type the command line reads when it
     differs from the field's (text for a list), ``parse`` turns that text into the value, and
-    ``flag`` names the option when it is not ``--field-name``."""
+    ``flag`` names the option when it is not ``--field-name``. ``choices`` are the values it
+    takes, or a function giving them now (a registry that can grow; listed in the help,
+    checked by ``check_choices``; ``what`` names the field in that error), and ``panel`` the group of options it is shown in by ``--help``."""
     meta: dict[str, Any] = {"help": help}
+    for key, value in (("choices", choices), ("what", what), ("panel", panel)):
+        if value is not None:
+            meta[key] = value
     if flag is not None:
         meta["flag"] = flag
     if cli is not None:
@@ -33,6 +41,24 @@ def option(
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def choices_of(f: Any) -> tuple[str, ...] | None:
+    """The values a dataclass field declared with ``option(choices=...)`` takes, now."""
+    choices = f.metadata.get("choices")
+    return choices() if callable(choices) else choices
+
+
+def check_choices(config: Any) -> None:
+    """The one check of every field declared with ``choices``: an unknown value is one line
+    that lists the known ones. A ``None`` value (not set) passes."""
+    from dataclasses import fields
+
+    for f in fields(config):
+        choices, value = choices_of(f), getattr(config, f.name)
+        if choices is not None and value is not None and value not in choices:
+            what = f.metadata.get("what") or "--" + f.name.replace("_", "-")
+            raise LinearizeError(f"unknown {what} '{value}' (choose from {', '.join(choices)})")
 
 
 def int_list(text: str | list[int] | None, what: str = "--layers") -> list[int] | None:

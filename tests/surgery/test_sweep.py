@@ -7,7 +7,7 @@ import json
 import pytest
 
 from linearize.errors import LinearizeError
-from linearize.surgery.prune import PruneConfig
+from linearize.surgery.prune import PruneConfig, strategies
 from linearize.surgery.sweep import parse_ks, parse_list, sweep
 
 BASE = PruneConfig(tokens=400, seq_len=48, batch_size=4, ppl_tokens=96)
@@ -26,8 +26,12 @@ def test_sweep_writes_every_cell_and_resumes(tiny_dir, tmp_path):
         out,
         device="cpu",
     )
-    # the original + 7 strategies × 3 replacements × 2 counts
-    assert len(rows) == 1 + 7 * 3 * 2
+    # the original + every strategy but 'layers' (the registry's sweepable ones) × 3
+    # replacements × 2 counts
+    sweepable = [s for s in strategies.names() if strategies.get(s).sweepable]
+    assert "layers" not in sweepable and len(sweepable) == 8
+    assert {r["strategy"] for r in rows} == {"original", *sweepable}
+    assert len(rows) == 1 + 8 * 3 * 2
     assert all(r["perplexity"] and r["perplexity"] > 1 for r in rows)
     assert all(len(r["removed"]) == r["k"] for r in rows)
     for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "sweep.html"):
@@ -50,7 +54,8 @@ def test_sweep_writes_every_cell_and_resumes(tiny_dir, tmp_path):
 
 
 def test_sweep_arguments():
-    assert parse_list("all", ("a", "layers", "b"), "x") == ["a", "b"]
+    assert parse_list("all", ("a", "b"), "x") == ["a", "b"]
+    assert parse_list("b, a", ("a", "b"), "x") == ["b", "a"]
     assert parse_ks("8,0,4", 30) == [0, 4, 8]
     with pytest.raises(LinearizeError, match="unknown strategy"):
         parse_list("linear-greedy,nope", ("linear-greedy",), "strategy")

@@ -28,14 +28,14 @@ from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import png, render
 from linearize.surgery.prune import (
     REPLACEMENTS,
-    STRATEGIES,
     Progress,
     PruneConfig,
     no_progress,
     prune_model_,
+    replacements,
+    strategies,
 )
 
-SEQUENTIAL = ("linear-greedy", "ppl-greedy")
 COLUMNS = (
     "strategy",
     "replace",
@@ -54,7 +54,7 @@ COLUMNS = (
 def parse_list(text: str, choices: tuple[str, ...], what: str) -> list[str]:
     """'all' or 'a,b' → a checked list."""
     if text.strip() == "all":
-        return [c for c in choices if c != "layers"]
+        return list(choices)
     items = [t.strip() for t in text.split(",") if t.strip()]
     bad = [t for t in items if t not in choices]
     if bad or not items:
@@ -100,14 +100,8 @@ def sweep(
     strategies, replacements, ks = _grid(hf_config, base, strategies, replacements, ks)
     data.calib_parts(base.calib)
     ood_data = data.eval_sources(eval_data, ood_data)
-    settings = {
-        "model": model or models.EMBEDDED_NAME,
-        "config": asdict(base),
-        "ks": ks,
-        "eval_data": eval_data,
-        "ood_data": ood_data,
-        "eval_tokens": eval_tokens,
-    }
+    settings = dict(model=model or models.EMBEDDED_NAME, config=asdict(base), ks=ks)
+    settings |= dict(eval_data=eval_data, ood_data=ood_data, eval_tokens=eval_tokens)
     rows = previous_rows(out / "sweep.json", settings)
     done = {(r["strategy"], r["replace"], r["k"]) for r in rows}
     lm, tok = models.load(model, dtype=dtype, device=device)
@@ -126,30 +120,33 @@ def sweep(
 
     if 0 in ks and ("original", "none", 0) not in done:
         add(_row("original", "none", 0, ppl(lm), [], 0.0, 0))
-    for s in strategies:
-        for r in replacements:
-            todo = [k for k in ks if k > 0 and (s, r, k) not in done]
-            if todo:
-                cfg = replace(base, strategy=s, replace=r)
-                _cell(lm, tok, hf_config, cfg, todo, ppl, add, on_progress)
+    for s, r in ((s, r) for s in strategies for r in replacements):
+        if todo := [k for k in ks if k > 0 and (s, r, k) not in done]:
+            cfg = replace(base, strategy=s, replace=r)
+            _cell(lm, tok, hf_config, cfg, todo, ppl, add, on_progress)
     return rows
 
 
 def _grid(
-    hf_config, base: PruneConfig, strategies, replacements, ks
+    hf_config, base: PruneConfig, methods, stand_ins, ks
 ) -> tuple[list[str], list[str], list[int]]:
-    """The sweep's strategies, replacements and counts, parsed and checked before any work."""
-    if isinstance(strategies, str):
-        strategies = parse_list(strategies, STRATEGIES, "strategy")
-    if isinstance(replacements, str):
-        replacements = parse_list(replacements, REPLACEMENTS, "replacement")
+    """The sweep's strategies (``methods``), replacements (``stand_ins``) and counts, parsed
+    and checked before any work."""
+    if isinstance(methods, str):
+        known = strategies.names()
+        if methods.strip() == "all":
+            known = tuple(m for m in known if strategies.get(m).sweepable)
+        methods = parse_list(methods, known, "strategy")
+    if isinstance(stand_ins, str):
+        stand_ins = parse_list(stand_ins, REPLACEMENTS, "replacement")
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     ks = parse_ks(ks, n) if isinstance(ks, str) else sorted(set(ks))
-    if "layers" in strategies:
-        raise LinearizeError("--sweep compares strategies over counts; it does not take 'layers'")
-    for s in strategies:
-        replace(base, strategy=s, replace=replacements[0], remove=max(max(ks), 1)).check(n)
-    return list(strategies), list(replacements), ks
+    for m in methods:
+        if not strategies.get(m).sweepable:
+            raise LinearizeError(f"--sweep compares strategies over counts; it does not take '{m}'")
+    for m in methods:
+        replace(base, strategy=m, replace=stand_ins[0], remove=max(max(ks), 1)).check(n)
+    return list(methods), list(stand_ins), ks
 
 
 def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add, progress) -> None:
@@ -157,14 +154,14 @@ def _cell(lm, tok, hf_config, cfg: PruneConfig, todo: list[int], ppl, add, progr
     largest count, any other strategy once per count, each on a fresh copy of ``lm``. With
     ``--reconstruct`` a greedy run is read at its end only (the refits come after the last
     cut), so it runs once per count too."""
-    if cfg.replace == "fold":
+    if replacements.get(cfg.replace).needs_mlp_before:
         try:
             arch.check_foldable(hf_config)
         except LinearizeError as e:
             for k in todo:
                 add(_na(cfg.strategy, cfg.replace, k, str(e)))
             return
-    if cfg.strategy in SEQUENTIAL and not cfg.refits:
+    if strategies.get(cfg.strategy).greedy and not cfg.refits:
         _run_sequential(lm, tok, replace(cfg, remove=max(todo)), todo, ppl, add, progress)
         return
     for k in todo:
