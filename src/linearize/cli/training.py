@@ -1,0 +1,109 @@
+"""``linearize distill``, ``linearize pretrain`` and ``linearize finetune``: the commands that
+train."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from linearize.cli.progress import step_progress
+from linearize.cli.runtime import command, with_config
+from linearize.train import distill, finetune, pretrain
+from linearize.train.distill import DistillConfig
+from linearize.train.finetune import FinetuneConfig
+
+
+@command("distill", context_settings={"allow_extra_args": False})
+@with_config(DistillConfig)
+def distill_command(
+    student: Annotated[str, typer.Argument(help="a checkpoint written by linearize prune")],
+    config: DistillConfig | None = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/distilled"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Heal a pruned model: train its replacements against the original's hidden states."""
+    with step_progress() as on_step:
+        res = distill.distill(
+            student, config, out=out, resume=resume, device=device, on_step=on_step
+        )
+    typer.echo(
+        f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
+        f"held-out perplexity {res['perplexity_before']} -> {res['perplexity_after']}; "
+        f"wrote {out}/final"
+    )
+
+
+@command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def pretrain_command(
+    ctx: typer.Context,
+    config: Annotated[str, typer.Option(help="tiny | 150m | 650m | FILE.yaml")] = "tiny",
+    data: Annotated[
+        str | None,
+        typer.Option(help="training sources, comma-separated (e.g. roneneldan/TinyStories)"),
+    ] = None,
+    tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer name or dir (default: the embedded SmolLM2's)")
+    ] = None,
+    reg: Annotated[str | None, typer.Option(help="cosine | mse | none")] = None,
+    reg_weight: Annotated[float | None, typer.Option(help="λ, the regulariser's weight")] = None,
+    tokens: Annotated[int | None, typer.Option(help="training tokens")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    probe_every: Annotated[int | None, typer.Option(help="steps between linearity probes")] = None,
+    save_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/pretrain"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Pretrain a Mistral model with the linearity regulariser. Extra KEY=VALUE arguments
+    override the config (model.hidden_size=256 lr=1e-3 ...)."""
+    cfg = pretrain.load_config(
+        config,
+        list(ctx.args),
+        data=data,
+        tokenizer=tokenizer,
+        reg=reg,
+        reg_weight=reg_weight,
+        tokens=tokens,
+        seed=seed,
+        probe_every=probe_every,
+        save_every=save_every,
+    )
+    with step_progress() as on_step:
+        res = pretrain.pretrain(cfg, out=out, resume=resume, device=device, on_step=on_step)
+    last = res["final"] or {}
+    typer.echo(
+        f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
+        f"held-out perplexity {last.get('perplexity', float('nan')):.2f}, mean linearity "
+        f"{last.get('mean_linearity', float('nan')):.4f} (w/o residual "
+        f"{last.get('mean_linearity_no_residual', float('nan')):.4f}); wrote {out}/final"
+    )
+
+
+@command("finetune")
+@with_config(FinetuneConfig)
+def finetune_command(
+    model: Annotated[str, typer.Argument(help="model to fine-tune ('embedded' = SmolLM2)")],
+    task: Annotated[
+        str, typer.Option(help="a .jsonl task (boolq/cb/rte/wic fields or text/label)")
+    ],
+    config: FinetuneConfig | None = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue from the last checkpoint in --out")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/finetune"),
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+) -> None:
+    """Fine-tune on a classification task (HF Trainer); compare with `linearize dynamics BASE OUT`."""
+    name = None if model == "embedded" else model
+    res = finetune.finetune(name, task, config, out=out, resume=resume, device=device)
+    typer.echo(
+        f"{res['steps']} steps on {res['task']}: held-out accuracy {res['accuracy_before']:.3f} "
+        f"-> {res['accuracy_after']:.3f}; wrote {out}/final"
+    )
