@@ -30,7 +30,8 @@ import torch
 import linearize.train.distill as distill_module
 from linearize import data, load
 from linearize.surgery.prune import PruneConfig, prune
-from linearize.train.distill import DistillConfig, distill, select_trainable_
+from linearize.train.distill import DistillConfig, distill
+from linearize.train.student import select_trainable_
 
 
 def _distill_times(student_dir: Path, dcfg: DistillConfig, out: Path, steps: int):

@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 
 from linearize import data, load
-from linearize.capture import eval_mode
 from linearize.eval.perplexity import pooled_nll
+from linearize.hooks import eval_mode
 
 
 def perplexity_of(model, seqs: list[list[int]], pad_id: int) -> float:

@@ -9,9 +9,8 @@ score. Padding tokens are dropped with the attention mask before anything is acc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
@@ -19,82 +18,8 @@ from torch import Tensor, nn
 
 from linearize import arch
 from linearize.errors import LinearizeError
+from linearize.hooks import StopForward, eval_mode, hooks, layer_input, layer_output
 from linearize.stats import PairStats, first_nonfinite, row_cosine, typical_rows, unshift_
-
-
-class _StopForward(Exception):
-    """Raised after the last hooked layer: nothing downstream is needed."""
-
-
-def layer_input(args: tuple, kwargs: dict) -> Tensor:
-    """A decoder layer's hidden-state argument: positional in most models, a keyword in some."""
-    return args[0] if args else kwargs["hidden_states"]
-
-
-def layer_output(out) -> Tensor:
-    """A layer's hidden states, whether it returns a tensor or a tuple led by one."""
-    return out if isinstance(out, Tensor) else out[0]
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """The model in eval mode for the block; its own mode restored after, whatever happens."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
-
-
-@contextmanager
-def hooks(
-    pre: Iterable[tuple[nn.Module, Callable]] = (),
-    post: Iterable[tuple[nn.Module, Callable]] = (),
-    prepend: bool = False,
-) -> Iterator[None]:
-    """Forward pre-hooks ``pre`` and forward hooks ``post`` ((module, fn) pairs, torch's
-    ``with_kwargs`` signatures) on for the block and removed in ``finally``: the one place the
-    package registers a hook, so an exception never leaves one on a model."""
-    handles = []
-    try:
-        for module, fn in pre:
-            handles.append(module.register_forward_pre_hook(fn, with_kwargs=True, prepend=prepend))
-        for module, fn in post:
-            handles.append(module.register_forward_hook(fn, with_kwargs=True, prepend=prepend))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@dataclass
-class Recorded:
-    """What ``record`` kept from the latest forward pass, in module order."""
-
-    inputs: list[Tensor | None]
-    outputs: list[Tensor | None]
-
-
-@contextmanager
-def record(
-    inputs: Sequence[nn.Module] = (), outputs: Sequence[nn.Module] = ()
-) -> Iterator[Recorded]:
-    """Keep the hidden-state input of each module in ``inputs`` and the output of each in
-    ``outputs`` (with their autograd graph, if any) for the passes run inside the block."""
-    rec = Recorded([None] * len(inputs), [None] * len(outputs))
-
-    def keep_in(i: int) -> Callable:
-        return lambda module, args, kwargs: rec.inputs.__setitem__(i, layer_input(args, kwargs))
-
-    def keep_out(i: int) -> Callable:
-        return lambda module, args, kwargs, out: rec.outputs.__setitem__(i, layer_output(out))
-
-    with hooks(
-        [(m, keep_in(i)) for i, m in enumerate(inputs)],
-        [(m, keep_out(i)) for i, m in enumerate(outputs)],
-    ):
-        yield rec
 
 
 class LayerCapture:
@@ -129,7 +54,7 @@ class LayerCapture:
 
     # -- hooks ----------------------------------------------------------------------------
     def _rows(self, h: Tensor) -> Tensor:
-        return _masked_rows(h, self._mask)
+        return masked_rows(h, self._mask)
 
     def _pre(self, i: int) -> Callable:
         def hook(module, args, kwargs):
@@ -159,7 +84,7 @@ class LayerCapture:
             self.stats[i].update(x, y)
             self._last_out = (i, y_raw, y)
             if stop:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -186,7 +111,7 @@ class LayerCapture:
         self.begin_batch(mask)
         try:
             body(input_ids=ids, attention_mask=mask, use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             self.end_batch()
@@ -201,7 +126,7 @@ class LayerCapture:
         self._last_out = None
         self._inputs.clear()
         for s in self.stats.values():
-            s._carry = None  # rows kept for the next layer: not past the batch
+            s.end_batch()  # rows kept for the next layer: not past the batch
 
 
 def _distributed() -> bool:
@@ -299,7 +224,7 @@ def check_finite(stats: dict[int, PairStats], model: nn.Module) -> None:
 
 
 # -- spans and blocks: pairs that are not one layer's own input and output ---------------------
-def _masked_rows(h: Tensor, mask: Tensor | None) -> Tensor:
+def masked_rows(h: Tensor, mask: Tensor | None) -> Tensor:
     rows = h.reshape(-1, h.shape[-1])  # (B*T, d), in the model's dtype: PairStats converts
     return rows if mask is None else rows[mask.to(rows.device)]
 
@@ -327,7 +252,7 @@ def collect_pair_stats(
         def keep(h):
             store[name] = layer_output(h)
             if name == last:
-                raise _StopForward
+                raise StopForward
 
         if kind == "input":
             return lambda m, args, kwargs: keep(layer_input(args, kwargs))
@@ -345,10 +270,10 @@ def collect_pair_stats(
             flat = None if bool(mask.all()) else mask.reshape(-1).bool()
             try:
                 body(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             x, y = pair(store)
-            stats.update(_masked_rows(x, flat), _masked_rows(y, flat))
+            stats.update(masked_rows(x, flat), masked_rows(y, flat))
             store.clear()
     if _distributed():
         all_reduce_stats_({0: stats})

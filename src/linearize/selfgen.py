@@ -24,7 +24,7 @@ from torch import nn
 
 from linearize import data, models
 from linearize._io import write_text
-from linearize.capture import eval_mode
+from linearize.hooks import eval_mode
 
 # Openings from many walks of life, none about code: the model continues each freely.
 OPENINGS = (

@@ -11,7 +11,7 @@ import torch
 from conftest import make_tiny
 
 from linearize import arch, data
-from linearize.capture import _masked_rows
+from linearize.capture import masked_rows
 from linearize.stats import PairStats, fit_affine
 from linearize.surgery.prune import PruneConfig, prune_model_
 from linearize.surgery.replace import bridge_positions, get_bridge
@@ -56,7 +56,7 @@ def _final_states(model, batches):
             for b in batches:
                 model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
                 mask = b["attention_mask"].reshape(-1).bool()
-                out.append(_masked_rows(keep["x"], mask))
+                out.append(masked_rows(keep["x"], mask))
     finally:
         h.remove()
     return torch.cat(out)

@@ -249,7 +249,7 @@ def test_hidden_only_loss_skips_the_lm_heads_and_matches(teacher_dir, tmp_path):
 def test_chunked_kl_equals_kl_div_and_its_gradient(tau, chunk):
     import torch.nn.functional as F
 
-    from linearize.train.distill import chunked_kl
+    from linearize.train.distill_losses import chunked_kl
 
     g = torch.Generator().manual_seed(0)
     s = (torch.randn(50, 300, generator=g) * 3).requires_grad_()
@@ -379,7 +379,7 @@ def test_the_student_starts_where_it_stops_being_the_teacher(
 
 
 def test_no_shortcut_when_the_prefix_differs_from_the_teacher(teacher_dir, tmp_path):
-    from linearize.train.distill import select_trainable_, shared_prefix
+    from linearize.train.student import select_trainable_, shared_prefix
 
     student, _ = load(_pruned(teacher_dir, tmp_path), device="cpu")
     teacher, _ = load(str(teacher_dir), device="cpu")

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from linearize import data
-from linearize.capture import eval_mode
 from linearize.errors import LinearizeError
+from linearize.hooks import eval_mode
 
 
 @torch.no_grad()

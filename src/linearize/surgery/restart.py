@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from linearize import arch
 from linearize._io import space_errors
-from linearize.capture import _StopForward, eval_mode, hooks, layer_input, layer_output
+from linearize.hooks import StopForward, eval_mode, hooks, layer_input, layer_output
 
 SPILL_PREFIX = "linearize-states-"
 
@@ -181,7 +181,7 @@ def run_from(
             if on_boundary is not None:
                 on_boundary(current["b"], j, layer_output(out))
             if j == stop:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -205,5 +205,5 @@ def run_from(
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
             try:
                 body(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass

@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 from linearize._io import TMP_PREFIX, atomic_dir, write_json, write_text
 from linearize._version import __version__
-from linearize.capture import eval_mode
 from linearize.errors import LinearizeError
+from linearize.hooks import eval_mode
 
 
 @dataclass

@@ -38,9 +38,9 @@ from linearize._io import (
     write_text,
 )
 from linearize.analyze import analyze_model
-from linearize.capture import eval_mode, record
 from linearize.errors import LinearizeError
 from linearize.eval.perplexity import perplexity
+from linearize.hooks import eval_mode, record
 from linearize.train.loop import Every, Loop, Schedule
 
 REGS = ("cosine", "mse", "none")
@@ -279,7 +279,7 @@ def _probe(model: nn.Module, tok, c: PretrainConfig, step: int, per_step: int) -
 
 
 @dataclass
-class _Step:
+class _PretrainStep:
     """LM loss plus the regulariser on one micro-batch; everything else is the loop's."""
 
     c: PretrainConfig
@@ -366,7 +366,7 @@ def pretrain(
     if step == 0:
         probes.append(_probe(loop.unwrapped(), tok, c, 0, per_step))
     every = Every(c.save_every, c.probe_every, evaluate, save_model, on_step)
-    loop.run(_Step(c, loop, seqs, data.pad_id_of(tok)), every, max_steps)
+    loop.run(_PretrainStep(c, loop, seqs, data.pad_id_of(tok)), every, max_steps)
     summary = {
         "config": asdict(c),
         **loop.summary(),
