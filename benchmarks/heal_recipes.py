@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from linearize import load
+from linearize import load, models
 from linearize.eval.perplexity import perplexity
 from linearize.train.distill import DistillConfig, distill
 
@@ -31,6 +31,9 @@ RECIPES: dict[str, dict] = {
     "compress default, sampled text only": {**COMPRESS, "data": "self"},
     "compress default, all weights, lr 5e-5": {**COMPRESS, "train": "all", "lr": 5e-5},
     "compress default, lr 1e-3": {**COMPRESS, "lr": 1e-3},
+    "compress default, lr 2e-3": {**COMPRESS, "lr": 2e-3},
+    "compress default, all weights, lr 1e-4": {**COMPRESS, "train": "all", "lr": 1e-4},
+    "compress default, sampled text only, lr 2e-3": {**COMPRESS, "data": "self", "lr": 2e-3},
     "compress default, KL only": {**COMPRESS, "w_hidden": 0.0},
     "maps, lr 1e-4 (the old default)": {"train": "replacements", "lr": 1e-4},
     "maps, lr 1e-3": {"train": "replacements", "lr": 1e-3},
@@ -63,7 +66,7 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def score(model_dir: str, tokens: int) -> dict[str, float]:
+def score(model_dir: str | None, tokens: int) -> dict[str, float]:
     model, tok = load(model_dir, dtype="float32", device="cpu")
     return {key: perplexity(model, tok, src, 512, tokens) for key, src in EVALS.items()}
 
@@ -84,7 +87,8 @@ def main() -> None:
     log = out / "recipes.jsonl"
     done = {_key(json.loads(x)) for x in log.read_text().splitlines()} if log.exists() else set()
     pj = json.loads((Path(a.student) / "prune.json").read_text())
-    base = score(pj["base_model"], a.eval_tokens)
+    original = None if pj["base_model"] == models.EMBEDDED_NAME else pj["base_model"]
+    base = score(original, a.eval_tokens)
     wanted = [n for n in RECIPES if not a.only or n in a.only.split(";")]
     budgets = [int(t) for t in a.tokens.split(",")]
     rows = [("pruned, not healed", a.student, {}, 0)]
@@ -119,6 +123,7 @@ def _run(a, out: Path, name: str, model_dir: str | None, kw: dict, tokens: int) 
             **{**kw, "tokens": tokens},
             batch_size=a.batch_size,
             eval_data="",
+            eval_ood="",
             save_every=10**9,
             cache_teacher="off",
         )
