@@ -39,10 +39,12 @@ def _is_argument(p: inspect.Parameter) -> bool:
     return any(isinstance(m, typer.models.ArgumentInfo) for m in meta)
 
 
-def with_config(cls: type, name: str = "config") -> Callable:
+def with_config(cls: type, name: str = "config", given_only: bool = False) -> Callable:
     """Give a command one option per field of the dataclass ``cls`` (help, default and type
     from the field, see linearize._fields.option) and call it with ``name=cls(...)``: the
-    fields are declared once, in the config."""
+    fields are declared once, in the config. With ``given_only`` the options default to
+    unset and the command gets ``name={field: value}`` of those given, for configs built from
+    a preset that the options then override (``pretrain``)."""
 
     def options() -> list[inspect.Parameter]:
         hints = typing.get_type_hints(cls)
@@ -52,6 +54,8 @@ def with_config(cls: type, name: str = "config") -> Callable:
                 continue
             typ = f.metadata.get("cli", hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None  # lists: empty
+            if given_only:
+                typ, default = typ | None, None
             flags = [f.metadata["flag"]] if "flag" in f.metadata else []
             help_ = f.metadata["help"]
             if "choices" in f.metadata:
@@ -80,6 +84,8 @@ def with_config(cls: type, name: str = "config") -> Callable:
                         values[f.name] = f.metadata["parse"](values[f.name])
                     except LinearizeError as e:
                         fail(str(e))
+            if given_only:
+                return fn(**kwargs, **{name: {k: v for k, v in values.items() if v is not None}})
             return fn(**kwargs, **{name: cls(**values)})
 
         # the command's arguments, then the config's options, then the command's own options

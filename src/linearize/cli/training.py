@@ -13,6 +13,7 @@ from linearize.cli.runtime import command, with_config
 from linearize.train import distill, finetune, pretrain
 from linearize.train.distill import DistillConfig
 from linearize.train.finetune import FinetuneConfig
+from linearize.train.pretrain import PretrainConfig
 
 
 @command("distill", context_settings={"allow_extra_args": False})
@@ -39,42 +40,21 @@ def distill_command(
 
 
 @command("pretrain", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@with_config(PretrainConfig, name="given", given_only=True)
 def pretrain_command(
     ctx: typer.Context,
     config: Annotated[str, typer.Option(help="tiny | 150m | 650m | FILE.yaml")] = "tiny",
-    data: Annotated[
-        str | None,
-        typer.Option(help="training sources, comma-separated (e.g. roneneldan/TinyStories)"),
-    ] = None,
-    tokenizer: Annotated[
-        str | None, typer.Option(help="tokenizer name or dir (default: the embedded SmolLM2's)")
-    ] = None,
-    reg: Annotated[str | None, typer.Option(help="cosine | mse | none")] = None,
-    reg_weight: Annotated[float | None, typer.Option(help="λ, the regulariser's weight")] = None,
-    tokens: Annotated[int | None, typer.Option(help="training tokens")] = None,
-    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
-    probe_every: Annotated[int | None, typer.Option(help="steps between linearity probes")] = None,
-    save_every: Annotated[int | None, typer.Option(help="steps between checkpoints")] = None,
+    given: dict | None = None,
     resume: Annotated[
         bool, typer.Option(help="continue from the last checkpoint in --out")
     ] = False,
     out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/pretrain"),
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
-    """Pretrain a Mistral model with the linearity regulariser. Extra KEY=VALUE arguments
-    override the config (model.hidden_size=256 lr=1e-3 ...)."""
-    cfg = pretrain.load_config(
-        config,
-        list(ctx.args),
-        data=data,
-        tokenizer=tokenizer,
-        reg=reg,
-        reg_weight=reg_weight,
-        tokens=tokens,
-        seed=seed,
-        probe_every=probe_every,
-        save_every=save_every,
-    )
+    """Pretrain a Mistral model with the linearity regulariser. Options override the preset
+    (or YAML file) of --config; extra KEY=VALUE arguments override any field
+    (model.hidden_size=256 lr=1e-3 ...)."""
+    cfg = pretrain.load_config(config, list(ctx.args), **(given or {}))
     with step_progress() as on_step:
         res = pretrain.pretrain(cfg, out=out, resume=resume, device=device, on_step=on_step)
     last = res["final"] or {}

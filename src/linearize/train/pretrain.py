@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from linearize import arch, data, models
-from linearize._fields import coerce, parse_value
+from linearize._fields import check_choices, coerce, option, parse_value
 from linearize._io import (
     claim_output,
     releases_output,
@@ -109,9 +109,14 @@ class PretrainConfig:
     (``model.KEY`` sets a MistralConfig argument)."""
 
     model: dict = field(default_factory=lambda: dict(PRESETS["tiny"]["model"]))
-    data: str = "builtin:calib"  # comma-separated sources, interleaved by sequence
-    tokenizer: str | None = None  # default: the embedded SmolLM2's
-    tokens: int = 400_000  # training tokens, all processes together
+    data: str = option(
+        "builtin:calib",
+        "training sources, comma-separated, interleaved by sequence (e.g. roneneldan/TinyStories)",
+    )
+    tokenizer: str | None = option(
+        None, "tokenizer name or directory (default: the embedded SmolLM2's)"
+    )
+    tokens: int = option(400_000, "training tokens, all processes together")
     seq_len: int = 128
     batch_size: int = 8  # sequences per process per micro-step
     grad_accum: int = 1
@@ -119,18 +124,19 @@ class PretrainConfig:
     warmup: float = 0.05
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0
-    reg: str = "cosine"
-    reg_weight: float = 0.5
+    reg: str = option(
+        "cosine", "the term between consecutive layers' states", choices=REGS, what="--reg"
+    )
+    reg_weight: float = option(0.5, "λ, the regulariser's weight")
     reg_normalize: bool = True  # mse only: divide by the hidden size
     probe_data: str = "builtin:eval"
     probe_tokens: int = 4096
-    probe_every: int = 50
-    save_every: int = 100
-    seed: int = 0
+    probe_every: int = option(50, "steps between linearity probes")
+    save_every: int = option(100, "steps between checkpoints")
+    seed: int = option(0, "random seed")
 
     def check(self) -> None:
-        if self.reg not in REGS:
-            raise LinearizeError(f"unknown --reg '{self.reg}' (choose from {', '.join(REGS)})")
+        check_choices(self)
         if self.reg_weight < 0:
             raise LinearizeError(f"--reg-weight must be >= 0, got {self.reg_weight}")
         for name in ("tokens", "seq_len", "batch_size", "grad_accum", "probe_every", "save_every"):
