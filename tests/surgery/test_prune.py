@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import fixed_ids, make_tiny
 
 from linearize import arch, data, load
 from linearize.capture import collect_stats
@@ -25,19 +25,15 @@ class _AffineLayer(torch.nn.Module):
         return self.proj(hidden_states)
 
 
-def _ids():
-    return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
 def test_exactly_linear_layer_replaced_by_its_fit_leaves_logits_unchanged(tokenizer):
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[2] = _AffineLayer(model.config.hidden_size, torch.float64)
     with torch.no_grad():
-        before = model(_ids()).logits
+        before = model(fixed_ids()).logits
     res = prune_model_(model, tokenizer, PruneConfig(1, strategy="layers", layers=[2], **KW))
     assert res.removed == [2] and arch.n_layers(model) == 3
     with torch.no_grad():
-        after = model(_ids()).logits
+        after = model(fixed_ids()).logits
     assert (after - before).abs().max() <= 1e-5
 
 
@@ -114,15 +110,17 @@ def test_prune_save_load_generate(model_type, replace, tokenizer, tmp_path):
     assert set(idx) == {0, 1}  # every tiny architecture here numbers its attention layers
     assert bool(bridge_positions(model)) == (replace == "linear")
     with torch.no_grad():
-        logits = model(_ids()).logits
+        logits = model(fixed_ids()).logits
     save(model, tokenizer, tmp_path, {"removed": res.removed})
     loaded, tok = load(str(tmp_path), dtype="float32", device="cpu")
     assert bridge_positions(loaded) == bridge_positions(model)
     with torch.no_grad():
-        assert torch.allclose(loaded(_ids()).logits, logits, atol=1e-5)
-    out = loaded.generate(_ids(), max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0)
+        assert torch.allclose(loaded(fixed_ids()).logits, logits, atol=1e-5)
+    out = loaded.generate(
+        fixed_ids(), max_new_tokens=5, do_sample=False, use_cache=True, pad_token_id=0
+    )
     no_cache = loaded.generate(
-        _ids(), max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0
+        fixed_ids(), max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0
     )
     assert out.shape == (2, 17) and torch.equal(out, no_cache)
 
@@ -187,12 +185,12 @@ def test_fold_of_an_identity_layer_leaves_logits_unchanged(tokenizer):
     model = make_tiny("llama", torch.float64, num_hidden_layers=4)
     model.model.layers[2] = _Identity()
     with torch.no_grad():
-        before = model(_ids()).logits
+        before = model(fixed_ids()).logits
     prune_model_(
         model, tokenizer, PruneConfig(1, strategy="layers", layers=[2], replace="fold", **KW)
     )
     with torch.no_grad():
-        after = model(_ids()).logits
+        after = model(fixed_ids()).logits
     assert arch.n_layers(model) == 3 and not bridge_positions(model)
     assert (after - before).abs().max() <= 1e-5
 
@@ -221,13 +219,13 @@ def test_fold_checkpoint_is_stock(model_type, tokenizer, tmp_path):
         model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 2], replace="fold", **KW)
     )
     with torch.no_grad():
-        logits = model(_ids()).logits
+        logits = model(fixed_ids()).logits
     save(model, tokenizer, tmp_path, {"removed": [1, 2]})
     assert not (tmp_path / "modeling_linearize.py").exists()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     with torch.no_grad():
-        assert torch.allclose(plain(_ids()).logits, logits, atol=1e-5)
-    out = plain.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.allclose(plain(fixed_ids()).logits, logits, atol=1e-5)
+    out = plain.generate(fixed_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 16)
 
 
@@ -237,15 +235,15 @@ def test_linear_checkpoint_loads_with_trust_remote_code(tokenizer, tmp_path):
     model = make_tiny("qwen3", num_hidden_layers=4)
     prune_model_(model, tokenizer, PruneConfig(2, strategy="layers", layers=[1, 3], **KW))
     with torch.no_grad():
-        logits = model(_ids()).logits
+        logits = model(fixed_ids()).logits
     save(model, tokenizer, tmp_path, {"removed": [1, 3]})
     remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
     assert type(remote).__name__ == "LinearizedQwen3ForCausalLM"
     with torch.no_grad():
-        assert torch.allclose(remote(_ids()).logits, logits, atol=1e-5)
-    cached = remote.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.allclose(remote(fixed_ids()).logits, logits, atol=1e-5)
+    cached = remote.generate(fixed_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0)
     plain = remote.generate(
-        _ids(), max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False
+        fixed_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0, use_cache=False
     )
     assert torch.equal(cached, plain)
 

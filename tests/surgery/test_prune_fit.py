@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from conftest import make_tiny
+from conftest import fixed_ids, make_tiny
 
 from linearize import arch, data
 from linearize.capture import masked_rows
@@ -39,10 +39,6 @@ def _linear_model(n=5):
     for i in range(1, n - 1):
         model.model.layers[i] = _AffineLayer(model.config.hidden_size, torch.float64, seed=i)
     return model
-
-
-def _ids():
-    return torch.randint(3, 500, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
 def _final_states(model, batches):
@@ -78,9 +74,9 @@ def test_original_and_local_agree_when_layers_are_exactly_linear(tokenizer, laye
         cfg.reconstruct = 0  # the affine stand-in layers have no MLP to refit
         prune_model_(m, tokenizer, cfg)
         with torch.no_grad():
-            logits.append(m(_ids()).logits)
+            logits.append(m(fixed_ids()).logits)
     with torch.no_grad():
-        reference = base(_ids()).logits
+        reference = base(fixed_ids()).logits
     assert (logits[0] - logits[1]).abs().max() <= 1e-6
     assert (logits[1] - reference).abs().max() <= 1e-6  # exact layers: nothing is lost
 
@@ -139,7 +135,7 @@ def test_spilled_states_give_the_same_result(tokenizer):
             m, tokenizer, PruneConfig(2, fit_target="original", cache_gb=cache_gb, **KW)
         )
         with torch.no_grad():
-            outs.append(m(_ids()).logits)
+            outs.append(m(fixed_ids()).logits)
         spilled = res.state_spilled_mb
     assert spilled > 0
     assert torch.equal(outs[0], outs[1])
