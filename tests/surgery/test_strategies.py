@@ -53,6 +53,6 @@ def test_a_strategy_registered_later_is_one_class_and_is_validated_and_listed(to
         c = PruneConfig(remove=2, strategy="test-first-k", replace="none", **KW)
         assert prune_model_(model, tokenizer, c).removed == [0, 1]
     finally:
-        strategies.base._REGISTRY.pop("test-first-k")
+        strategies.base.REGISTRY.unregister("test-first-k")
     with pytest.raises(LinearizeError, match="unknown strategy 'test-first-k'"):
         PruneConfig(strategy="test-first-k").check(4)

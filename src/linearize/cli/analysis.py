@@ -13,7 +13,7 @@ import typer
 from linearize._io import strict_json
 from linearize.analyze import AnalyzeConfig, analyze, default_out_dir
 from linearize.cli.progress import token_progress
-from linearize.cli.runtime import command, init_distributed, with_config
+from linearize.cli.runtime import Device, OutDir, command, init_distributed, with_config
 from linearize.train import dynamics
 
 
@@ -85,8 +85,8 @@ def dynamics_command(
     seq_len: Annotated[int, typer.Option(help="tokens per sequence")] = 512,
     batch_size: Annotated[int, typer.Option(help="sequences per forward pass")] = 8,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16 | float64 | auto")] = "float32",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/dynamics"),
+    device: Device = "auto",
+    out: OutDir = Path("linearize-out/dynamics"),
 ) -> None:
     """Linearity across a series of checkpoints: dynamics.json/.csv/.md/.png/.html."""
     rows = dynamics.dynamics(

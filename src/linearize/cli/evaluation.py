@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from linearize.cli.runtime import command, csv_list, fail, with_config
+from linearize.cli.runtime import Device, OutDir, command, csv_list, fail, with_config
 from linearize.errors import LinearizeError
 from linearize.eval import bench, compare, suite
 from linearize.eval.bench import BenchConfig
@@ -22,10 +22,10 @@ def bench_command(
         list[str] | None, typer.Argument(help="models to compare; the first is the reference")
     ] = None,
     config: BenchConfig | None = None,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/bench"),
+    out: OutDir = Path("linearize-out/bench"),
     labels: Annotated[str | None, typer.Option(help="comma-separated names for the table")] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Device = "auto",
 ) -> None:
     """Prefill and decode speed, time to first token, memory, parameters and size on disk of
     each model, measured interleaved in one process, with ratios to the first."""
@@ -54,7 +54,7 @@ def eval_command(
         typer.Argument(metavar="MODEL...", help="models or checkpoint dirs; 'embedded' = SmolLM2"),
     ],
     config: EvalConfig | None = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    device: Device = "auto",
     out: Annotated[
         Path, typer.Option(help="output directory (one subdirectory per model when several)")
     ] = Path("linearize-out/eval"),
@@ -98,7 +98,7 @@ def compare_command(
     labels: Annotated[
         str, typer.Option(help="comma-separated labels (default: directory names)")
     ] = "",
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compare"),
+    out: OutDir = Path("linearize-out/compare"),
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
     compare.compare(dirs, out, labels=csv_list(labels) or None)

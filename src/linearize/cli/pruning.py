@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from linearize.cli.progress import phase_progress
-from linearize.cli.runtime import command, with_config
+from linearize.cli.runtime import Device, OutDir, ShowProgress, command, with_config
 from linearize.errors import LinearizeError
 from linearize.surgery import compress, export, prune, sweep
 from linearize.surgery.compress import CompressConfig
@@ -39,8 +39,8 @@ def prune_command(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="output directory")] = None,
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float64")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    progress: Annotated[bool, typer.Option(help="show what runs now on stderr")] = True,
+    device: Device = "auto",
+    progress: ShowProgress = True,
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
@@ -127,9 +127,9 @@ def compress_command(
         ),
     ] = None,
     config: CompressConfig | None = None,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/compressed"),
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    progress: Annotated[bool, typer.Option(help="show what runs now on stderr")] = True,
+    out: OutDir = Path("linearize-out/compressed"),
+    device: Device = "auto",
+    progress: ShowProgress = True,
 ) -> None:
     """Cut, heal and export in one resumable run: a stock checkpoint (OUT/model), its GGUF
     (OUT/model.gguf), and quality against speed (OUT/compress.json, compress.html)."""

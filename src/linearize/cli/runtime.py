@@ -14,12 +14,19 @@ import typing
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from linearize._fields import choices_of
 from linearize.errors import LinearizeError
+
+# options many commands share, declared once
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
+OutDir = Annotated[Path, typer.Option(help="output directory")]
+Resume = Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")]
+ShowProgress = Annotated[bool, typer.Option(help="show what runs now on stderr")]
 
 app = typer.Typer(
     add_completion=False,

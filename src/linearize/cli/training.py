@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from linearize.cli.progress import step_progress
-from linearize.cli.runtime import command, with_config
+from linearize.cli.runtime import Device, OutDir, Resume, command, with_config
 from linearize.train import distill, finetune, pretrain
 from linearize.train.distill import DistillConfig
 from linearize.train.finetune import FinetuneConfig
@@ -21,11 +21,9 @@ from linearize.train.pretrain import PretrainConfig
 def distill_command(
     student: Annotated[str, typer.Argument(help="a checkpoint written by linearize prune")],
     config: DistillConfig | None = None,
-    resume: Annotated[
-        bool, typer.Option(help="continue from the last checkpoint in --out")
-    ] = False,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/distilled"),
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    resume: Resume = False,
+    out: OutDir = Path("linearize-out/distilled"),
+    device: Device = "auto",
 ) -> None:
     """Heal a pruned model: train its replacements against the original's hidden states."""
     with step_progress() as on_step:
@@ -45,11 +43,9 @@ def pretrain_command(
     ctx: typer.Context,
     config: Annotated[str, typer.Option(help="tiny | 150m | 650m | FILE.yaml")] = "tiny",
     given: dict | None = None,
-    resume: Annotated[
-        bool, typer.Option(help="continue from the last checkpoint in --out")
-    ] = False,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/pretrain"),
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    resume: Resume = False,
+    out: OutDir = Path("linearize-out/pretrain"),
+    device: Device = "auto",
 ) -> None:
     """Pretrain a Mistral model with the linearity regulariser. Options override the preset
     (or YAML file) of --config; extra KEY=VALUE arguments override any field
@@ -74,11 +70,9 @@ def finetune_command(
         str, typer.Option(help="a .jsonl task (boolq/cb/rte/wic fields or text/label)")
     ],
     config: FinetuneConfig | None = None,
-    resume: Annotated[
-        bool, typer.Option(help="continue from the last checkpoint in --out")
-    ] = False,
-    out: Annotated[Path, typer.Option(help="output directory")] = Path("linearize-out/finetune"),
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    resume: Resume = False,
+    out: OutDir = Path("linearize-out/finetune"),
+    device: Device = "auto",
 ) -> None:
     """Fine-tune on a classification task (HF Trainer); compare with `linearize dynamics BASE OUT`."""
     name = None if model == "embedded" else model

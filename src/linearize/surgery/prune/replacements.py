@@ -19,8 +19,8 @@ from torch import Tensor
 
 from linearize import arch
 from linearize.capture import masked_rows, span_stats
-from linearize.errors import LinearizeError
 from linearize.stats import PairStats, relative_error
+from linearize.surgery.prune.registry import Registry
 from linearize.surgery.replace import (
     bridge_positions,
     fold_span_,
@@ -53,22 +53,8 @@ class Replacement:
         """After every cut and before the reconstruction."""
 
 
-_REGISTRY: dict[str, Replacement] = {}
-
-
-def register(cls: type[Replacement]) -> type[Replacement]:
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> Replacement:
-    if name not in _REGISTRY:
-        raise LinearizeError(f"unknown replacement '{name}' (choose from {', '.join(names())})")
-    return _REGISTRY[name]
+REGISTRY: Registry[Replacement] = Registry("replacement")
+register, names, get = REGISTRY.register, REGISTRY.names, REGISTRY.get
 
 
 @register

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-from linearize.errors import LinearizeError
 from linearize.stats import PairStats, fit_affine, relative_error
+from linearize.surgery.prune.registry import Registry
 from linearize.surgery.replace import runs_of
 
 if TYPE_CHECKING:
@@ -78,25 +78,8 @@ class Strategy:
             s.remove_run(p, p + (hi - lo), chosen[lo])
 
 
-_REGISTRY: dict[str, Strategy] = {}
-
-
-def register(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator: make the strategy known by its ``name``."""
-    if cls.name in _REGISTRY:
-        raise ValueError(f"strategy '{cls.name}' registered twice")
-    _REGISTRY[cls.name] = cls()
-    return cls
-
-
-def names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
-
-
-def get(name: str) -> Strategy:
-    if name not in _REGISTRY:
-        raise LinearizeError(f"unknown strategy '{name}' (choose from {', '.join(names())})")
-    return _REGISTRY[name]
+REGISTRY: Registry[Strategy] = Registry("strategy")
+register, names, get = REGISTRY.register, REGISTRY.names, REGISTRY.get
 
 
 def keep_initial(s: Session, stats: dict[int, PairStats], scored: dict[int, float]) -> None:
