@@ -10,10 +10,11 @@ from typing import Annotated
 
 import typer
 
+from linearize import plan
 from linearize._io import strict_json
 from linearize.analyze import AnalyzeConfig, analyze, default_out_dir
 from linearize.cli.progress import token_progress
-from linearize.cli.runtime import Device, OutDir, command, init_distributed, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, command, init_distributed, with_config
 from linearize.train import dynamics
 
 
@@ -31,9 +32,19 @@ def analyze_command(
         bool, typer.Option("--json", help="print the JSON report to stdout")
     ] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar on stderr")] = True,
+    dry_run: DryRun = False,
 ) -> None:
     """Score every decoder layer: linearity (with / without residual), cosine, angular distance,
     block influence. Writes linearity.json/.csv/.png and report.html into --out."""
+    if dry_run:
+        tokens, batch, seq = config.tokens or 65536, config.batch_size, config.seq_len
+
+        def build(cfg, label, dt):
+            return plan.analyze_plan(cfg, label, tokens, batch, seq, dt)
+
+        timing = (lambda p: p.passes * tokens, batch, seq)
+        typer.echo(plan.planned("analyze", model, build, config.dtype, device, timing).text())
+        return
     rank, world = init_distributed()
     if world > 1 and device == "auto":
         import torch

@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
+from linearize import plan
 from linearize.cli.progress import phase_progress
-from linearize.cli.runtime import Device, OutDir, ShowProgress, command, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, ShowProgress, command, with_config
 from linearize.errors import LinearizeError
 from linearize.surgery import compress, export, prune, sweep
 from linearize.surgery.compress import CompressConfig
@@ -41,11 +42,20 @@ def prune_command(
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float64")] = "auto",
     device: Device = "auto",
     progress: ShowProgress = True,
+    dry_run: DryRun = False,
 ) -> None:
     """Remove the most linear layers and write a checkpoint that linearize.load reads
     (with --sweep: compare strategies × replacements over several counts)."""
     if config.layers is not None and config.strategy == "linear-greedy":
         config.strategy = "layers"
+    if dry_run:
+
+        def build(cfg, label, dt):
+            return plan.prune_plan(cfg, label, config, eval_tokens, dt)
+
+        timing = (lambda p: p.passes * config.tokens + 2 * eval_tokens, 8, config.seq_len)
+        typer.echo(plan.planned("prune", model, build, dtype, device, timing).text())
+        return
     where = dict(eval_tokens=eval_tokens, dtype=dtype, device=device)
     with phase_progress(progress) as (on_progress, say):
         if sweep is not None:
@@ -130,6 +140,7 @@ def compress_command(
     out: OutDir = Path("linearize-out/compressed"),
     device: Device = "auto",
     progress: ShowProgress = True,
+    dry_run: DryRun = False,
 ) -> None:
     """Cut, heal and export in one resumable run: a stock checkpoint (OUT/model), its GGUF
     (OUT/model.gguf), and quality against speed (OUT/compress.json, compress.html)."""
@@ -138,6 +149,9 @@ def compress_command(
     if len(models_given) > 1:
         raise LinearizeError(f"one model at a time, got {', '.join(models_given)}")
     model = models_given[0] if models_given else None
+    if dry_run:
+        typer.echo(compress.planned(model, config, [a for a in items if "=" in a], device).text())
+        return
     with phase_progress(progress) as (on_progress, say):
         rec = compress.compress(
             model,

@@ -27,6 +27,13 @@ Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
 OutDir = Annotated[Path, typer.Option(help="output directory")]
 Resume = Annotated[bool, typer.Option(help="continue from the last checkpoint in --out")]
 ShowProgress = Annotated[bool, typer.Option(help="show what runs now on stderr")]
+DryRun = Annotated[
+    bool,
+    typer.Option(
+        help="print what the run will need (peak RAM, disk, passes; time when the weights are "
+        "here) from the model's config, and stop"
+    ),
+]
 
 app = typer.Typer(
     add_completion=False,

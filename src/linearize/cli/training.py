@@ -8,8 +8,9 @@ from typing import Annotated
 
 import typer
 
+from linearize import plan
 from linearize.cli.progress import step_progress
-from linearize.cli.runtime import Device, OutDir, Resume, command, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, Resume, command, with_config
 from linearize.train import distill, finetune, pretrain
 from linearize.train.distill import DistillConfig
 from linearize.train.finetune import FinetuneConfig
@@ -24,8 +25,19 @@ def distill_command(
     resume: Resume = False,
     out: OutDir = Path("linearize-out/distilled"),
     device: Device = "auto",
+    dry_run: DryRun = False,
 ) -> None:
     """Heal a pruned model: train its replacements against the original's hidden states."""
+    if dry_run:
+
+        def build(cfg, label, dt):
+            return plan.distill_plan(
+                cfg, label, config, plan.trainable_share(cfg, config.train), dt
+            )
+
+        timing = (lambda p: 3 * config.tokens * config.epochs, config.batch_size, config.seq_len)
+        typer.echo(plan.planned("distill", student, build, "float32", device, timing).text())
+        return
     with step_progress() as on_step:
         res = distill.distill(
             student, config, out=out, resume=resume, device=device, on_step=on_step

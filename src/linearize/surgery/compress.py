@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from linearize import arch, data, models
+from linearize import arch, data, models, plan
 from linearize._fields import apply_overrides, check_choices, option
 from linearize._io import claim_output, previous_json, releases_output
 from linearize._version import __version__
@@ -191,3 +191,16 @@ def summary_line(record: dict, out: Path) -> str:
         )
     gguf = " and model.gguf" if record["stages"].get("export", {}).get("gguf") else ""
     return "; ".join(parts) + f"; wrote {out}/model{gguf}, compress.json, compress.html"
+
+
+def planned(model: str | None, config: CompressConfig, overrides: list[str], device: str):
+    """What ``compress`` with these arguments will need (``--dry-run``); nothing is written."""
+    c = config
+    c.check()
+    p, d, _ = stage_configs(c, split_overrides(overrides))
+
+    def build(cfg, label, dt):
+        return plan.compress_plan(cfg, label, p, d, c.eval_tokens, dt)
+
+    timing = (lambda pl: pl.passes * p.tokens + 3 * d.tokens, 8, p.seq_len)
+    return plan.planned("compress", model, build, "auto", device, timing)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from linearize import arch, data, models
+from linearize import arch, data, models, plan
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize._version import __version__
 from linearize.eval.perplexity import held_out_perplexities
@@ -61,6 +61,7 @@ def prune(
     c.check(n, hf_config)
     data.calib_parts(c.calib)
     ood_data = data.eval_sources(eval_data, ood_data)
+    _refuse_what_does_not_fit(hf_config, model, c, eval_tokens, dtype, device, out_dir)
     lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
     held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
     on_progress("held-out perplexity, before", 0, 0)
@@ -75,15 +76,8 @@ def prune(
         **res.to_dict(),
         "version": __version__,
     }
-    report = {
-        **record,
-        "eval_data": eval_data,
-        "ood_data": ood_data,
-        "eval_tokens": eval_tokens,
-        **before,
-        **after,
-        **_ratios(before, after),
-    }
+    protocol = dict(eval_data=eval_data, ood_data=ood_data, eval_tokens=eval_tokens)
+    report = {**record, **protocol, **before, **after, **_ratios(before, after)}
 
     def write(tmp: Path) -> None:
         save(lm, tok, tmp, record)
@@ -92,6 +86,21 @@ def prune(
     atomic_dir(out_dir, write)
     render(Path(out_dir) / "prune.json")  # in place: the page names the directory it is in
     return report
+
+
+def _refuse_what_does_not_fit(hf_config, model, c, eval_tokens, dtype, device, out_dir) -> None:
+    """The plan of this prune (``--dry-run`` prints it), checked against the free disk and
+    the machine's RAM before the model is loaded."""
+    torch_dtype = models.pick_dtype(dtype, models.pick_device(device))
+    label = model or models.EMBEDDED_NAME
+    need = plan.prune_plan(hf_config, label, c, eval_tokens, torch_dtype)
+    plan.check_fits(
+        need,
+        out_dir,
+        ram_flag="lower --cache-gb (more of the stored states go to disk)",
+        disk_flags="raise --cache-gb (more states in RAM), lower --tokens (fewer states), "
+        "or point TMPDIR / --out at a larger disk",
+    )
 
 
 def _ratios(before: dict, after: dict) -> dict:

@@ -215,6 +215,13 @@ class PruneConfig:
         return {i % n for i in self.protect or []}
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether the run reads calibration text at all (dropping named layers fits nothing,
+        so it needs none, nor sampling from the model)."""
+        strategy = strategies.get(self.strategy)
+        return strategy.needs_calibration(self) or self.replacement.fits or bool(self.refits)
+
+    @property
     def replacement(self) -> replacements.Replacement:
         return replacements.get(self.replace)
 

@@ -267,7 +267,7 @@ def _calibration(s: Session, tokenizer) -> list:
     """The calibration sequences, or none when nothing will be fitted or scored (dropping
     named layers needs no text, nor sampling from the model)."""
     c = s.c
-    if not (s.strategy.needs_calibration(c) or c.replacement.fits or c.refits):
+    if not c.needs_calibration:
         return []
     s.on_progress("calibration text", 0, 0)
     seqs = calibration_sequences(s.model, tokenizer, c.calib, c.seq_len, c.tokens, s.on_progress)

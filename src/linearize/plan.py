@@ -1,0 +1,357 @@
+"""What a run will need, before it runs: peak RAM, disk, passes over the text, and (when the
+weights are at hand) time, from the model's config alone.
+
+The model is built on the meta device (no weights read, no memory taken), so a user can plan
+an 8B or 70B run from a directory that holds only ``config.json``. Every figure is an estimate
+from the sizes that dominate (weights, stored boundary states, float64 statistics, optimizer
+states, outputs), with the assumption each rests on written next to it in ``notes``.
+Commands refuse up front a run whose plan does not fit the free disk or the RAM given
+(``check_fits``), in one line that names the flag that changes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from linearize import arch, data, models
+from linearize.errors import LinearizeError
+from linearize.surgery.replace import runs_of
+
+if TYPE_CHECKING:
+    from linearize.surgery.prune.config import PruneConfig
+    from linearize.train.distill import DistillConfig
+
+GB = 1 << 30
+BASE_RAM = int(0.7 * GB)  # python, torch, transformers and the tokenizer, measured ~0.6–0.8 GB
+# stored boundary states of a greedy prune, in copies of one pass's states: the original's
+# states plus the pruned model's from the first cut on (measured 1.3–1.5 on SmolLM2, k = 8–12)
+STATE_COPIES = 1.4
+STATE_COPIES_BOUND = 2.0
+
+
+@dataclass
+class Shape:
+    """The sizes a plan is made of, read from a config."""
+
+    layers: int
+    hidden: int
+    ffn: int
+    vocab: int
+    params: int
+    bytes_per: int  # of the dtype the run computes in
+
+    @property
+    def weights(self) -> int:
+        return self.params * self.bytes_per
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one decoder layer (all layers alike)."""
+        return max(self.params - 2 * self.vocab * self.hidden, 0) // max(self.layers, 1)
+
+
+def shape_of(config, dtype: torch.dtype) -> Shape:
+    """Count the parameters of the model ``config`` describes on the meta device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # a tied head is not a second matrix
+    params = sum(p.numel() for p in model.parameters())
+    n = getattr(config, arch.n_layers_key(config))
+    hidden = config.hidden_size
+    ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
+    return Shape(n, hidden, ffn or 4 * hidden, config.vocab_size, params, dtype.itemsize)
+
+
+@dataclass
+class Plan:
+    """What one command will need. Bytes, passes over the calibration tokens, seconds."""
+
+    command: str
+    model: str
+    params: int
+    dtype: str
+    peak_ram: int
+    disk: int  # at the end of the run, outputs included
+    spill_disk: int = 0  # of ``disk``: temporary states in the temporary directory
+    passes: float = 1.0
+    seconds: float | None = None
+    parts: dict[str, int] = field(default_factory=dict)  # what the peak RAM is made of
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        return "\n".join(self.lines())
+
+    def lines(self) -> list[str]:
+        """The plan as a user reads it."""
+        out = [
+            f"plan for linearize {self.command} on {self.model} "
+            f"({self.params / 1e9:.3g}B parameters, {self.dtype}):",
+            f"  peak RAM   ~{_gb(self.peak_ram)} ("
+            + ", ".join(f"{k} {_gb(v)}" for k, v in self.parts.items() if v)
+            + ")",
+            f"  disk       ~{_gb(self.disk)}"
+            + (f" (of which {_gb(self.spill_disk)} temporary states)" if self.spill_disk else ""),
+            f"  passes     ~{self.passes:.3g} over the calibration text",
+        ]
+        if self.seconds is not None:
+            out.append(f"  time       ~{_duration(self.seconds)} (from a timed forward pass here)")
+        out += [f"  note: {n}" for n in self.notes]
+        return out
+
+
+def _gb(n: float) -> str:
+    return f"{n / GB:.3g} GB" if n >= GB / 10 else f"{n / (1 << 20):.3g} MB"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def _stats_bytes(s: Shape, layers: int) -> int:
+    """PairStats of ``layers`` layers in float64: X'X', X'D', D'D' (d² each) and the shifts."""
+    return layers * 3 * s.hidden * s.hidden * 8
+
+
+def _activations(s: Shape, batch: int, seq: int) -> int:
+    """One layer's working set on one batch (its MLP's width dominates), in float32."""
+    return batch * seq * (4 * s.hidden + 3 * s.ffn) * 4
+
+
+def analyze_plan(config, model: str, tokens: int, batch: int, seq: int, dtype) -> Plan:
+    s = shape_of(config, dtype)
+    parts = {
+        "weights": s.weights,
+        "statistics": _stats_bytes(s, s.layers),
+        "activations": _activations(s, batch, seq),
+        "runtime": BASE_RAM,
+    }
+    return Plan(
+        "analyze",
+        model,
+        s.params,
+        str(dtype).removeprefix("torch."),
+        sum(parts.values()),
+        disk=1 << 20,
+        passes=1.0,
+        parts=parts,
+    )
+
+
+def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> Plan:
+    """Boundary states: d × bytes per token at each of the n + 1 boundaries, in RAM up to
+    ``--cache-gb`` and the rest spilled to the temporary directory; the checkpoint: the kept
+    layers' weights."""
+    s = shape_of(config, dtype)
+    k = c.check(s.layers, config)
+    tokens = c.tokens if c.needs_calibration else 0
+    one_copy = (s.layers + 1) * tokens * s.hidden * s.bytes_per
+    states = int(one_copy * STATE_COPIES)
+    in_ram = min(states, int(c.cache_gb * GB))
+    spill = states - in_ram
+    checkpoint = s.weights - k * s.layer_params * s.bytes_per
+    parts = {
+        "weights": s.weights,
+        "stored states": in_ram,
+        "statistics": _stats_bytes(s, s.layers),
+        "activations": _activations(s, c.batch_size, c.seq_len),
+        "runtime": BASE_RAM,
+    }
+    rescore = min(1.0, c.rescore_tokens / max(tokens, 1)) if c.rescore_tokens else 1.0
+    passes = 1.0 + k * rescore * 0.5 + (0.2 * k if c.refits else 0.0)
+    notes = [
+        f"stored states ~{STATE_COPIES:g}× one pass's ({_gb(one_copy)}): the original's and the "
+        f"pruned model's from the first cut on; at most {STATE_COPIES_BOUND:g}× if the first cut "
+        "is layer 0",
+    ]
+    if data.SELF in data.calib_parts(c.calib):
+        notes.append(
+            "text sampled from the model (half of --tokens) is generated once per model and "
+            "cached; the first run spends ~3 forward passes' time on it"
+        )
+    return Plan(
+        "prune",
+        model,
+        s.params,
+        str(dtype).removeprefix("torch."),
+        sum(parts.values()),
+        disk=spill + checkpoint,
+        spill_disk=spill,
+        passes=round(passes, 2),
+        parts=parts,
+        notes=notes,
+    )
+
+
+def distill_plan(config, model: str, c: DistillConfig, trainable: float, dtype) -> Plan:
+    """Student and teacher weights, AdamW's two moments and the gradients of the trainable
+    share (``trainable`` of the student's parameters), activations kept for the backward, the
+    teacher's state cache on disk when batches repeat, and the checkpoints."""
+    s = shape_of(config, dtype)
+    train = int(s.params * trainable)
+    parts = {
+        "student and teacher": 2 * s.weights,
+        "optimizer and gradients": train * 4 * 3,
+        "activations": _activations(s, c.batch_size, c.seq_len) * s.layers,
+        # the student's and the teacher's logits and the KL's gradient, in float32
+        "logits": 3 * c.batch_size * c.seq_len * s.vocab * 4,
+        "runtime": BASE_RAM,
+    }
+    cache = 0
+    if c.cache_teacher != "off" and c.epochs > 1:
+        cache = c.tokens // max(c.epochs, 1) * (s.layers + 1) * s.hidden * s.bytes_per
+    disk = 2 * (s.weights + train * 4 * 2) + cache  # the latest checkpoint and the final model
+    notes = [f"trains ~{trainable:.0%} of the student's parameters ({c.train})"]
+    return Plan(
+        "distill",
+        model,
+        s.params,
+        str(dtype).removeprefix("torch."),
+        sum(parts.values()),
+        disk=disk,
+        passes=float(c.epochs),
+        parts=parts,
+        notes=notes,
+    )
+
+
+def free_disk(path: str | Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    p = Path(path).resolve()
+    while not p.exists():
+        p = p.parent
+    return shutil.disk_usage(p).free
+
+
+def total_ram() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(plan: Plan, out: str | Path, ram_flag: str, disk_flags: str) -> None:
+    """Refuse, in one line naming the flags that change it, a run whose plan does not fit."""
+    spill_at = tempfile.gettempdir()
+    need = {Path(spill_at).resolve(): plan.spill_disk}
+    here = Path(out).resolve()
+    need[here] = need.get(here, 0) + plan.disk - plan.spill_disk
+    for where, n in need.items():
+        if n and n > free_disk(where):
+            raise LinearizeError(
+                f"this {plan.command} needs ~{_gb(n)} of disk at {where} and "
+                f"{_gb(free_disk(where))} is free: {disk_flags}"
+            )
+    if plan.peak_ram > total_ram():
+        raise LinearizeError(
+            f"this {plan.command} needs ~{_gb(plan.peak_ram)} of RAM and the machine has "
+            f"{_gb(total_ram())}: {ram_flag}"
+        )
+
+
+def timed_seconds(model, tokenizer, tokens_total: float, batch: int, seq: int) -> float:
+    """Seconds for ``tokens_total`` tokens of forward passes, from one timed batch here."""
+    import time
+
+    ids = torch.full((batch, seq), tokenizer.eos_token_id or 0, dtype=torch.long)
+    device = model.get_input_embeddings().weight.device
+    body = arch.get_body(model)
+    with torch.no_grad():
+        body(input_ids=ids[:1, :8].to(device))  # warm-up
+        t0 = time.perf_counter()
+        body(input_ids=ids.to(device))
+        per_token = (time.perf_counter() - t0) / ids.numel()
+    return tokens_total * per_token
+
+
+def has_weights(name: str | None) -> bool:
+    """Whether the model's weights are here (embedded, a .gguf, a directory with weight files)
+    without downloading anything: a Hub id or a config-only directory plans without a time."""
+    where, kw = models.resolve_model(name)
+    path = Path(where)
+    if "gguf_file" in kw:
+        return True
+    patterns = ("*.safetensors", "*.bin", "*.pt", "model*.gguf")
+    return path.is_dir() and any(next(path.glob(g), None) is not None for g in patterns)
+
+
+def planned(
+    command: str,
+    name: str | None,
+    build,
+    dtype: str = "auto",
+    device: str = "auto",
+    timing: tuple[Callable[[Plan], float], int, int] | None = None,
+) -> Plan:
+    """The plan of ``command`` on ``name``: ``build(config, label, torch_dtype)`` makes it
+    from the config; ``timing`` (tokens(plan), batch, seq) adds the time of that many tokens
+    of forward passes, from one timed batch, when the weights are here."""
+    config = models.load_config(name)
+    torch_dtype = models.pick_dtype(dtype, models.pick_device(device))
+    plan = build(config, name or models.EMBEDDED_NAME, torch_dtype)
+    if timing is not None and has_weights(name):
+        model, tok = models.load(name, dtype=dtype, device=device)
+        tokens, batch, seq = timing
+        plan.seconds = timed_seconds(model, tok, tokens(plan), batch, seq)
+    return plan
+
+
+def trainable_share(config, mode: str) -> float:
+    """The share of a pruned student's parameters ``--train mode`` trains, from its pruning
+    record (each run of removed layers: its map or fold, and the kept layers beside it)."""
+    s = shape_of(config, torch.float32)
+    record = getattr(config, "linearize", None) or {}
+    runs = len(runs_of(sorted(record.get("removed", [])))) or 1
+    layer = s.layer_params / max(s.params, 1)
+    maps = runs * s.hidden * max(s.hidden, s.ffn) / max(s.params, 1)
+    return {
+        "all": 1.0,
+        "lora": 0.01,
+        "replacements": maps,
+        "replacements+neighbors": min(1.0, maps + 2 * runs * layer),
+    }.get(mode, 1.0)
+
+
+def cut_config(config, k: int):
+    """``config`` with ``k`` layers fewer: what a cut model's plan is made from."""
+    cut = copy.deepcopy(config)
+    key = arch.n_layers_key(config)
+    setattr(cut, key, getattr(config, key) - k)
+    for name in ("layer_types",):
+        if isinstance(getattr(cut, name, None), list):
+            setattr(cut, name, getattr(cut, name)[: getattr(cut, key)])
+    return cut
+
+
+def compress_plan(config, model: str, prune_c, distill_c, eval_tokens: int, dtype) -> Plan:
+    """The cut (prune), the healing (distill) on the cut model, the GGUF (two bytes per
+    parameter at f16) and the stages' outputs: peak RAM is the larger stage's, disk adds up."""
+    cut = prune_plan(config, model, prune_c, eval_tokens, dtype)
+    k = prune_c.check(getattr(config, arch.n_layers_key(config)), config)
+    small = cut_config(config, k)
+    heal = distill_plan(small, model, distill_c, trainable_share(small, distill_c.train), dtype)
+    gguf = shape_of(small, torch.float16).weights
+    peak = max(cut, heal, key=lambda p: p.peak_ram)
+    return Plan(
+        "compress",
+        model,
+        cut.params,
+        cut.dtype,
+        peak.peak_ram,
+        disk=cut.disk + heal.disk + gguf,
+        spill_disk=cut.spill_disk,
+        passes=cut.passes + heal.passes,
+        parts=peak.parts,
+        notes=[f"peak RAM in the {peak.command} stage", *cut.notes, *heal.notes],
+    )
