@@ -54,6 +54,14 @@ class AnalyzeConfig:
     batch_size: int = option(8, "sequences per forward pass")
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16 | float64")
     device_map: str | None = option(None, "'auto' spreads a large model over devices (accelerate)")
+    max_memory: str | None = option(
+        None,
+        "with --device-map: memory per device, e.g. '0=20GiB,cpu=60GiB' (what does not fit goes "
+        "to --offload-dir)",
+    )
+    offload_dir: str | None = option(
+        None, "with --device-map: where weights that fit no device are kept (disk offload)"
+    )
     layers: list[int] | None = option(
         None, "only these layers, e.g. 0,5,9", cli=str, parse=int_list
     )
@@ -157,6 +165,8 @@ def analyze(
     dtype: str = _D.dtype,
     device: str = "auto",
     device_map: str | None = _D.device_map,
+    max_memory: str | None = _D.max_memory,
+    offload_dir: str | None = _D.offload_dir,
     layers: Sequence[int] | None = _D.layers,
     anisotropy: bool = _D.anisotropy,
     on_batch: Callable[[int], None] | None = None,
@@ -171,7 +181,13 @@ def analyze(
     if save:
         claim_output(out_dir)
     _check_request(data_source, tokens, seq_len, massive)
-    lm, tok = models.load(model, dtype=dtype, device=device, device_map=device_map)
+    lm, tok = models.load(
+        model,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        offload=models.Offload.parse(max_memory, offload_dir),
+    )
     report = analyze_model(
         lm,
         tok,
@@ -195,6 +211,8 @@ def analyze(
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
         "device_map": device_map,
+        # where accelerate placed the modules (with --device-map): "disk" means offloaded
+        "placement": sorted({str(v) for v in (getattr(lm, "hf_device_map", None) or {}).values()}),
         "layers": list(layers) if layers is not None else None,
         "world_size": _rank_world()[1],
         "massive": massive,

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from linearize.errors import LinearizeError
@@ -289,3 +290,14 @@ def layers_removed(model: nn.Module, drop: Iterable[int]) -> Iterator[list[int]]
             m.layer_idx = idx
         for k, v in saved_cfg.items():
             setattr(config, k, v)
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device, or, when accelerate offloaded
+    the embedding (its weight on the meta device), the device its hook runs it on."""
+    emb = model.get_input_embeddings()
+    if emb.weight.device.type != "meta":
+        return emb.weight.device
+    hook = getattr(emb, "_hf_hook", None) or getattr(model, "_hf_hook", None)
+    where = getattr(hook, "execution_device", None)
+    return torch.device(where if where is not None and where != "disk" else "cpu")

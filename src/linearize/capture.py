@@ -195,7 +195,7 @@ def collect_stats(
     _, module_list = arch.get_layers(model)
     indices = sorted(set(range(len(module_list)) if layers is None else layers))
     body = arch.get_body(model)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     with eval_mode(model), LayerCapture(module_list, indices, fast=fast, massive=massive) as cap:
         for batch in batches:
             tokens = cap.run(body, batch, device)
@@ -244,7 +244,7 @@ def collect_pair_stats(
     the module already has, so an input tap sees the input after a replacement bridge.
     """
     body = arch.get_body(model)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     stats = PairStats()
     store: dict[str, Tensor] = {}
 
@@ -331,7 +331,7 @@ def block_distances(
     cos_all = torch.zeros(starts, dtype=torch.float64)
     n_seq, n_tok = 0, 0
     body = arch.get_body(model)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     window: dict[int, Tensor] = {}
     ctx: dict[str, Tensor] = {}
 

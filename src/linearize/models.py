@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -179,12 +180,45 @@ def load_config(name: str | None):
     return config
 
 
+@dataclass
+class Offload:
+    """accelerate's placement limits for ``device_map``: memory per device, and a directory
+    for the weights that fit none (read back layer by layer as the pass reaches them)."""
+
+    max_memory: dict[int | str, int | str] | None = None
+    folder: str | None = None
+
+    @classmethod
+    def parse(cls, max_memory: str | None, folder: str | None) -> Offload | None:
+        """``'0=20GiB,cpu=60GiB'`` (a bare size is the CPU's) → an Offload; None if unset."""
+        if not max_memory and not folder:
+            return None
+        limits: dict[int | str, int | str] = {}
+        for item in (max_memory or "").split(","):
+            key, eq, size = item.strip().rpartition("=")
+            if not size:
+                continue
+            key = key.strip() if eq else "cpu"
+            size = size.strip()
+            limits[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else size
+        return cls(limits or None, folder)
+
+    def kwargs(self) -> dict:
+        kw: dict = {}
+        if self.max_memory:
+            kw["max_memory"] = self.max_memory
+        if self.folder:
+            kw["offload_folder"] = self.folder
+        return kw
+
+
 def load(
     name: str | None = None,
     dtype: str = "auto",
     device: str = "auto",
     device_map: str | None = None,
     savable: bool = False,
+    offload: Offload | None = None,
 ):
     """Load (model, tokenizer) in eval mode. ``name`` None means the embedded SmolLM2.
 
@@ -204,8 +238,9 @@ def load(
         hf_logging.set_verbosity_error()
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+        placement = offload.kwargs() if offload is not None and device_map else {}
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, device_map=device_map, **kw
+            where, dtype=torch_dtype, device_map=device_map, **placement, **kw
         )
     except LinearizeError:
         raise

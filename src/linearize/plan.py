@@ -265,7 +265,7 @@ def timed_seconds(model, tokenizer, tokens_total: float, batch: int, seq: int) -
     import time
 
     ids = torch.full((batch, seq), tokenizer.eos_token_id or 0, dtype=torch.long)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     body = arch.get_body(model)
     with torch.no_grad():
         body(input_ids=ids[:1, :8].to(device))  # warm-up

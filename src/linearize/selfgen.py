@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize import data, models
+from linearize import arch, data, models
 from linearize._io import write_text
 from linearize.hooks import eval_mode
 
@@ -97,7 +97,7 @@ def _sample_batch(
     sampling starts."""
     pad = data.pad_id_of(tokenizer)
     prefix = data.bos_prefix(tokenizer)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     prompts = [
         prefix
         + tokenizer(OPENINGS[(index * batch_size + j) % len(OPENINGS)], add_special_tokens=False)[

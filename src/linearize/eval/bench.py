@@ -196,11 +196,11 @@ def bench_loaded(
         )
     samples: list[list[dict[str, float]]] = [[] for _ in entries]
     for i, (_, model, tok, _) in enumerate(entries):  # warm-up, not counted
-        dev = model.get_input_embeddings().weight.device
+        dev = arch.input_device(model)
         _one_round(model, tok, inputs[i], BenchConfig(**{**asdict(c), "new_tokens": 2}), dev)
     for r in range(c.repeats):
         for i, (_, model, tok, _) in enumerate(entries):
-            dev = model.get_input_embeddings().weight.device
+            dev = arch.input_device(model)
             samples[i].append(_one_round(model, tok, inputs[i], c, dev))
         if on_round is not None:
             on_round(r + 1)
@@ -256,7 +256,7 @@ def bench(
         label = labels[i] if labels else (name or "embedded")
         entries.append((label, model, tok, path))
     rows = bench_loaded(entries, c, on_round)
-    dev = entries[0][1].get_input_embeddings().weight.device
+    dev = arch.input_device(entries[0][1])
     report = {
         "config": asdict(c),
         "device": str(dev),

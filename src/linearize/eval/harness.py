@@ -12,6 +12,7 @@ from pathlib import Path
 
 from torch import nn
 
+from linearize import arch
 from linearize.errors import LinearizeError, first_line
 
 
@@ -50,7 +51,7 @@ def run_tasks(
             f"unknown lm-eval task '{unknown[0]}' (see `lm-eval ls tasks`, "
             "or point --task-include at a directory of task YAMLs)"
         )
-    device = str(model.get_input_embeddings().weight.device)
+    device = str(arch.input_device(model))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device)
     try:
         res = lm_eval.simple_evaluate(

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from linearize import data
+from linearize import arch, data
 from linearize.errors import LinearizeError, first_line
 
 ASPECTS = ("grammar", "creativity", "consistency", "plot")
@@ -89,7 +89,7 @@ def generate_stories(
     model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 128
 ) -> list[str]:
     """Greedy continuations, one prompt at a time (no padding effects)."""
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     prefix = data.bos_prefix(tokenizer)
     eos = getattr(tokenizer, "eos_token_id", None)
     out = []
@@ -163,7 +163,7 @@ def http_judge(url: str, model: str, timeout: float = 60.0) -> Callable[[str], s
 
 def local_judge(model: nn.Module, tokenizer, max_new_tokens: int = 80) -> Callable[[str], str]:
     """A Hugging Face model as the judge (chat template when the tokenizer has one)."""
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
 
     @torch.no_grad()
     def ask(prompt: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from linearize import data
+from linearize import arch, data
 from linearize.errors import LinearizeError
 from linearize.hooks import eval_mode
 
@@ -30,7 +30,7 @@ from linearize.hooks import eval_mode
 def batch_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
     """(Σ NLL, number of predicted tokens) of one padded batch: every real token but the first
     of its row, predicted from the tokens before it in that row."""
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, T-1, V)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from linearize import data
+from linearize import arch, data
 from linearize.errors import LinearizeError, first_line
 
 
@@ -176,7 +176,7 @@ def embed(
     model: nn.Module, tokenizer, texts: list[str], max_len: int = 512, batch_size: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
     """(mean-pooled, last-token) features of shape (layers + 1, N, d), float32."""
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     prefix = data.bos_prefix(tokenizer)
     means, lasts = [], []
     for i in range(0, len(texts), batch_size):

@@ -169,7 +169,7 @@ def run_from(
     """
     running = _layer_range(model, start, stop, state_at_start is not None)
     body = arch.get_body(model)
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     current = {"b": 0}
 
     def at_start(module, args, kwargs):

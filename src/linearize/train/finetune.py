@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from linearize import data, models
+from linearize import arch, data, models
 from linearize._fields import option
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
@@ -71,7 +71,7 @@ def _collate(pad_id: int):
 def accuracy(model, tok, examples: list[tuple[str, int]], n_classes: int, max_len: int) -> float:
     """Share of examples whose true verbaliser has the highest log-probability."""
     model.eval()
-    device = model.get_input_embeddings().weight.device
+    device = arch.input_device(model)
     first = [tok(v, add_special_tokens=False)["input_ids"][0] for v in verbalizers(n_classes)]
     right = 0
     for text, label in examples:
