@@ -301,3 +301,17 @@ def input_device(model: nn.Module) -> torch.device:
     hook = getattr(emb, "_hf_hook", None) or getattr(model, "_hf_hook", None)
     where = getattr(hook, "execution_device", None)
     return torch.device(where if where is not None and where != "disk" else "cpu")
+
+
+def pattern_period(config) -> int | None:
+    """The period of a model's per-layer attention pattern (``layer_types``: Gemma 3's five
+    sliding-window layers then one full, period 6), or None for a uniform or aperiodic one.
+    GGUF stores no such pattern: readers rebuild it from the depth, so a cut that keeps it
+    must remove whole periods."""
+    types = list(getattr(config, "layer_types", None) or [])
+    if len(set(types)) < 2:
+        return None
+    for period in range(2, len(types) + 1):
+        if all(types[i] == types[i % period] for i in range(len(types))):
+            return period
+    return None

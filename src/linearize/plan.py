@@ -178,6 +178,13 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
         f"pruned model's from the first cut on; at most {STATE_COPIES_BOUND:g}× if the first cut "
         "is layer 0",
     ]
+    period = arch.pattern_period(config)
+    if period and c.strategy != "pattern-periods":
+        notes.append(
+            f"this model's attention pattern repeats every {period} layers and GGUF readers "
+            "rebuild it from the depth: for a checkpoint that exports, --strategy "
+            f"pattern-periods (whole periods, --remove a multiple of {period})"
+        )
     if data.SELF in data.calib_parts(c.calib):
         notes.append(
             "text sampled from the model (half of --tokens) is generated once per model and "

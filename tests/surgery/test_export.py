@@ -142,6 +142,36 @@ def test_gemma3_whose_cut_breaks_the_layer_pattern_is_refused(tmp_path, tokenize
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
 
 
+def test_gemma3_pruned_by_whole_periods_exports_and_loads_back(tmp_path, tokenizer, sp_model):
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny("gemma3_text", num_hidden_layers=12)
+    assert arch.pattern_period(model.config) == 6
+    cfg = PruneConfig(6, strategy="pattern-periods", replace="none", **KW)
+    res = prune_model_(model, tokenizer, cfg)
+    assert sorted(res.removed) in ([0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11])
+    assert model.config.layer_types == ["sliding_attention"] * 5 + ["full_attention"]
+    src = tmp_path / "gemma3"
+    save(model, None, src, {"removed": res.removed})
+    shutil.copy(sp_model, src / "tokenizer.model")
+    export_gguf(str(src), tmp_path / "g" / "g.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="g.gguf").eval()
+    assert back.config.num_hidden_layers == 6
+    with torch.no_grad():
+        want, got = model(fixed_ids()).logits, back(fixed_ids()).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+
+
+def test_pattern_periods_takes_whole_periods_only(tokenizer):
+    from linearize.errors import LinearizeError
+
+    model = make_tiny("gemma3_text", num_hidden_layers=12)
+    with pytest.raises(LinearizeError, match="multiple of 6"):
+        PruneConfig(4, strategy="pattern-periods").check(12, model.config)
+    with pytest.raises(LinearizeError, match="periodic per-layer attention pattern"):
+        PruneConfig(2, strategy="pattern-periods").check(3, make_tiny("llama").config)
+
+
 def test_qwen2_pruned_by_none_round_trips(tmp_path, tokenizer, sp_model):
     from transformers import AutoModelForCausalLM
 

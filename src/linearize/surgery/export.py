@@ -63,6 +63,7 @@ def check_exportable(path: Path) -> dict:
 
 
 _NOT_HPARAMS = {
+    "model_type",  # given to for_model by position
     "layer_types",
     "linearize",
     "auto_map",

@@ -16,6 +16,7 @@ from linearize.capture import check_massive
 from linearize.errors import LinearizeError
 from linearize.stats import PRIORS
 from linearize.surgery.prune import replacements, strategies
+from linearize.surgery.prune.strategies.base import parse_remove
 
 SCORES = ("linearity", "linearity_no_residual", "replacement_error")
 FIT_TARGETS = ("auto", "local", "original")
@@ -24,22 +25,6 @@ Progress = Callable[[str, int, int], None]  # (what, batches done, batches in it
 
 def no_progress(what: str, done: int, total: int) -> None:
     """The ``Progress`` that shows nothing."""
-
-
-def parse_remove(remove: str | int, n_layers: int) -> int:
-    """'8' → 8; '25%' → round(0.25·n). Refuses 0 or ≥ n (a model needs one layer)."""
-    text = str(remove).strip()
-    try:
-        k = round(float(text[:-1]) / 100 * n_layers) if text.endswith("%") else int(text)
-    except ValueError:
-        raise LinearizeError(f"--remove takes a count or a percentage, got '{remove}'") from None
-    if k < 1:
-        raise LinearizeError(f"--remove {remove} removes no layer")
-    if k >= n_layers:
-        raise LinearizeError(
-            f"--remove {remove} would remove all {n_layers} layers (k >= {n_layers})"
-        )
-    return k
 
 
 @dataclass
@@ -183,7 +168,7 @@ class PruneConfig:
         if self.protected(n) & set(strategy.fixed(self) or []):
             raise LinearizeError("--layers names a layer that --protect keeps")
         check_massive(self.massive)
-        k = strategy.check(self, n)
+        k = strategy.check(self, n, hf_config)
         if k is None:
             k = parse_remove(self.remove, n)
             if k > n - len(self.protected(n)):

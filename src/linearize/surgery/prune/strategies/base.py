@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+from linearize.errors import LinearizeError
 from linearize.stats import PairStats, fit_affine, relative_error
 from linearize.surgery.prune.registry import Registry
 from linearize.surgery.replace import runs_of
@@ -16,6 +17,22 @@ if TYPE_CHECKING:
 
 # criteria whose ranking value is the negated natural value (lower is better)
 _NEGATED = ("replacement_error", "block_influence", "calibration_perplexity")
+
+
+def parse_remove(remove: str | int, n_layers: int) -> int:
+    """'8' → 8; '25%' → round(0.25·n). Refuses 0 or ≥ n (a model needs one layer)."""
+    text = str(remove).strip()
+    try:
+        k = round(float(text[:-1]) / 100 * n_layers) if text.endswith("%") else int(text)
+    except ValueError:
+        raise LinearizeError(f"--remove takes a count or a percentage, got '{remove}'") from None
+    if k < 1:
+        raise LinearizeError(f"--remove {remove} removes no layer")
+    if k >= n_layers:
+        raise LinearizeError(
+            f"--remove {remove} would remove all {n_layers} layers (k >= {n_layers})"
+        )
+    return k
 
 
 def replacement_error(stats: PairStats, ridge: float = 0.0) -> float:
@@ -52,9 +69,9 @@ class Strategy:
     every_token: ClassVar[bool] = False  # fits from its scoring statistics: keep massive tokens
     sweepable: ClassVar[bool] = True  # compared over counts by ``--sweep`` (and in its "all")
 
-    def check(self, c: PruneConfig, n: int) -> int | None:
-        """Validate what only this strategy reads; returns k when it fixes it (else None:
-        ``--remove`` decides)."""
+    def check(self, c: PruneConfig, n: int, hf_config=None) -> int | None:
+        """Validate what only this strategy reads (against the model's config when given);
+        returns k when it fixes it (else None: ``--remove`` decides)."""
         return None
 
     def fixed(self, c: PruneConfig) -> list[int] | None:

@@ -19,7 +19,7 @@ class Layers(Strategy):
     chosen_by = "user"
     sweepable = False  # a sweep has no list to take
 
-    def check(self, c: PruneConfig, n: int) -> int:
+    def check(self, c: PruneConfig, n: int, hf_config=None) -> int:
         if not c.layers:
             raise LinearizeError("--strategy layers needs --layers, e.g. --layers 3,7,9")
         if len(set(c.layers)) != len(c.layers):
