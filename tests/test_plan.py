@@ -107,3 +107,16 @@ def test_a_prune_that_does_not_fit_the_ram_names_cache_gb(tiny_dir, tmp_path, mo
     monkeypatch.setattr(plan, "total_ram", lambda: 1 << 20)
     res = cli_run(*prune_args(tiny_dir, tmp_path / "p"))
     one_line(res, "of RAM", "--cache-gb")
+
+
+def test_a_bfloat16_model_stores_its_states_in_half_the_bytes(tiny_dir, tmp_path):
+    spilled = {}
+    for dtype in ("float32", "bfloat16"):
+        args = prune_args(tiny_dir, tmp_path / dtype)
+        res = cli_run(*args, "--cache-gb", "0", "--dtype", dtype, "--tokens", "6000")
+        assert res.exit_code == 0, res.output
+        spilled[dtype] = json.loads((tmp_path / dtype / "prune.json").read_text())[
+            "state_spilled_mb"
+        ]
+    assert spilled["float32"] > 0
+    assert abs(spilled["bfloat16"] / spilled["float32"] - 0.5) < 0.05, spilled
