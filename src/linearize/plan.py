@@ -132,6 +132,12 @@ def _activations(s: Shape, batch: int, seq: int) -> int:
     return batch * seq * (4 * s.hidden + 3 * s.ffn) * 4
 
 
+def _plan(command: str, model: str, s: Shape, dtype, parts: dict[str, int], **kw) -> Plan:
+    """A plan whose peak RAM is the sum of ``parts``."""
+    name = str(dtype).removeprefix("torch.")
+    return Plan(command, model, s.params, name, sum(parts.values()), parts=parts, **kw)
+
+
 def analyze_plan(config, model: str, tokens: int, batch: int, seq: int, dtype) -> Plan:
     s = shape_of(config, dtype)
     parts = {
@@ -140,16 +146,7 @@ def analyze_plan(config, model: str, tokens: int, batch: int, seq: int, dtype) -
         "activations": _activations(s, batch, seq),
         "runtime": BASE_RAM,
     }
-    return Plan(
-        "analyze",
-        model,
-        s.params,
-        str(dtype).removeprefix("torch."),
-        sum(parts.values()),
-        disk=1 << 20,
-        passes=1.0,
-        parts=parts,
-    )
+    return _plan("analyze", model, s, dtype, parts, disk=1 << 20, passes=1.0)
 
 
 def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> Plan:
@@ -190,16 +187,15 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
             "text sampled from the model (half of --tokens) is generated once per model and "
             "cached; the first run spends ~3 forward passes' time on it"
         )
-    return Plan(
+    return _plan(
         "prune",
         model,
-        s.params,
-        str(dtype).removeprefix("torch."),
-        sum(parts.values()),
+        s,
+        dtype,
+        parts,
         disk=spill + checkpoint,
         spill_disk=spill,
         passes=round(passes, 2),
-        parts=parts,
         notes=notes,
     )
 
@@ -223,17 +219,7 @@ def distill_plan(config, model: str, c: DistillConfig, trainable: float, dtype) 
         cache = c.tokens // max(c.epochs, 1) * (s.layers + 1) * s.hidden * s.bytes_per
     disk = 2 * (s.weights + train * 4 * 2) + cache  # the latest checkpoint and the final model
     notes = [f"trains ~{trainable:.0%} of the student's parameters ({c.train})"]
-    return Plan(
-        "distill",
-        model,
-        s.params,
-        str(dtype).removeprefix("torch."),
-        sum(parts.values()),
-        disk=disk,
-        passes=float(c.epochs),
-        parts=parts,
-        notes=notes,
-    )
+    return _plan("distill", model, s, dtype, parts, disk=disk, passes=float(c.epochs), notes=notes)
 
 
 def free_disk(path: str | Path) -> int:

@@ -143,7 +143,6 @@ def test_gemma3_whose_cut_breaks_the_layer_pattern_is_refused(tmp_path, tokenize
 
 
 def test_gemma3_pruned_by_whole_periods_exports_and_loads_back(tmp_path, tokenizer, sp_model):
-    from transformers import AutoModelForCausalLM
 
     model = make_tiny("gemma3_text", num_hidden_layers=12)
     assert arch.pattern_period(model.config) == 6
@@ -154,12 +153,7 @@ def test_gemma3_pruned_by_whole_periods_exports_and_loads_back(tmp_path, tokeniz
     src = tmp_path / "gemma3"
     save(model, None, src, {"removed": res.removed})
     shutil.copy(sp_model, src / "tokenizer.model")
-    export_gguf(str(src), tmp_path / "g" / "g.gguf", "f32")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="g.gguf").eval()
-    assert back.config.num_hidden_layers == 6
-    with torch.no_grad():
-        want, got = model(fixed_ids()).logits, back(fixed_ids()).logits
-    assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+    assert _round_trip(model, src, tmp_path / "g").config.num_hidden_layers == 6
 
 
 def test_pattern_periods_takes_whole_periods_only(tokenizer):
@@ -173,12 +167,19 @@ def test_pattern_periods_takes_whole_periods_only(tokenizer):
 
 
 def test_qwen2_pruned_by_none_round_trips(tmp_path, tokenizer, sp_model):
-    from transformers import AutoModelForCausalLM
 
     model, src = _none_pruned(tmp_path, tokenizer, sp_model, "qwen2", [1, 4])
-    export_gguf(str(src), tmp_path / "q" / "q.gguf", "f32")
-    back = AutoModelForCausalLM.from_pretrained(tmp_path / "q", gguf_file="q.gguf").eval()
-    assert back.config.num_hidden_layers == 4
+    assert _round_trip(model, src, tmp_path / "q").config.num_hidden_layers == 4
+
+
+def _round_trip(model, src, where):
+    """Export ``src`` as an f32 GGUF into ``where``, load it back with transformers, and check
+    its logits are the in-memory model's (within 1e-4 of the largest); returns it."""
+    from transformers import AutoModelForCausalLM
+
+    export_gguf(str(src), where / "m.gguf", "f32")
+    back = AutoModelForCausalLM.from_pretrained(where, gguf_file="m.gguf").eval()
     with torch.no_grad():
         want, got = model(fixed_ids()).logits, back(fixed_ids()).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
+    return back
