@@ -35,3 +35,19 @@ def test_a_pass_from_a_stored_state_equals_the_whole_pass():
     after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     assert after == hooks
     assert arch.n_layers(model) == 4
+
+
+def test_the_store_counts_what_is_on_disk_now_and_at_most(tmp_path):
+    from linearize.surgery.restart import BoundaryStore
+
+    store = BoundaryStore(ram_bytes=0, spill_dir=tmp_path)
+    t = torch.zeros(256, dtype=torch.float32)  # 1 KiB
+    store.put(("o", 0, 0), t)
+    store.put(("o", 1, 0), t)
+    assert store.on_disk == store.peak_disk == 2048
+    store.drop(("o", 0, 0))
+    store.put(("o", 0, 0), t)  # rewritten: one more KiB written, none more held
+    assert store.on_disk == 2048 and store.peak_disk == 2048 and store.spilled == 3072
+    torch.testing.assert_close(store.get(("o", 1, 0)), t)
+    store.close()
+    assert store.on_disk == 0 and not any(tmp_path.iterdir())

@@ -60,9 +60,12 @@ class BoundaryStore:
         self._spill: Path | None = None
         self._ram: dict[tuple, Tensor] = {}
         self._disk: dict[tuple, Path] = {}
+        self._disk_size: dict[tuple, int] = {}
         self.in_ram = 0  # bytes held in RAM now
         self.peak_ram = 0
         self.spilled = 0  # bytes written to disk, in all
+        self.on_disk = 0  # bytes on disk now
+        self.peak_disk = 0
 
     def __contains__(self, key: tuple) -> bool:
         return key in self._ram or key in self._disk
@@ -84,7 +87,10 @@ class BoundaryStore:
         with space_errors(path):  # the cache's own spill: say so in one line, not a traceback
             save_file({"h": t.contiguous().cpu()}, str(path))
         self._disk[key] = path
+        self._disk_size[key] = size
         self.spilled += size
+        self.on_disk += size
+        self.peak_disk = max(self.peak_disk, self.on_disk)
 
     def get(self, key: tuple, device: torch.device | None = None) -> Tensor:
         if key in self._ram:
@@ -99,6 +105,7 @@ class BoundaryStore:
             self.in_ram -= t.numel() * t.element_size()
         path = self._disk.pop(key, None)
         if path is not None:
+            self.on_disk -= self._disk_size.pop(key, 0)
             path.unlink(missing_ok=True)
 
     def drop_where(self, pred: Callable[[tuple], bool]) -> None:
@@ -108,7 +115,8 @@ class BoundaryStore:
     def close(self) -> None:
         self._ram.clear()
         self._disk.clear()
-        self.in_ram = 0
+        self._disk_size.clear()
+        self.in_ram = self.on_disk = 0
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None

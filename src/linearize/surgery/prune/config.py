@@ -238,7 +238,8 @@ class PruneResult:
     forward_passes: int = 0  # calibration forward passes (batches) spent, whole or partial
     calibration_passes: float = 0.0  # layer forwards spent ÷ one full pass of the original
     state_cache_mb: float = 0.0  # peak RAM of the stored boundary states
-    state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget)
+    state_spilled_mb: float = 0.0  # boundary states written to disk (over the RAM budget), in all
+    state_disk_peak_mb: float = 0.0  # the most of them on disk at once
     reconstructed: list[int] = field(default_factory=list)  # layers whose projection was refit
     reconstructed_attention: list[int] = field(default_factory=list)  # ... attention's too
     reconstruct_s: float = 0.0  # time of those refits (in elapsed_s)

@@ -255,6 +255,7 @@ class Session:
         finally:
             self.result.state_cache_mb = round(self.store.peak_ram / 2**20, 1)
             self.result.state_spilled_mb = round(self.store.spilled / 2**20, 1)
+            self.result.state_disk_peak_mb = round(self.store.peak_disk / 2**20, 1)
             self.store.close()
         self.result.calibration_passes = round(
             self._layer_passes / max(len(self.batches) * self.n_orig, 1), 2
