@@ -181,13 +181,9 @@ def analyze(
     if save:
         claim_output(out_dir)
     _check_request(data_source, tokens, seq_len, massive)
-    lm, tok = models.load(
-        model,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        offload=models.Offload.parse(max_memory, offload_dir),
-    )
+    offload = models.Offload.parse(max_memory, offload_dir)
+    lm, tok = models.load(model, dtype, device, device_map, offload=offload)
+    name = model or models.EMBEDDED_NAME
     report = analyze_model(
         lm,
         tok,
@@ -198,31 +194,39 @@ def analyze(
         layers,
         anisotropy,
         on_batch,
-        model_name=model or models.EMBEDDED_NAME,
+        model_name=name,
         exact=exact,
         massive=massive,
     )
     report.config = {
-        "model": model or models.EMBEDDED_NAME,
+        "model": name,
         "data": data_source,
         "tokens": tokens,
         "seq_len": seq_len,
         "batch_size": batch_size,
-        "dtype": str(lm.dtype).removeprefix("torch."),
-        "device": str(lm.device),
         "device_map": device_map,
-        # where accelerate placed the modules (with --device-map): "disk" means offloaded
-        "placement": sorted({str(v) for v in (getattr(lm, "hf_device_map", None) or {}).values()}),
         "layers": list(layers) if layers is not None else None,
         "world_size": _rank_world()[1],
         "massive": massive,
-        "products": "float64" if exact or lm.dtype == torch.float64 else "float32",
-        "torch": torch.__version__,
-        "transformers": _transformers_version(),
+        **_run_facts(lm, exact),
     }
     if save and _rank_world()[0] == 0:
         save_report(report, out_dir)
     return report
+
+
+def _run_facts(lm: torch.nn.Module, exact: bool) -> dict:
+    """How the run computed: dtypes, where the model ran (with ``device_map``, where
+    accelerate placed its modules: "disk" means offloaded), library versions."""
+    placement = getattr(lm, "hf_device_map", None) or {}
+    return {
+        "dtype": str(lm.dtype).removeprefix("torch."),
+        "device": str(lm.device),
+        "placement": sorted({str(v) for v in placement.values()}),
+        "products": "float64" if exact or lm.dtype == torch.float64 else "float32",
+        "torch": torch.__version__,
+        "transformers": _transformers_version(),
+    }
 
 
 def _check_request(data_source: str, tokens: int | None, seq_len: int, massive: float) -> None:
