@@ -138,6 +138,11 @@ def _plan(command: str, model: str, s: Shape, dtype, parts: dict[str, int], **kw
     return Plan(command, model, s.params, name, sum(parts.values()), parts=parts, **kw)
 
 
+def _logits(s: Shape, batch: int, seq: int) -> int:
+    """A batch's float32 logits and their log-softmax: the perplexity's peak."""
+    return 2 * batch * seq * s.vocab * 4
+
+
 def analyze_plan(config, model: str, tokens: int, batch: int, seq: int, dtype) -> Plan:
     s = shape_of(config, dtype)
     parts = {
@@ -164,8 +169,10 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
     parts = {
         "weights": s.weights,
         "stored states": in_ram,
-        "statistics": _stats_bytes(s, s.layers),
+        # every layer's statistics, and the copy the re-scoring tokens keep
+        "statistics": 2 * _stats_bytes(s, s.layers),
         "activations": _activations(s, c.batch_size, c.seq_len),
+        "held-out logits": _logits(s, c.batch_size, c.seq_len) if eval_tokens else 0,
         "runtime": BASE_RAM,
     }
     rescore = min(1.0, c.rescore_tokens / max(tokens, 1)) if c.rescore_tokens else 1.0
@@ -211,7 +218,7 @@ def distill_plan(config, model: str, c: DistillConfig, trainable: float, dtype) 
         "optimizer and gradients": train * 4 * 3,
         "activations": _activations(s, c.batch_size, c.seq_len) * s.layers,
         # the student's and the teacher's logits and the KL's gradient, in float32
-        "logits": 3 * c.batch_size * c.seq_len * s.vocab * 4,
+        "logits": 3 * _logits(s, c.batch_size, c.seq_len) // 2,
         "runtime": BASE_RAM,
     }
     cache = 0
