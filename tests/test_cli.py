@@ -10,6 +10,7 @@ import pytest
 import typer
 from conftest import cli_run, one_line, prune_args, run_cli
 
+from linearize._fields import choices_of
 from linearize.cli import app
 
 
@@ -261,7 +262,12 @@ def test_every_config_field_is_an_option_with_its_default(command, config):
         assert f.name in params, f"{command} has no option for {name}.{f.name}"
         default = f.default if f.default is not dataclasses.MISSING else None
         assert params[f.name].default == default, (f.name, params[f.name].default, default)
-        assert params[f.name].help == f.metadata["help"]
+        want = f.metadata["help"]
+        if "choices" in f.metadata:  # listed after the help, from the field (or its registry)
+            want += ": " + " | ".join(choices_of(f))
+            assert getattr(cls(), f.name) in choices_of(f)  # the default is one of them
+        assert params[f.name].help == want
+        assert params[f.name].rich_help_panel == f.metadata.get("panel")
 
 
 def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
