@@ -24,6 +24,7 @@ from linearize.eval.perplexity import perplexity
 from linearize.train.distill import DistillConfig, distill
 
 EVALS = {"ppl": "builtin:eval", "ppl_ood": "fortunes", "ppl_ood2": "licenses"}
+# what `linearize compress` healed with until 2026-12-06 (now lr 2e-3: "compress default, lr 2e-3")
 COMPRESS = {"train": "replacements+neighbors", "lr": 5e-4, "data": "builtin:calib+self"}
 RECIPES: dict[str, dict] = {
     # what `linearize compress` heals with (its distill defaults)

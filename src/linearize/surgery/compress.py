@@ -99,6 +99,7 @@ def stage_configs(
     p = PruneConfig(remove=c.remove, replace=c.replace)
     d = DistillConfig(
         data="builtin:calib+self",
+        lr=2e-3,  # on the stock cut: the best of 5 recipes out of domain (benchmarks/RESULTS.md)
         tokens=max(c.heal_tokens, 1),  # 0: the heal stage copies the cut and trains nothing
         eval_data=c.eval_data,
         eval_ood=c.eval_ood,
