@@ -221,13 +221,18 @@ def remove_layers_(model: nn.Module, drop: Iterable[int]) -> list[int]:
         for mod in layer.modules():
             if isinstance(getattr(mod, "layer_idx", None), int):
                 mod.layer_idx = new_idx
-    config = model.config
-    spec = get_spec(config)
-    for key in _per_layer_config_keys(config, spec, n):
+    keep_layers_in_config_(model.config, keep)
+    return keep
+
+
+def keep_layers_in_config_(config, keep: list[int]) -> None:
+    """Make ``config`` describe only the layers ``keep`` (original indices): the layer count,
+    and every list with one entry per layer (``layer_types``, sliding-window patterns, …)."""
+    n = getattr(config, n_layers_key(config))
+    for key in _per_layer_config_keys(config, get_spec(config), n):
         old = getattr(config, key)
         setattr(config, key, type(old)(old[i] for i in keep))
     setattr(config, n_layers_key(config), len(keep))
-    return keep
 
 
 def check_foldable(config) -> None:

@@ -15,6 +15,7 @@ import copy
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -85,6 +86,7 @@ class Plan:
     peak_ram: int
     disk: int  # at the end of the run, outputs included
     spill_disk: int = 0  # of ``disk``: temporary states in the temporary directory
+    removed: int = 0  # layers the run removes
     passes: float = 1.0
     seconds: float | None = None
     parts: dict[str, int] = field(default_factory=dict)  # what the peak RAM is made of
@@ -203,15 +205,20 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
         disk=spill + checkpoint,
         spill_disk=spill,
         passes=round(passes, 2),
+        removed=k,
         notes=notes,
     )
 
 
-def distill_plan(config, model: str, c: DistillConfig, trainable: float, dtype) -> Plan:
-    """Student and teacher weights, AdamW's two moments and the gradients of the trainable
-    share (``trainable`` of the student's parameters), activations kept for the backward, the
-    teacher's state cache on disk when batches repeat, and the checkpoints."""
+def distill_plan(config, model: str, c: DistillConfig, dtype) -> Plan:
+    """Student and teacher weights, AdamW's two moments and the gradients of the share of the
+    student that ``c.train`` trains, activations kept for the backward, the teacher's state
+    cache on disk when batches repeat, and the checkpoints."""
     s = shape_of(config, dtype)
+    return _distill_plan(s, model, c, trainable_share(s, config, c.train), dtype)
+
+
+def _distill_plan(s: Shape, model: str, c: DistillConfig, trainable: float, dtype) -> Plan:
     train = int(s.params * trainable)
     parts = {
         "student and teacher": 2 * s.weights,
@@ -248,22 +255,22 @@ def check_fits(plan: Plan, out: str | Path, ram_flag: str, disk_flags: str) -> N
     here = Path(out).resolve()
     need[here] = need.get(here, 0) + plan.disk - plan.spill_disk
     for where, n in need.items():
-        if n and n > free_disk(where):
+        free = free_disk(where) if n else 0
+        if n > free:
             raise LinearizeError(
                 f"this {plan.command} needs ~{_gb(n)} of disk at {where} and "
-                f"{_gb(free_disk(where))} is free: {disk_flags}"
+                f"{_gb(free)} is free: {disk_flags}"
             )
-    if plan.peak_ram > total_ram():
+    ram = total_ram()
+    if plan.peak_ram > ram:
         raise LinearizeError(
             f"this {plan.command} needs ~{_gb(plan.peak_ram)} of RAM and the machine has "
-            f"{_gb(total_ram())}: {ram_flag}"
+            f"{_gb(ram)}: {ram_flag}"
         )
 
 
 def timed_seconds(model, tokenizer, tokens_total: float, batch: int, seq: int) -> float:
     """Seconds for ``tokens_total`` tokens of forward passes, from one timed batch here."""
-    import time
-
     ids = torch.full((batch, seq), tokenizer.eos_token_id or 0, dtype=torch.long)
     device = arch.input_device(model)
     body = arch.get_body(model)
@@ -307,10 +314,10 @@ def planned(
     return plan
 
 
-def trainable_share(config, mode: str) -> float:
-    """The share of a pruned student's parameters ``--train mode`` trains, from its pruning
-    record (each run of removed layers: its map or fold, and the kept layers beside it)."""
-    s = shape_of(config, torch.float32)
+def trainable_share(s: Shape, config, mode: str) -> float:
+    """The share of a pruned student's parameters (sizes ``s``) ``--train mode`` trains, from
+    its pruning record (each run of removed layers: its map or fold, and the kept layers beside
+    it)."""
     record = getattr(config, "linearize", None) or {}
     runs = len(runs_of(sorted(record.get("removed", [])))) or 1
     layer = s.layer_params / max(s.params, 1)
@@ -324,13 +331,10 @@ def trainable_share(config, mode: str) -> float:
 
 
 def cut_config(config, k: int):
-    """``config`` with ``k`` layers fewer: what a cut model's plan is made from."""
+    """``config`` with its last ``k`` layers gone: what a cut model's plan is made from (only
+    the sizes matter, not which layers)."""
     cut = copy.deepcopy(config)
-    key = arch.n_layers_key(config)
-    setattr(cut, key, getattr(config, key) - k)
-    for name in ("layer_types",):
-        if isinstance(getattr(cut, name, None), list):
-            setattr(cut, name, getattr(cut, name)[: getattr(cut, key)])
+    arch.keep_layers_in_config_(cut, list(range(getattr(config, arch.n_layers_key(config)) - k)))
     return cut
 
 
@@ -338,10 +342,10 @@ def compress_plan(config, model: str, prune_c, distill_c, eval_tokens: int, dtyp
     """The cut (prune), the healing (distill) on the cut model, the GGUF (two bytes per
     parameter at f16) and the stages' outputs: peak RAM is the larger stage's, disk adds up."""
     cut = prune_plan(config, model, prune_c, eval_tokens, dtype)
-    k = prune_c.check(getattr(config, arch.n_layers_key(config)), config)
-    small = cut_config(config, k)
-    heal = distill_plan(small, model, distill_c, trainable_share(small, distill_c.train), dtype)
-    gguf = shape_of(small, torch.float16).weights
+    small = cut_config(config, cut.removed)
+    s = shape_of(small, dtype)
+    heal = _distill_plan(s, model, distill_c, trainable_share(s, small, distill_c.train), dtype)
+    gguf = s.params * torch.float16.itemsize
     peak = max(cut, heal, key=lambda p: p.peak_ram)
     return Plan(
         "compress",
@@ -352,6 +356,7 @@ def compress_plan(config, model: str, prune_c, distill_c, eval_tokens: int, dtyp
         disk=cut.disk + heal.disk + gguf,
         spill_disk=cut.spill_disk,
         passes=cut.passes + heal.passes,
+        removed=cut.removed,
         parts=peak.parts,
         notes=[f"peak RAM in the {peak.command} stage", *cut.notes, *heal.notes],
     )

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from linearize.cli.runtime import Device, OutDir, command, csv_list, fail, with_config
+from linearize._fields import str_list
+from linearize.cli.runtime import Device, OutDir, command, fail, with_config
 from linearize.errors import LinearizeError
 from linearize.eval import bench, compare, suite
 from linearize.eval.bench import BenchConfig
@@ -37,7 +38,7 @@ def bench_command(
         specs,
         config,
         out=out,
-        labels=csv_list(labels) or None,
+        labels=str_list(labels) or None,
         dtype=dtype,
         device=device,
         on_round=lambda r: typer.echo(f"round {r}/{config.repeats} done", err=True),
@@ -101,7 +102,7 @@ def compare_command(
     out: OutDir = Path("linearize-out/compare"),
 ) -> None:
     """One table (CSV/Markdown) and one figure (PNG/HTML) across eval results."""
-    compare.compare(dirs, out, labels=csv_list(labels) or None)
+    compare.compare(dirs, out, labels=str_list(labels) or None)
     typer.echo(
         (out / "compare.md").read_text() + f"wrote {out}/compare.json, .csv, .md, .png, .html"
     )

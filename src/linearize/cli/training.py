@@ -31,9 +31,7 @@ def distill_command(
     if dry_run:
 
         def build(cfg, label, dt):
-            return plan.distill_plan(
-                cfg, label, config, plan.trainable_share(cfg, config.train), dt
-            )
+            return plan.distill_plan(cfg, label, config, dt)
 
         timing = (lambda p: 3 * config.tokens * config.epochs, config.batch_size, config.seq_len)
         typer.echo(plan.planned("distill", student, build, "float32", device, timing).text())

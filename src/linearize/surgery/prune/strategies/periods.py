@@ -10,6 +10,7 @@ from linearize.errors import LinearizeError
 from linearize.surgery.prune.strategies.base import (
     Strategy,
     keep_initial,
+    natural,
     parse_remove,
     ranking,
     register,
@@ -58,7 +59,7 @@ class PatternPeriods(Strategy):
         if len(whole) * period < s.k:
             raise LinearizeError(f"fewer than {s.k // period} whole periods are free to remove")
         best = sorted(whole, key=lambda r: -sum(scored[p] for p in r) / period)[: s.k // period]
-        return {p: scored[p] for r in sorted(best, key=lambda r: r.start) for p in r}
+        return {p: natural(key, scored[p]) for r in sorted(best, key=lambda r: r.start) for p in r}
 
 
 def _period(config) -> int:
