@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import cli_run
+import pytest
+from conftest import cli_run, make_tiny, one_line, prune_args
 
 from linearize import models
 
@@ -35,3 +36,86 @@ def test_analysis_with_layers_offloaded_to_disk_equals_the_plain_one(tiny_dir, t
     for ra, rb in zip(a, b, strict=True):
         for key in ("linearity", "linearity_no_residual", "cosine", "angular_distance"):
             assert abs(ra[key] - rb[key]) <= 1e-6, (ra["layer"], key)
+
+
+def _logits(path, ids):
+    import torch
+
+    from linearize import load
+
+    model, _ = load(str(path), device="cpu")
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("replace", ["linear", "fold"])
+def test_prune_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, tmp_path, replace):
+    """The cut writes into offloaded layers (a bridge's target, a fold, the refits): those are
+    brought onto the device for good, so the same layers go and the checkpoints compute the
+    same."""
+    import torch
+
+    src = tmp_path / "six"
+    make_tiny("llama", num_hidden_layers=6).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    common = ["--replace", replace, "--no-progress"]
+    plain = cli_run(*prune_args(src, tmp_path / "a", remove=2), *common)
+    assert plain.exit_code == 0, plain.output
+    off = cli_run(
+        *prune_args(src, tmp_path / "b", remove=2), *common, "--device-map", "auto",
+        "--max-memory", f"cpu={size // 2}", "--offload-dir", tmp_path / "offload",
+    )  # fmt: skip
+    assert off.exit_code == 0, off.output
+    a, b = (json.loads((tmp_path / d / "prune.json").read_text()) for d in "ab")
+    assert "disk" in b["placement"].values(), "nothing offloaded: the test would prove nothing"
+    assert a["removed"] == b["removed"] and a["reconstructed"] == b["reconstructed"]
+    ids = torch.tensor([[1, 5, 9, 30, 200, 7, 7, 41]])
+    torch.testing.assert_close(_logits(tmp_path / "b", ids), _logits(tmp_path / "a", ids))
+
+
+def test_placement_options_need_a_device_map(tiny_dir, tmp_path):
+    res = cli_run(*prune_args(tiny_dir, tmp_path / "p"), "--max-memory", "1GB")
+    one_line(res, "--device-map")
+
+
+def test_distill_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, tmp_path):
+    """Teacher and student offloaded: the trained layers (the bridge's target and the layers
+    beside the cut) are made resident, the rest computes from disk; same losses, same
+    checkpoint, and a checkpoint mid-run that saves and loads."""
+    import torch
+
+    from linearize.surgery.prune import PruneConfig, prune
+    from linearize.train.distill import DistillConfig, distill
+
+    src = tmp_path / "six"
+    make_tiny("llama", num_hidden_layers=6).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    cut = PruneConfig(
+        strategy="layers",
+        layers=[2, 3],
+        calib="builtin:calib",
+        tokens=600,
+        seq_len=48,
+        batch_size=4,
+    )
+    prune(str(src), cut, eval_data=None, ood_data=None, out=tmp_path / "cut", device="cpu")
+    size = sum(p.stat().st_size for p in (tmp_path / "cut").glob("*.safetensors"))
+    base = dict(tokens=32 * 2 * 4, seq_len=32, batch_size=2, lr=1e-2, eval_data="", save_every=2)
+    rows: dict[str, list] = {"a": [], "b": [], "c": []}
+    place = dict(device_map="auto", max_memory=f"cpu={size // 2}", offload_dir=str(tmp_path / "o"))
+    runs = [("a", {}, None, False), ("b", place, None, False)]
+    runs += [("c", place, 2, False), ("c", place, None, True)]  # killed at step 2, resumed
+    for name, extra, stop, resume in runs:
+        res = distill(
+            str(tmp_path / "cut"), DistillConfig(**base, **extra), tmp_path / name,
+            device="cpu", on_step=rows[name].append, max_steps=stop, resume=resume,
+        )  # fmt: skip
+    assert "disk" in res["placement"].values(), "nothing offloaded: the test would prove nothing"
+    for other in ("b", "c"):
+        for ra, rb in zip(rows["a"], rows[other], strict=True):
+            assert abs(ra["loss"] - rb["loss"]) <= 1e-5 * max(1.0, abs(ra["loss"])), (ra, rb)
+    ids = torch.tensor([[1, 5, 9, 30, 200, 7, 7, 41]])
+    want = _logits(tmp_path / "a" / "final", ids)
+    for other in ("b", "c"):
+        torch.testing.assert_close(_logits(tmp_path / other / "final", ids), want)

@@ -40,7 +40,7 @@ def save_report(report: LinearityReport, out: Path) -> None:
 
 
 @dataclass
-class AnalyzeConfig:
+class AnalyzeConfig(models.Placement):
     """What an analysis reads and how. Each field is an option of ``linearize analyze`` and a
     keyword of ``analyze`` (whose defaults are these)."""
 
@@ -53,15 +53,6 @@ class AnalyzeConfig:
     seq_len: int = option(512, "tokens per sequence")
     batch_size: int = option(8, "sequences per forward pass")
     dtype: str = option("auto", "auto | float32 | bfloat16 | float16 | float64")
-    device_map: str | None = option(None, "'auto' spreads a large model over devices (accelerate)")
-    max_memory: str | None = option(
-        None,
-        "with --device-map: memory per device, e.g. '0=20GiB,cpu=60GiB' (what does not fit goes "
-        "to --offload-dir)",
-    )
-    offload_dir: str | None = option(
-        None, "with --device-map: where weights that fit no device are kept (disk offload)"
-    )
     layers: list[int] | None = option(
         None, "only these layers, e.g. 0,5,9", cli=str, parse=int_list
     )

@@ -235,6 +235,15 @@ def keep_layers_in_config_(config, keep: list[int]) -> None:
     setattr(config, n_layers_key(config), len(keep))
 
 
+def foldable(config) -> bool:
+    """Whether ``--replace fold`` works for this architecture (see check_foldable)."""
+    try:
+        check_foldable(config)
+    except LinearizeError:
+        return False
+    return True
+
+
 def check_foldable(config) -> None:
     """Raise LinearizeError unless a map can be folded into each layer's MLP output projection."""
     spec = get_spec(config)

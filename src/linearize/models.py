@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from linearize import arch
+from linearize._fields import option
 from linearize._io import atomic_dir
 from linearize.errors import LinearizeError, first_line
 from linearize.surgery.replace import restore_bridges_
@@ -210,6 +211,36 @@ class Offload:
         if self.folder:
             kw["offload_folder"] = self.folder
         return kw
+
+
+@dataclass(kw_only=True)  # keyword-only: the configs that extend it keep their positions
+class Placement:
+    """Where a model's weights go: accelerate's ``device_map``, with memory limits and a disk
+    folder for what fits no device. Options of ``analyze``, ``prune`` and ``distill`` (whose
+    configs extend this one); the layers a cut writes into or healing trains are brought
+    onto their device (linearize.offload), the rest stays where accelerate put it."""
+
+    device_map: str | None = option(
+        None, "'auto' spreads a large model over devices (accelerate)", panel="Placement"
+    )
+    max_memory: str | None = option(
+        None,
+        "with --device-map: memory per device, e.g. '0=20GiB,cpu=60GiB' (what does not fit goes "
+        "to --offload-dir)",
+        panel="Placement",
+    )
+    offload_dir: str | None = option(
+        None,
+        "with --device-map: where weights that fit no device are kept (disk offload)",
+        panel="Placement",
+    )
+
+    def offload(self) -> Offload | None:
+        return Offload.parse(self.max_memory, self.offload_dir)
+
+    def check_placement(self) -> None:
+        if (self.max_memory or self.offload_dir) and not self.device_map:
+            raise LinearizeError("--max-memory and --offload-dir need --device-map (e.g. auto)")
 
 
 def load(

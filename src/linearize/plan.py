@@ -140,6 +140,17 @@ def _plan(command: str, model: str, s: Shape, dtype, parts: dict[str, int], **kw
     return Plan(command, model, s.params, name, sum(parts.values()), parts=parts, **kw)
 
 
+def _weights_in_ram(s: Shape, c, copies: int = 1) -> int:
+    """The weights a run keeps in RAM: all of them, or with ``--device-map`` and a CPU limit
+    in ``--max-memory``, at most that limit per loaded model (the rest is offloaded)."""
+    limit = (c.offload().max_memory or {}).get("cpu") if c.device_map and c.offload() else None
+    if limit is None:
+        return copies * s.weights
+    from accelerate.utils import convert_file_size_to_int
+
+    return copies * min(s.weights, convert_file_size_to_int(limit))
+
+
 def _logits(s: Shape, batch: int, seq: int) -> int:
     """A batch's float32 logits and their log-softmax: the perplexity's peak."""
     return 2 * batch * seq * s.vocab * 4
@@ -169,7 +180,7 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
     spill = states - in_ram
     checkpoint = s.weights - k * s.layer_params * s.bytes_per
     parts = {
-        "weights": s.weights,
+        "weights": _weights_in_ram(s, c),
         "stored states": in_ram,
         # every layer's statistics, and the copy the re-scoring tokens keep
         "statistics": 2 * _stats_bytes(s, s.layers),
@@ -184,13 +195,7 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
         f"pruned model's from the first cut on; at most {STATE_COPIES_BOUND:g}× if the first cut "
         "is layer 0",
     ]
-    period = arch.pattern_period(config)
-    if period and c.strategy != "pattern-periods":
-        notes.append(
-            f"this model's attention pattern repeats every {period} layers and GGUF readers "
-            "rebuild it from the depth: for a checkpoint that exports, --strategy "
-            f"pattern-periods (whole periods, --remove a multiple of {period})"
-        )
+    notes += _export_notes(config, c)
     if data.SELF in data.calib_parts(c.calib):
         notes.append(
             "text sampled from the model (half of --tokens) is generated once per model and "
@@ -210,6 +215,26 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
     )
 
 
+def _export_notes(config, c: PruneConfig) -> list[str]:
+    """What a checkpoint that exports to GGUF needs, where this request would not give it:
+    whole periods of a per-layer attention pattern, and a replacement that leaves no bridge."""
+    period = arch.pattern_period(config)
+    stock = "fold" if arch.foldable(config) else "none"
+    notes = []
+    if period and c.strategy != "pattern-periods":
+        notes.append(
+            f"this model's attention pattern repeats every {period} layers and GGUF readers "
+            "rebuild it from the depth: for a checkpoint that exports, --strategy "
+            f"pattern-periods (whole periods, --remove a multiple of {period})"
+        )
+    if c.replace == "linear":
+        notes.append(
+            f"--replace linear leaves bridges that no stock architecture holds: --replace {stock} "
+            "for a checkpoint that exports to GGUF"
+        )
+    return notes
+
+
 def distill_plan(config, model: str, c: DistillConfig, dtype) -> Plan:
     """Student and teacher weights, AdamW's two moments and the gradients of the share of the
     student that ``c.train`` trains, activations kept for the backward, the teacher's state
@@ -221,7 +246,7 @@ def distill_plan(config, model: str, c: DistillConfig, dtype) -> Plan:
 def _distill_plan(s: Shape, model: str, c: DistillConfig, trainable: float, dtype) -> Plan:
     train = int(s.params * trainable)
     parts = {
-        "student and teacher": 2 * s.weights,
+        "student and teacher": _weights_in_ram(s, c, copies=2),
         "optimizer and gradients": train * 4 * 3,
         "activations": _activations(s, c.batch_size, c.seq_len) * s.layers,
         # the student's and the teacher's logits and the KL's gradient, in float32

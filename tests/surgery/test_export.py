@@ -183,3 +183,35 @@ def _round_trip(model, src, where):
         want, got = model(fixed_ids()).logits, back(fixed_ids()).logits
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-4
     return back
+
+
+# Gemma-3-270M's published shape (google/gemma-3-270m config.json), with the tests' vocabulary
+GEMMA3_270M = dict(
+    hidden_size=640,
+    intermediate_size=2048,
+    num_hidden_layers=18,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=256,
+    sliding_window=512,
+    query_pre_attn_scalar=256,
+)
+
+
+@pytest.mark.slow
+def test_gemma3_270m_shape_cut_by_one_period_at_k6_exports_and_loads_back(
+    tmp_path, tokenizer, sp_model
+):
+    """The issue's case at full shape (random weights: there are no Gemma 3 weights here):
+    k = 6 of 18 by whole periods keeps the 5 sliding + 1 full pattern that GGUF readers
+    rebuild from the depth, so the export loads back with the same logits."""
+    model = make_tiny("gemma3_text", **GEMMA3_270M)
+    assert arch.pattern_period(model.config) == 6
+    cfg = PruneConfig(6, strategy="pattern-periods", replace="none", **KW)  # fold: no (post-norm)
+    res = prune_model_(model, tokenizer, cfg)
+    assert len(res.removed) == 6 and len({i // 6 for i in res.removed}) == 1
+    assert model.config.layer_types == (["sliding_attention"] * 5 + ["full_attention"]) * 2
+    src = tmp_path / "gemma3-270m"
+    save(model, None, src, {"removed": res.removed})
+    shutil.copy(sp_model, src / "tokenizer.model")
+    assert _round_trip(model, src, tmp_path / "g").config.num_hidden_layers == 12

@@ -59,6 +59,10 @@ def prune_command(
     where = dict(eval_tokens=eval_tokens, dtype=dtype, device=device)
     with phase_progress(progress) as (on_progress, say):
         if sweep is not None:
+            if config.device_map:
+                raise LinearizeError(
+                    "--sweep prunes a copy of the model per method: no --device-map"
+                )
             kw = dict(eval_data=eval_data, ood=eval_ood, on_progress=on_progress, say=say)
             _run_sweep(model, config, sweep, out=out, **kw, **where)
             return

@@ -29,7 +29,8 @@ class AffineBridge(nn.Module):
         self.bias = nn.Parameter(torch.zeros(d, dtype=dtype, device=device))
 
     def forward(self, h: Tensor) -> Tensor:
-        out = torch.addmm(self.bias, h.reshape(-1, h.shape[-1]).to(self.weight.dtype), self.weight)
+        x = h.reshape(-1, h.shape[-1]).to(self.weight.device, self.weight.dtype)
+        out = torch.addmm(self.bias, x, self.weight)  # on the bridge's device (see offload)
         return out.reshape(h.shape).to(h.dtype)
 
 

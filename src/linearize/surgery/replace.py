@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from linearize import arch
+from linearize import arch, offload
 from linearize.errors import LinearizeError
 from linearize.stats import AffineMap
 from linearize.surgery import _remote_modeling
@@ -59,10 +59,13 @@ def get_bridge(model: nn.Module, position: int) -> AffineBridge | None:
 
 
 def ensure_bridge(model: nn.Module, position: int) -> AffineBridge:
-    """The bridge at ``position``, created as the identity if absent."""
-    p = next(model.parameters())
+    """The bridge at ``position``, created as the identity if absent (on the device its
+    target computes on; an offloaded target is made resident, so the bridge stays)."""
+    target = bridge_target(model, position)
+    offload.resident_(model, target)
+    dtype = next(model.parameters()).dtype
     return attach_bridge(
-        bridge_target(model, position), model.config.hidden_size, p.dtype, p.device
+        target, model.config.hidden_size, dtype, offload.execution_device(model, target)
     )
 
 
@@ -188,7 +191,9 @@ def fold_span_(model: nn.Module, start: int, end: int, fit: AffineMap) -> None:
     stream leaving the run, which the fold reproduces."""
     if start < 1:
         raise LinearizeError("fold cannot replace layer 0: there is no MLP before it")
-    fold_into_(arch.mlp_out_proj(model, start - 1), fit)
+    proj = arch.mlp_out_proj(model, start - 1)
+    offload.resident_(model, proj)  # else the fold is lost at the next forward
+    fold_into_(proj, fit)
     arch.remove_layers_(model, range(start, end))
 
 
@@ -215,7 +220,14 @@ def save(model: nn.Module, tokenizer, out: Path, record: dict[str, Any]) -> None
     With bridges, the checkpoint also gets modeling_linearize.py and an ``auto_map``, so that
     ``trust_remote_code=True`` loads it without linearize installed."""
     out = Path(out)
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = next(  # offloaded weights (meta here) were read from a checkpoint, never written
+        (
+            n
+            for n, p in model.named_parameters()
+            if p.device.type != "meta" and not torch.isfinite(p).all()
+        ),
+        None,
+    )
     if bad is not None:
         raise LinearizeError(f"refusing to save a checkpoint with NaN/inf weights (first: {bad})")
     out.mkdir(parents=True, exist_ok=True)
@@ -246,11 +258,12 @@ def restore_bridges_(model: nn.Module, path: Path) -> None:
             for k in sf.keys():
                 if BRIDGE in k:
                     tensors[k] = sf.get_tensor(k)
-    p = next(model.parameters())
+    dtype = next(model.parameters()).dtype
     for target in targets:
-        bridge = attach_bridge(
-            model.get_submodule(target), model.config.hidden_size, p.dtype, p.device
-        )
+        module = model.get_submodule(target)
+        offload.resident_(model, module)
+        where = offload.execution_device(model, module)
+        bridge = attach_bridge(module, model.config.hidden_size, dtype, where)
         with torch.no_grad():
             for pname, param in bridge.named_parameters():
                 key = f"{target}.{BRIDGE}.{pname}"

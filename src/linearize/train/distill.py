@@ -36,7 +36,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from linearize import arch, data, models
+from linearize import arch, data, models, offload
 from linearize._fields import check_choices, option
 from linearize._io import claim_output, releases_output, write_json
 from linearize.errors import LinearizeError
@@ -56,7 +56,7 @@ HIDDEN_LOSSES = ("mse", "cosine", "both")
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(models.Placement):
     """One distillation run. Every field is an option of ``linearize distill``."""
 
     teacher: str | None = option(None, "the original model (default: the one recorded in STUDENT)")
@@ -112,6 +112,11 @@ class DistillConfig:
 
     def check(self) -> None:
         check_choices(self)
+        self.check_placement()
+        if self.device_map and self.train == "lora":
+            raise LinearizeError(
+                "--train lora wraps every linear layer, offloaded ones too: not with --device-map"
+            )
         if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise LinearizeError(
                 f"unknown --teacher-dtype '{self.teacher_dtype}' (float32, bfloat16, float16)"
@@ -160,9 +165,10 @@ def _passes(c: DistillConfig, have: int, one_pass: int) -> int:
 
 def _load_pair(student_dir: str, c: DistillConfig, device: str):
     """(student, its tokenizer, the frozen teacher, the teacher's name) on ``device``."""
-    student, s_tok = models.load(student_dir, dtype="float32", device=device, savable=True)
+    place = dict(device_map=c.device_map, offload=c.offload())
+    student, s_tok = models.load(student_dir, "float32", device, savable=True, **place)
     teacher_name = _teacher_name(student_dir, student, c.teacher)
-    teacher, t_tok = models.load(teacher_name, dtype=c.teacher_dtype, device=device)
+    teacher, t_tok = models.load(teacher_name, c.teacher_dtype, device, **place)
     _check_tokenizers(s_tok, t_tok, student, teacher)
     teacher.requires_grad_(False)
     return student, s_tok, teacher, teacher_name or models.EMBEDDED_NAME
@@ -291,6 +297,7 @@ def distill(
     pairs = boundaries(student, teacher)
     set_seed(c.seed)
     trainable = select_trainable_(student, c.train, c.lora_rank)
+    offload.resident_trainable_(student)  # an optimizer steps weights that stay put
     micro, total_steps, passes, have = _micro_batches(c, tok, loop, per_step, teacher)
     cache = teacher_cache(c, loop.acc, teacher, name, pairs, passes)
     if passes > 1 and loop.is_main:
@@ -306,6 +313,7 @@ def distill(
         "teacher": name,
         "config": asdict(c),
         "eval_ood_data": ood,
+        "placement": dict(getattr(student, "hf_device_map", None) or {}),  # "disk": offloaded
         **loop.summary(),
         "perplexity_before": before.get("perplexity"),
         "perplexity_after": _last_perplexity(loop.rows),

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from linearize import offload
 from linearize._io import TMP_PREFIX, atomic_dir, write_json, write_text
 from linearize._version import __version__
 from linearize.errors import LinearizeError
@@ -107,9 +108,12 @@ class Loop:
         sched = get_cosine_schedule_with_warmup(
             opt, math.ceil(schedule.warmup * schedule.total_steps), schedule.total_steps
         )
+        offloaded = offload.is_offloaded(model)
+        if offloaded:  # frozen weights read from their checkpoint: a checkpoint skips them
+            self.acc.register_save_state_pre_hook(_drop_offloaded)
         self.model, self.opt, self.sched = self.acc.prepare(model, opt, sched)
         if resume:
-            self.step = resume_step(self.acc, self.out)
+            self.step = resume_step(self.acc, self.out, strict=not offloaded)
             self.rows = read_metrics(self.out, self.step)
         return self.step
 
@@ -220,12 +224,21 @@ def latest_checkpoint(out: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resume_step(acc, out: Path) -> int:
-    """Load the newest checkpoint's accelerate state; returns its step (0 when there is none)."""
+def _drop_offloaded(models: list, weights: list[dict], output_dir: str) -> None:
+    """accelerate's save-state pre-hook: leave out the weights that are offloaded (on the
+    meta device here), which the run never changes."""
+    for state in weights:
+        for key in [k for k, v in state.items() if v.device.type == "meta"]:
+            del state[key]
+
+
+def resume_step(acc, out: Path, strict: bool = True) -> int:
+    """Load the newest checkpoint's accelerate state; returns its step (0 when there is none).
+    ``strict`` False: the checkpoint may lack the weights an offloaded model never changes."""
     ckpt = latest_checkpoint(out)
     if ckpt is None:
         return 0
-    acc.load_state(str(ckpt / "state"))
+    acc.load_state(str(ckpt / "state"), strict=strict)
     return int(json.loads((ckpt / "trainer.json").read_text())["step"])
 
 

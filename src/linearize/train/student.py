@@ -99,6 +99,8 @@ def shared_prefix(student: nn.Module, teacher: nn.Module) -> int:
     shared += [(s_layers[i], t_layers[i]) for i in range(p)]
     for s_mod, t_mod in shared:
         a, b = s_mod.state_dict(), t_mod.state_dict()
+        if any(t.device.type == "meta" for t in (*a.values(), *b.values())):
+            return 0  # offloaded: not compared, so not shared
         if a.keys() != b.keys() or any(
             a[k].dtype != b[k].dtype or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])
             for k in a

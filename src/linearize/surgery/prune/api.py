@@ -62,7 +62,8 @@ def prune(
     data.calib_parts(c.calib)
     ood_data = data.eval_sources(eval_data, ood_data)
     _refuse_what_does_not_fit(hf_config, model, c, eval_tokens, dtype, device, out_dir)
-    lm, tok = models.load(model, dtype=dtype, device=device, savable=True)
+    lm, tok = models.load(model, dtype, device, c.device_map, savable=True, offload=c.offload())
+    placement = dict(getattr(lm, "hf_device_map", None) or {})  # as loaded: "disk" = offloaded
     held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
     on_progress("held-out perplexity, before", 0, 0)
     before = held_out("before")
@@ -76,7 +77,9 @@ def prune(
         **res.to_dict(),
         "version": __version__,
     }
-    protocol = dict(eval_data=eval_data, ood_data=ood_data, eval_tokens=eval_tokens)
+    protocol = dict(
+        eval_data=eval_data, ood_data=ood_data, eval_tokens=eval_tokens, placement=placement
+    )
     report = {**record, **protocol, **before, **after, **_ratios(before, after)}
 
     def write(tmp: Path) -> None:

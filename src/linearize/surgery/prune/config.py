@@ -14,6 +14,7 @@ from linearize import arch
 from linearize._fields import check_choices, int_list, option
 from linearize.capture import check_massive
 from linearize.errors import LinearizeError
+from linearize.models import Placement
 from linearize.stats import PRIORS
 from linearize.surgery.prune import replacements, strategies
 from linearize.surgery.prune.strategies.base import parse_remove
@@ -28,7 +29,7 @@ def no_progress(what: str, done: int, total: int) -> None:
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(Placement):
     """One pruning request; every command and API entry point takes this."""
 
     remove: str | int = option(8, "layers to remove: a count (8) or a share (25%)", cli=str)
@@ -155,6 +156,7 @@ class PruneConfig:
         """Validate against a model of ``n`` layers (and its config, for ``fold``); returns k.
         No work is done."""
         check_choices(self)
+        self.check_placement()
         if self.rank is not None and self.rank < 0:
             raise LinearizeError(f"--rank must be at least 0, got {self.rank}")
         if self.ridge < 0:

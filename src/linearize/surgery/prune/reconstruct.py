@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from linearize import arch
+from linearize import arch, offload
 from linearize.capture import masked_rows
 from linearize.errors import LinearizeError
 from linearize.stats import AffineMap, RegressionStats, fit_toward
@@ -56,6 +56,7 @@ def reconstruct(s: Session) -> None:
     # out of domain on SmolLM2 (2.64× against 2.57× at k = 8), as --fit-target original did
     todo = {q for p in cuts for q in range(p, min(p + c.refits, n))}
     for q in sorted(todo):
+        offload.resident_(s.model, arch.get_layers(s.model)[1][q])  # the refits must stick
         attn = arch.attn_out_proj(s.model, q) if c.reconstruct_attention else None
         if attn is not None:
             _refit_attention(s, q, attn)
