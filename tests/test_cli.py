@@ -163,6 +163,8 @@ def test_prune_command_writes_loadable_checkpoint(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads((out / "prune.json").read_text())
     assert len(rep["removed"]) == 1 and rep["perplexity_after"] > 0 and rep["original_layers"] == 3
+    assert rep["strategy_reference"] == "Razzhigaev et al. 2024 (the paper)"  # from the registry
+    assert "linear-greedy (Razzhigaev et al. 2024" in (out / "report.html").read_text()
     model, _ = load(str(out), device="cpu")
     assert arch.n_layers(model) == 2
     assert model.generate(

@@ -113,3 +113,13 @@ def test_every_link_points_at_a_file_and_a_section_that_exist(doc):
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+
+
+def test_the_prune_page_lists_every_registered_strategy_and_replacement():
+    """The registries can grow by one class; the page that explains the choices must follow."""
+    from linearize.surgery.prune import replacements, strategies
+
+    lines = (ROOT / "docs" / "prune.md").read_text().splitlines()
+    named = {ln.split("`")[1] for ln in lines if ln.startswith(("| `", "- `"))}  # rows, items
+    assert set(strategies.names()) <= named, set(strategies.names()) - named
+    assert set(replacements.names()) <= named, set(replacements.names()) - named

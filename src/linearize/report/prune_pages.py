@@ -104,7 +104,7 @@ def prune_page(d: dict, where: Path) -> Page:
     n, k = d["original_layers"], len(d["removed"])
     meta = [
         ("base model", d["base_model"]),
-        ("strategy", d["strategy"]),
+        ("strategy", d["strategy"] + (f" ({ref})" if (ref := d.get("strategy_reference")) else "")),
         ("replacement", d["replace"]),
         ("criterion", d["chosen_by"]),
         ("calibration", f"{d['calib']}, {d['tokens']:,} tokens × {d['seq_len']}"),

@@ -14,6 +14,7 @@ from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize._version import __version__
 from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import render
+from linearize.surgery.prune import strategies
 from linearize.surgery.prune.config import Progress, PruneConfig, PruneResult, no_progress
 from linearize.surgery.prune.session import Session
 from linearize.surgery.replace import save
@@ -74,6 +75,7 @@ def prune(
         "base_model": model or models.EMBEDDED_NAME,
         "original_layers": n,
         **asdict(c),
+        "strategy_reference": strategies.get(c.strategy).reference,
         **res.to_dict(),
         "version": __version__,
     }

@@ -61,7 +61,7 @@ class Strategy:
     ``choose`` (the whole set at once) or ``prune`` (their own loop of cuts)."""
 
     name: ClassVar[str]
-    reference: ClassVar[str] = ""  # where it comes from, for the help and the docs
+    reference: ClassVar[str] = ""  # where it comes from: prune.json and the run page show it
     summary: ClassVar[str] = ""  # one line: what it does
     chosen_by: ClassVar[str | None] = None  # the criterion's name; None: the config's --score
     greedy: ClassVar[bool] = False  # one cut at a time: a sweep runs it once to the largest k
