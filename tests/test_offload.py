@@ -74,9 +74,13 @@ def test_prune_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, tmp
     torch.testing.assert_close(_logits(tmp_path / "b", ids), _logits(tmp_path / "a", ids))
 
 
-def test_placement_options_need_a_device_map(tiny_dir, tmp_path):
-    res = cli_run(*prune_args(tiny_dir, tmp_path / "p"), "--max-memory", "1GB")
-    one_line(res, "--device-map")
+def test_placement_requests_that_cannot_run_are_one_line(tiny_dir, tmp_path):
+    one_line(cli_run(*prune_args(tiny_dir, tmp_path / "p"), "--max-memory", "1GB"), "--device-map")
+    one_line(cli_run("analyze", tiny_dir, "--offload-dir", tmp_path / "o"), "--device-map")
+    sweep = cli_run(*prune_args(tiny_dir, tmp_path / "s"), "--sweep", "0,1", "--device-map", "auto")
+    one_line(sweep, "--sweep", "--device-map")
+    lora = cli_run("distill", tmp_path / "s", "--train", "lora", "--device-map", "auto")
+    one_line(lora, "lora", "--device-map")
 
 
 def test_distill_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, tmp_path):

@@ -172,7 +172,11 @@ def analyze(
     if save:
         claim_output(out_dir)
     _check_request(data_source, tokens, seq_len, massive)
-    offload = models.Offload.parse(max_memory, offload_dir)
+    placement = models.Placement(
+        device_map=device_map, max_memory=max_memory, offload_dir=offload_dir
+    )
+    placement.check_placement()
+    offload = placement.offload()
     lm, tok = models.load(model, dtype, device, device_map, offload=offload)
     name = model or models.EMBEDDED_NAME
     report = analyze_model(
