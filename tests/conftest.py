@@ -101,13 +101,18 @@ def tokenizer():
     )
 
 
+def saved_tiny(path: Path, tokenizer, model_type: str = "llama", **overrides) -> Path:
+    """``make_tiny(model_type, **overrides)`` saved with ``tokenizer`` into ``path``: a local
+    model directory, as a user would give one."""
+    make_tiny(model_type, **overrides).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory, tokenizer) -> Path:
     """A saved tiny Llama with its tokenizer: a local model directory for CLI tests."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    make_tiny("llama").save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved_tiny(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli_run, make_tiny, one_line, prune_args
+from conftest import cli_run, one_line, prune_args, saved_tiny
 
 from linearize import models
 
@@ -48,16 +48,20 @@ def _logits(path, ids):
         return model(ids).logits
 
 
+@pytest.fixture(scope="module")
+def six_dir(tmp_path_factory, tokenizer):
+    """A saved six-layer tiny Llama: deep enough for a cut with refits on both sides."""
+    return saved_tiny(tmp_path_factory.mktemp("six"), tokenizer, num_hidden_layers=6)
+
+
 @pytest.mark.parametrize("replace", ["linear", "fold"])
-def test_prune_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, tmp_path, replace):
+def test_prune_with_layers_offloaded_to_disk_equals_the_plain_one(six_dir, tmp_path, replace):
     """The cut writes into offloaded layers (a bridge's target, a fold, the refits): those are
     brought onto the device for good, so the same layers go and the checkpoints compute the
     same."""
     import torch
 
-    src = tmp_path / "six"
-    make_tiny("llama", num_hidden_layers=6).save_pretrained(src)
-    tokenizer.save_pretrained(src)
+    src = six_dir
     size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     common = ["--replace", replace, "--no-progress"]
     plain = cli_run(*prune_args(src, tmp_path / "a", remove=2), *common)
@@ -83,7 +87,7 @@ def test_placement_requests_that_cannot_run_are_one_line(tiny_dir, tmp_path):
     one_line(lora, "lora", "--device-map")
 
 
-def test_distill_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, tmp_path):
+def test_distill_with_layers_offloaded_to_disk_equals_the_plain_one(six_dir, tmp_path):
     """Teacher and student offloaded: the trained layers (the bridge's target and the layers
     beside the cut) are made resident, the rest computes from disk; same losses, same
     checkpoint, and a checkpoint mid-run that saves and loads."""
@@ -92,18 +96,8 @@ def test_distill_with_layers_offloaded_to_disk_equals_the_plain_one(tokenizer, t
     from linearize.surgery.prune import PruneConfig, prune
     from linearize.train.distill import DistillConfig, distill
 
-    src = tmp_path / "six"
-    make_tiny("llama", num_hidden_layers=6).save_pretrained(src)
-    tokenizer.save_pretrained(src)
-    cut = PruneConfig(
-        strategy="layers",
-        layers=[2, 3],
-        calib="builtin:calib",
-        tokens=600,
-        seq_len=48,
-        batch_size=4,
-    )
-    prune(str(src), cut, eval_data=None, ood_data=None, out=tmp_path / "cut", device="cpu")
+    cut = PruneConfig(strategy="layers", layers=[2, 3], calib="builtin:calib", tokens=600)
+    prune(str(six_dir), cut, eval_data=None, ood_data=None, out=tmp_path / "cut", device="cpu")
     size = sum(p.stat().st_size for p in (tmp_path / "cut").glob("*.safetensors"))
     base = dict(tokens=32 * 2 * 4, seq_len=32, batch_size=2, lr=1e-2, eval_data="", save_every=2)
     rows: dict[str, list] = {"a": [], "b": [], "c": []}

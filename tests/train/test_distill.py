@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_tiny, run_cli
+from conftest import make_tiny, run_cli, saved_tiny
 
 from linearize import arch, load
 from linearize.errors import LinearizeError
@@ -20,10 +20,7 @@ CAL = dict(tokens=600, seq_len=48, batch_size=4)
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("teacher")
-    make_tiny("llama", num_hidden_layers=5).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return saved_tiny(tmp_path_factory.mktemp("teacher"), tokenizer, num_hidden_layers=5)
 
 
 def _pruned(teacher_dir, tmp_path, replace="linear"):
