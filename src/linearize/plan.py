@@ -33,9 +33,13 @@ if TYPE_CHECKING:
 
 GB = 1 << 30
 BASE_RAM = int(0.7 * GB)  # python, torch, transformers and the tokenizer, measured ~0.6–0.8 GB
-# stored boundary states of a greedy prune, in copies of one pass's states: the original's
-# states plus the pruned model's from the first cut on (measured 1.3–1.5 on SmolLM2, k = 8–12)
-STATE_COPIES = 1.4
+# stored boundary states at their most, in copies of one pass's states: the original's, the
+# fits' share of the pruned model's (STATE_FITS), and for a greedy strategy the pruned model's
+# from the first cut on for the re-scoring tokens (STATE_SUFFIX of the depth: a first cut mid-way).
+# Measured on SmolLM2 at k = 8: 1.44 at 16,384 tokens (8,192 re-scoring), 1.07 at 131,072
+# in float32 and in bfloat16.
+STATE_FITS = 0.05
+STATE_SUFFIX = 0.6
 STATE_COPIES_BOUND = 2.0
 
 
@@ -175,7 +179,8 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
     k = c.check(s.layers, config)
     tokens = c.tokens if c.needs_calibration else 0
     one_copy = (s.layers + 1) * tokens * s.hidden * s.bytes_per
-    states = int(one_copy * STATE_COPIES)
+    copies = state_copies(c, tokens)
+    states = int(one_copy * copies)
     in_ram = min(states, int(c.cache_gb * GB))
     spill = states - in_ram
     checkpoint = s.weights - k * s.layer_params * s.bytes_per
@@ -191,9 +196,9 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
     rescore = min(1.0, c.rescore_tokens / max(tokens, 1)) if c.rescore_tokens else 1.0
     passes = 1.0 + k * rescore * 0.5 + (0.2 * k if c.refits else 0.0)
     notes = [
-        f"stored states ~{STATE_COPIES:g}× one pass's ({_gb(one_copy)}): the original's and the "
-        f"pruned model's from the first cut on; at most {STATE_COPIES_BOUND:g}× if the first cut "
-        "is layer 0",
+        f"stored states at most ~{copies:.2f}× one pass's ({_gb(one_copy)}): the original's, "
+        "and the pruned model's where fits and re-scoring need them; up to "
+        f"{STATE_COPIES_BOUND:g}× if the first cut is layer 0",
     ]
     notes += _export_notes(config, c)
     if data.SELF in data.calib_parts(c.calib):
@@ -213,6 +218,14 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
         removed=k,
         notes=notes,
     )
+
+
+def state_copies(c: PruneConfig, tokens: int) -> float:
+    """The stored states at their most, in copies of one pass's (see STATE_FITS)."""
+    if not c.chooser.greedy or not tokens:
+        return 1.0 + STATE_FITS
+    share = min(1.0, c.rescore_tokens / tokens) if c.rescore_tokens else 1.0
+    return 1.0 + STATE_FITS + STATE_SUFFIX * share
 
 
 def _export_notes(config, c: PruneConfig) -> list[str]:

@@ -209,6 +209,11 @@ class PruneConfig(Placement):
         return strategy.needs_calibration(self) or self.replacement.fits or bool(self.refits)
 
     @property
+    def chooser(self) -> strategies.Strategy:
+        """The registered strategy ``strategy`` names."""
+        return strategies.get(self.strategy)
+
+    @property
     def replacement(self) -> replacements.Replacement:
         return replacements.get(self.replace)
 
