@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from linearize import arch, offload
 from linearize.capture import masked_rows
-from linearize.errors import LinearizeError
 from linearize.stats import AffineMap, RegressionStats, fit_toward
 from linearize.surgery.replace import (
     bridge_as,
@@ -41,9 +40,7 @@ def reconstruct(s: Session) -> None:
     A linear problem, because the projection is the last thing the layer adds to the
     stream: each refit takes up what the map before it could not express, as a function of
     the layer's own MLP features."""
-    try:  # the projection a fold needs, for the same reason
-        arch.check_foldable(s.model.config)
-    except LinearizeError:
+    if not arch.foldable(s.model.config):  # the projection a fold needs, for the same reason
         warnings.warn(
             f"--reconstruct skipped: '{s.model.config.model_type}' has no MLP output "
             "projection added straight to the residual stream",
