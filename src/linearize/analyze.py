@@ -213,11 +213,11 @@ def analyze(
 def _run_facts(lm: torch.nn.Module, exact: bool) -> dict:
     """How the run computed: dtypes, where the model ran (with ``device_map``, where
     accelerate placed its modules: "disk" means offloaded), library versions."""
-    placement = getattr(lm, "hf_device_map", None) or {}
+    placement = models.placement_of(lm)
     return {
         "dtype": str(lm.dtype).removeprefix("torch."),
         "device": str(lm.device),
-        "placement": sorted({str(v) for v in placement.values()}),
+        "placement": sorted(set(placement.values())),
         "products": "float64" if exact or lm.dtype == torch.float64 else "float32",
         "torch": torch.__version__,
         "transformers": _transformers_version(),

@@ -243,6 +243,12 @@ class Placement:
             raise LinearizeError("--max-memory and --offload-dir need --device-map (e.g. auto)")
 
 
+def placement_of(model) -> dict[str, str]:
+    """Where accelerate placed a model's modules (``hf_device_map``; "disk": offloaded), or
+    {} for a model on one device."""
+    return {k: str(v) for k, v in (getattr(model, "hf_device_map", None) or {}).items()}
+
+
 def load(
     name: str | None = None,
     dtype: str = "auto",

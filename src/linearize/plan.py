@@ -147,7 +147,8 @@ def _plan(command: str, model: str, s: Shape, dtype, parts: dict[str, int], **kw
 def _weights_in_ram(s: Shape, c, copies: int = 1) -> int:
     """The weights a run keeps in RAM: all of them, or with ``--device-map`` and a CPU limit
     in ``--max-memory``, at most that limit per loaded model (the rest is offloaded)."""
-    limit = (c.offload().max_memory or {}).get("cpu") if c.device_map and c.offload() else None
+    offload = c.offload() if c.device_map else None
+    limit = (offload.max_memory or {}).get("cpu") if offload is not None else None
     if limit is None:
         return copies * s.weights
     from accelerate.utils import convert_file_size_to_int

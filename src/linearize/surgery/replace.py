@@ -61,12 +61,16 @@ def get_bridge(model: nn.Module, position: int) -> AffineBridge | None:
 def ensure_bridge(model: nn.Module, position: int) -> AffineBridge:
     """The bridge at ``position``, created as the identity if absent (on the device its
     target computes on; an offloaded target is made resident, so the bridge stays)."""
-    target = bridge_target(model, position)
+    return _attach(model, bridge_target(model, position))
+
+
+def _attach(model: nn.Module, target: nn.Module) -> AffineBridge:
+    """The bridge at ``target``'s input (created as the identity if absent), in the model's
+    dtype, on the device ``target`` computes on, which is made resident if offloaded."""
     offload.resident_(model, target)
     dtype = next(model.parameters()).dtype
-    return attach_bridge(
-        target, model.config.hidden_size, dtype, offload.execution_device(model, target)
-    )
+    where = offload.execution_device(model, target)
+    return attach_bridge(target, model.config.hidden_size, dtype, where)
 
 
 def bridge_positions(model: nn.Module) -> list[int]:
@@ -258,12 +262,8 @@ def restore_bridges_(model: nn.Module, path: Path) -> None:
             for k in sf.keys():
                 if BRIDGE in k:
                     tensors[k] = sf.get_tensor(k)
-    dtype = next(model.parameters()).dtype
     for target in targets:
-        module = model.get_submodule(target)
-        offload.resident_(model, module)
-        where = offload.execution_device(model, module)
-        bridge = attach_bridge(module, model.config.hidden_size, dtype, where)
+        bridge = _attach(model, model.get_submodule(target))
         with torch.no_grad():
             for pname, param in bridge.named_parameters():
                 key = f"{target}.{BRIDGE}.{pname}"

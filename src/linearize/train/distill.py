@@ -313,7 +313,7 @@ def distill(
         "teacher": name,
         "config": asdict(c),
         "eval_ood_data": ood,
-        "placement": dict(getattr(student, "hf_device_map", None) or {}),  # "disk": offloaded
+        "placement": models.placement_of(student),
         **loop.summary(),
         "perplexity_before": before.get("perplexity"),
         "perplexity_after": _last_perplexity(loop.rows),

@@ -14,7 +14,6 @@ from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize._version import __version__
 from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import render
-from linearize.surgery.prune import strategies
 from linearize.surgery.prune.config import Progress, PruneConfig, PruneResult, no_progress
 from linearize.surgery.prune.session import Session
 from linearize.surgery.replace import save
@@ -64,7 +63,7 @@ def prune(
     ood_data = data.eval_sources(eval_data, ood_data)
     _refuse_what_does_not_fit(hf_config, model, c, eval_tokens, dtype, device, out_dir)
     lm, tok = models.load(model, dtype, device, c.device_map, savable=True, offload=c.offload())
-    placement = dict(getattr(lm, "hf_device_map", None) or {})  # as loaded: "disk" = offloaded
+    placement = models.placement_of(lm)  # as loaded, before any layer goes
     held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
     on_progress("held-out perplexity, before", 0, 0)
     before = held_out("before")
@@ -75,7 +74,7 @@ def prune(
         "base_model": model or models.EMBEDDED_NAME,
         "original_layers": n,
         **asdict(c),
-        "strategy_reference": strategies.get(c.strategy).reference,
+        "strategy_reference": c.chooser.reference,
         **res.to_dict(),
         "version": __version__,
     }

@@ -166,7 +166,7 @@ class PruneConfig(Placement):
             raise LinearizeError(
                 f"--protect {list(protect)} out of range: the model has {n} layers"
             )
-        strategy = strategies.get(self.strategy)
+        strategy = self.chooser
         if self.protected(n) & set(strategy.fixed(self) or []):
             raise LinearizeError("--layers names a layer that --protect keeps")
         check_massive(self.massive)
@@ -205,8 +205,7 @@ class PruneConfig(Placement):
     def needs_calibration(self) -> bool:
         """Whether the run reads calibration text at all (dropping named layers fits nothing,
         so it needs none, nor sampling from the model)."""
-        strategy = strategies.get(self.strategy)
-        return strategy.needs_calibration(self) or self.replacement.fits or bool(self.refits)
+        return self.chooser.needs_calibration(self) or self.replacement.fits or bool(self.refits)
 
     @property
     def chooser(self) -> strategies.Strategy:

@@ -24,7 +24,7 @@ from linearize.capture import LayerCapture, check_finite, masked_rows
 from linearize.errors import LinearizeError
 from linearize.selfgen import calibration_sequences
 from linearize.stats import AffineMap, PairStats, fit_affine
-from linearize.surgery.prune import reconstruct, strategies
+from linearize.surgery.prune import reconstruct
 from linearize.surgery.prune.config import Progress, PruneConfig, PruneResult
 from linearize.surgery.restart import BoundaryStore, run_from
 
@@ -37,7 +37,7 @@ class Session:
     ) -> None:
         self.model, self.c, self.on_step = model, c, on_step
         self.on_progress = on_progress
-        self.strategy, self.replacement = strategies.get(c.strategy), c.replacement
+        self.strategy, self.replacement = c.chooser, c.replacement
         n = self.n_orig = arch.n_layers(model)
         self.k = c.check(n, model.config)
         self.protected = c.protected(n)
