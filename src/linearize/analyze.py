@@ -171,13 +171,9 @@ def analyze(
     out_dir = Path(out) if out is not None else default_out_dir(model)
     if save:
         claim_output(out_dir)
-    _check_request(data_source, tokens, seq_len, massive)
-    placement = models.Placement(
-        device_map=device_map, max_memory=max_memory, offload_dir=offload_dir
-    )
-    placement.check_placement()
-    offload = placement.offload()
-    lm, tok = models.load(model, dtype, device, device_map, offload=offload)
+    place = models.Placement(device_map=device_map, max_memory=max_memory, offload_dir=offload_dir)
+    _check_request(data_source, tokens, seq_len, massive, place)
+    lm, tok = models.load(model, dtype, device, device_map, offload=place.offload())
     name = model or models.EMBEDDED_NAME
     report = analyze_model(
         lm,
@@ -224,8 +220,11 @@ def _run_facts(lm: torch.nn.Module, exact: bool) -> dict:
     }
 
 
-def _check_request(data_source: str, tokens: int | None, seq_len: int, massive: float) -> None:
+def _check_request(
+    data_source: str, tokens: int | None, seq_len: int, massive: float, place: models.Placement
+) -> None:
     """Refuse bad options and a bad source before the model is loaded."""
+    place.check_placement()
     if seq_len < 1:
         raise LinearizeError(f"--seq-len must be at least 1, got {seq_len}")
     if tokens is not None and tokens < 1:
