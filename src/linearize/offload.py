@@ -76,13 +76,10 @@ def resident_(model: nn.Module, module: nn.Module) -> None:
         hook.offload = False  # the hook still moves inputs to its device; weights stay
 
 
-def resident_trainable_(model: nn.Module) -> list[str]:
-    """Make every module that owns a trainable weight resident (``resident_``); returns
-    their names."""
-    names = []
-    for name, module in model.named_modules():
+def resident_trainable_(model: nn.Module) -> None:
+    """Make every module that owns a trainable weight resident (``resident_``): an optimizer
+    step written into an offloaded weight would be dropped with it."""
+    for module in model.modules():
         own = list(module.parameters(recurse=False))
         if any(p.requires_grad for p in own) and any(p.device.type == "meta" for p in own):
             resident_(model, module)
-            names.append(name)
-    return names
