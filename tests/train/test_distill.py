@@ -288,6 +288,19 @@ def test_a_short_source_repeats_says_so_and_caches_the_teacher(teacher_dir, tmp_
     assert second["steps"] == 6
 
 
+def test_the_last_pass_over_a_short_source_stops_at_tokens(teacher_dir, tmp_path, monkeypatch):
+    """--tokens of one pass and a half trains one pass and a half, not two whole passes (a
+    262,144-token run on a 232,777-token source trained 475,136 tokens before)."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    student = _pruned(teacher_dir, tmp_path)
+    src = tmp_path / "short.jsonl"
+    src.write_text("".join(json.dumps({"text": f"record {i} " * 12}) + "\n" for i in range(8)))
+    cfg = _cfg(data=str(src), eval_data="", tokens=32 * 2 * 6)  # 8 records of 32: 4 steps a pass
+    with pytest.warns(UserWarning, match="repeating it 1.5×"):
+        run = distill(student, cfg, tmp_path / "a", device="cpu")
+    assert run["total_steps"] == run["steps"] == 6
+
+
 def test_an_exception_inside_a_distillation_step_leaves_no_hook(
     teacher_dir, tmp_path, hook_spy, monkeypatch
 ):

@@ -176,9 +176,10 @@ def _load_pair(student_dir: str, c: DistillConfig, device: str):
 
 def _micro_batches(
     c: DistillConfig, tok, loop: Loop, per_step: int, teacher: nn.Module
-) -> tuple[list[dict[str, Tensor]], int, int, int]:
+) -> tuple[list[dict[str, Tensor]], int, float, int]:
     """This process's micro-batches of one pass over ``--data``, the optimizer steps of the
-    whole run, how often the source repeats to give ``--tokens``, and the tokens it holds."""
+    whole run, how often the source repeats to give ``--tokens`` (1.5: one pass and a half),
+    and the tokens it holds."""
     if data.SELF in data.calib_parts(c.data):  # every process samples the same (seeded) text
         seqs = calibration_sequences(teacher, tok, c.data, c.seq_len, c.tokens)
         seqs = seqs[loop.rank :: loop.world]
@@ -191,8 +192,10 @@ def _micro_batches(
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(tok)))
     per_epoch = max(1, len(micro) // c.grad_accum)
     have = sum(len(q) for q in seqs) * loop.world
-    passes = _passes(c, have, per_epoch * per_step)
-    return micro[: per_epoch * c.grad_accum], per_epoch * c.epochs * passes, passes, have
+    steps = per_epoch * _passes(c, have, per_epoch * per_step)
+    if steps > per_epoch:  # the last pass stops at --tokens, not at the source's end
+        steps = min(steps, math.ceil(c.tokens * per_epoch / have))
+    return micro[: per_epoch * c.grad_accum], steps * c.epochs, steps / per_epoch, have
 
 
 @dataclass
@@ -326,12 +329,12 @@ def distill(
 
 
 def _say_repeats(
-    c: DistillConfig, have: int, passes: int, total_steps: int, cache: TeacherCache | None
+    c: DistillConfig, have: int, passes: float, total_steps: int, cache: TeacherCache | None
 ) -> None:
     cached = f"; teacher states cached in {cache.root}" if cache is not None else ""
     warnings.warn(
         f"--data {c.data} holds {have:,} training tokens, under --tokens {c.tokens:,}: "
-        f"repeating it {passes}× ({total_steps} steps){cached}",
+        f"repeating it {passes:.3g}× ({total_steps} steps){cached}",
         stacklevel=3,
     )
 

@@ -84,7 +84,7 @@ def auto_cache_dir(manifest: dict, teacher: nn.Module, t_mods: list[nn.Module]) 
 
 
 def teacher_cache(
-    c: DistillConfig, acc, teacher: nn.Module, name: str, pairs: list, passes: int
+    c: DistillConfig, acc, teacher: nn.Module, name: str, pairs: list, passes: float
 ) -> TeacherCache | None:
     """The teacher-state cache: ``--cache-teacher DIR``, or by itself in the user cache when a
     batch will be seen again (epochs, repeats), or none (``off``, or nothing repeats)."""
