@@ -155,12 +155,14 @@ def _check_tokenizers(s_tok, t_tok, student, teacher) -> None:
         raise LinearizeError("student and teacher have different tokenizers or vocabularies")
 
 
-def _passes(c: DistillConfig, have: int, one_pass: int) -> int:
-    """How often a source of ``have`` tokens, shorter than ``--tokens``, must repeat to give
-    them (1 when it is not shorter); ``one_pass`` is what one pass trains on."""
-    if have >= c.tokens or one_pass <= 0:
-        return 1
-    return math.ceil(c.tokens / one_pass)
+def _steps_per_epoch(c: DistillConfig, have: int, per_pass: int, per_step: int) -> int:
+    """Optimizer steps that give ``--tokens`` from a source of ``have`` tokens, ``per_pass``
+    steps a pass: one pass when it holds them, else as many passes as needed, the last one
+    stopping at ``--tokens`` rather than at the source's end."""
+    if have >= c.tokens:
+        return per_pass
+    whole_passes = per_pass * math.ceil(c.tokens / (per_pass * per_step))
+    return min(whole_passes, math.ceil(c.tokens * per_pass / have))
 
 
 def _load_pair(student_dir: str, c: DistillConfig, device: str):
@@ -192,9 +194,7 @@ def _micro_batches(
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(tok)))
     per_epoch = max(1, len(micro) // c.grad_accum)
     have = sum(len(q) for q in seqs) * loop.world
-    steps = per_epoch * _passes(c, have, per_epoch * per_step)
-    if steps > per_epoch:  # the last pass stops at --tokens, not at the source's end
-        steps = min(steps, math.ceil(c.tokens * per_epoch / have))
+    steps = _steps_per_epoch(c, have, per_epoch, per_step)
     return micro[: per_epoch * c.grad_accum], steps * c.epochs, steps / per_epoch, have
 
 
