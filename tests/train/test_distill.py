@@ -301,6 +301,19 @@ def test_the_last_pass_over_a_short_source_stops_at_tokens(teacher_dir, tmp_path
     assert run["total_steps"] == run["steps"] == 6
 
 
+def test_a_source_of_empty_records_is_one_line(teacher_dir, tmp_path):
+    """Records with no text give no tokens: one line, not a division by zero."""
+    from conftest import cli_run, one_line
+
+    student = _pruned(teacher_dir, tmp_path)
+    src = tmp_path / "blank.jsonl"
+    src.write_text(json.dumps({"text": ""}) + "\n")
+    args = ["--data", src, "--tokens", 256, "--seq-len", 32, "--eval", "", "--eval-ood", ""]
+    res = cli_run("distill", student, *args, "--device", "cpu", "--out", tmp_path / "d")
+    one_line(res, "holds no training tokens", after_work=True)
+    assert not (tmp_path / "d" / "final").exists()
+
+
 def test_an_exception_inside_a_distillation_step_leaves_no_hook(
     teacher_dir, tmp_path, hook_spy, monkeypatch
 ):

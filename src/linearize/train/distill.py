@@ -194,6 +194,8 @@ def _micro_batches(
     micro = list(data.batches(seqs, c.batch_size, data.pad_id_of(tok)))
     per_epoch = max(1, len(micro) // c.grad_accum)
     have = sum(len(q) for q in seqs) * loop.world
+    if have == 0:
+        raise LinearizeError(f"--data {c.data} holds no training tokens")
     steps = _steps_per_epoch(c, have, per_epoch, per_step)
     return micro[: per_epoch * c.grad_accum], steps * c.epochs, steps / per_epoch, have
 
