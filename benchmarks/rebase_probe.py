@@ -24,6 +24,7 @@ import torch
 
 from linearize import data, load
 from linearize.eval.perplexity import perplexity
+from linearize.hooks import hooks
 from linearize.surgery._remote_modeling import BRIDGE
 
 EVALS = ("builtin:eval", "fortunes")
@@ -45,15 +46,13 @@ def norm_ratios(model, j: int, seqs: list[list[int]], w, b) -> list[torch.Tensor
     pairs = readers(model.model.layers, j)
     got: dict[int, list] = {id(n): [] for n, _ in pairs}
 
-    def hook(mod, args):
+    def hook(mod, args, kwargs):
         x = args[0].double().reshape(-1, w.shape[0])
         got[id(mod)].append((x @ w + b).pow(2).mean(-1).sqrt() / x.pow(2).mean(-1).sqrt())
 
-    hooks = [n.register_forward_pre_hook(hook) for n, _ in pairs]
-    for s in seqs:
-        model(torch.tensor([s]))
-    for h in hooks:
-        h.remove()
+    with hooks(pre=[(n, hook) for n, _ in pairs]):
+        for s in seqs:
+            model(torch.tensor([s]))
     return [torch.cat(got[id(n)]) for n, _ in pairs]
 
 
