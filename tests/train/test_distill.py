@@ -115,6 +115,7 @@ def test_resume_after_a_kill_gives_the_same_next_loss(teacher_dir, tmp_path):
     "replace, train",
     [
         ("fold", "replacements"),
+        ("fold", "from-cut"),
         ("linear", "lora"),
         ("linear", "replacements+neighbors"),
         ("none", "all"),
@@ -371,7 +372,8 @@ def test_text_sampled_from_the_teacher_joins_the_training_data(teacher_dir, tmp_
 
 
 @pytest.mark.parametrize(
-    "train, start", [("replacements", 1), ("replacements+neighbors", 1), ("all", 0)]
+    "train, start",
+    [("replacements", 1), ("replacements+neighbors", 1), ("from-cut", 1), ("all", 0)],
 )
 def test_the_student_starts_where_it_stops_being_the_teacher(
     teacher_dir, tmp_path, monkeypatch, train, start
@@ -431,3 +433,20 @@ def test_distill_writes_its_healing_curve_in_and_out_of_domain(teacher_dir, tmp_
     assert res["perplexity_after_ood"] == pytest.approx(float(curve[-1][1]))
     html = (tmp_path / "d" / "report.html").read_text()
     assert "Held-out perplexity against training tokens" in html and str(ood) in html
+
+
+def test_from_cut_trains_every_layer_from_the_first_neighbour_on(teacher_dir, tmp_path):
+    from linearize.train.student import select_trainable_
+
+    out = tmp_path / "p"
+    cfg = PruneConfig(strategy="layers", layers=[2], replace="fold", **CAL)
+    prune(str(teacher_dir), cfg, eval_data=None, out=out, device="cpu")  # keeps 0, 1, 3, 4
+    trained = {}
+    for mode in ("replacements+neighbors", "from-cut"):
+        student, _ = load(str(out), device="cpu")
+        select_trainable_(student, mode)
+        _, layers = arch.get_layers(student)
+        trained[mode] = [
+            i for i, layer in enumerate(layers) if any(p.requires_grad for p in layer.parameters())
+        ]
+    assert trained == {"replacements+neighbors": [1, 2], "from-cut": [1, 2, 3]}

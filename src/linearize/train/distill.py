@@ -51,7 +51,7 @@ from linearize.train.loop import Every, Loop, Schedule
 from linearize.train.student import boundaries, select_trainable_, shared_prefix
 from linearize.train.teacher import TeacherCache, teacher_cache, teacher_pass
 
-TRAIN_MODES = ("replacements", "replacements+neighbors", "lora", "all")
+TRAIN_MODES = ("replacements", "replacements+neighbors", "from-cut", "lora", "all")
 HIDDEN_LOSSES = ("mse", "cosine", "both")
 
 
@@ -84,7 +84,8 @@ class DistillConfig(models.Placement):
     temperature: float = option(1.0, "KL temperature")
     train: str = option(
         "replacements+neighbors",
-        "what trains (replacements+neighbors: the maps and the kept layers beside each cut)",
+        "what trains (replacements+neighbors: the maps and the kept layers beside each cut; "
+        "from-cut: every layer from the one before the first cut to the last)",
         choices=TRAIN_MODES,
     )
     lora_rank: int = option(16, "LoRA rank with --train lora")

@@ -69,6 +69,12 @@ def select_trainable_(student: nn.Module, mode: str, lora_rank: int = 16) -> nn.
         for pos in set(before) | set(after):
             for p in layers[pos].parameters():
                 p.requires_grad_(True)
+    if mode == "from-cut" and (before or after):
+        # the gradient reaches the first neighbour through every later layer anyway, so
+        # training them all costs only their weight gradients, not another pass
+        for layer in layers[min(before + after) :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
     if not any(p.requires_grad for p in student.parameters()):
         raise LinearizeError(
             f"--train {mode}: this student has no replacement to train "
