@@ -322,3 +322,20 @@ def test_progress_goes_to_a_log_file_as_plain_lines(tiny_dir, tmp_path):
     phases = [ln for ln in lines if re.match(r"^\[\d+:\d\d\] ", ln)]
     assert any("scoring" in ln for ln in phases) and any("refitting" in ln for ln in phases)
     assert len(phases) < 80 and "\x1b[" not in done.stderr  # no terminal control codes
+
+
+def test_plain_lines_do_not_count_a_changing_number_as_a_new_phase(capsys):
+    """A healing step's loss changes every step (one sequence a step: every ~2 s on
+    SmolLM2); the log still gets a line per phase and at most one every 30 s."""
+    from linearize.cli.progress import PlainLines
+
+    now = [0.0]
+    lines = PlainLines(every=30.0)
+    lines.clock = lambda: now[0]
+    for step in range(1, 101):  # 100 steps, 2 s apart
+        now[0] = 2.0 * step
+        lines(f"[2/4] heal: distilling, loss {1 / step:.4g}", step, 100)
+    lines("[3/4] export", 0, 0)
+    got = capsys.readouterr().err.splitlines()
+    assert len(got) == 1 + 6 + 1 + 1  # first, every 30 s (to 200 s), the end, the next stage
+    assert got[-1].endswith("[3/4] export") and got[-2].endswith("100/100")

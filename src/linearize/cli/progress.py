@@ -3,6 +3,7 @@ a scheduler), nothing before the first unit of work (so an early error stays alo
 
 from __future__ import annotations
 
+import re
 import sys
 from contextlib import contextmanager
 
@@ -66,10 +67,14 @@ def token_progress(total: int | None, enabled: bool, world: int):
         yield lambda n: bar.advance(task(), n * world)
 
 
+_NUMBER = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
 class PlainLines:
     """Progress as plain lines on stderr, for a log file, where a live line never shows: one
     line when a new phase begins, then at most one every ``every`` seconds, and one at its
-    end; each says the time since the start."""
+    end; each says the time since the start. A phase is its text without numbers, so a loss
+    or a layer range that changes with every step does not make each step a phase."""
 
     def __init__(self, every: float = 30.0) -> None:
         import time
@@ -79,12 +84,13 @@ class PlainLines:
         self.phase: str | None = None
 
     def __call__(self, what: str, done: int, total: int, phase: str | None = None) -> None:
-        """``phase`` names what counts as one phase (default: ``what`` itself)."""
+        """``phase`` names what counts as one phase (default: ``what`` without its numbers)."""
         now = self.clock()
-        new, end = (phase or what) != self.phase, bool(total) and done >= total
+        phase = phase or _NUMBER.sub("#", what)
+        new, end = phase != self.phase, bool(total) and done >= total
         if not (new or end or now - self.last >= self.every):
             return
-        self.phase, self.last = phase or what, now
+        self.phase, self.last = phase, now
         count = f" {done}/{total}" if total else ""
         mins, secs = divmod(int(now - self.start), 60)
         typer.echo(f"[{mins:d}:{secs:02d}] {what}{count}", err=True)
