@@ -23,9 +23,9 @@ def teacher_dir(tmp_path_factory, tokenizer):
     return saved_tiny(tmp_path_factory.mktemp("teacher"), tokenizer, num_hidden_layers=5)
 
 
-def _pruned(teacher_dir, tmp_path, replace="linear"):
-    out = tmp_path / f"pruned-{replace}"
-    cfg = PruneConfig(strategy="layers", layers=[2, 3], replace=replace, **CAL)
+def _pruned(teacher_dir, tmp_path, replace="linear", layers=(2, 3)):
+    out = tmp_path / f"pruned-{replace}-{'-'.join(map(str, layers))}"
+    cfg = PruneConfig(strategy="layers", layers=list(layers), replace=replace, **CAL)
     prune(str(teacher_dir), cfg, eval_data=None, out=out, device="cpu")
     return str(out)
 
@@ -438,12 +438,10 @@ def test_distill_writes_its_healing_curve_in_and_out_of_domain(teacher_dir, tmp_
 def test_from_cut_trains_every_layer_from_the_first_neighbour_on(teacher_dir, tmp_path):
     from linearize.train.student import select_trainable_
 
-    out = tmp_path / "p"
-    cfg = PruneConfig(strategy="layers", layers=[2], replace="fold", **CAL)
-    prune(str(teacher_dir), cfg, eval_data=None, out=out, device="cpu")  # keeps 0, 1, 3, 4
+    out = _pruned(teacher_dir, tmp_path, "fold", layers=(2,))  # keeps 0, 1, 3, 4
     trained = {}
     for mode in ("replacements+neighbors", "from-cut"):
-        student, _ = load(str(out), device="cpu")
+        student, _ = load(out, device="cpu")
         select_trainable_(student, mode)
         _, layers = arch.get_layers(student)
         trained[mode] = [
