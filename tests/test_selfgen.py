@@ -56,3 +56,37 @@ def test_a_broken_pool_file_is_sampled_again(broken, tokenizer, tmp_path, monkey
     pool.write_text(broken)
     with torch.no_grad():
         assert selfgen.self_sequences(m, tokenizer, 24, 48, batch_size=2) == first
+
+
+@pytest.mark.parametrize("scale", [0.1, 1.0, 5.0])
+def test_the_nucleus_filter_equals_transformers_top_k_then_top_p(scale):
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(1)
+    scores = torch.randn(16, 5000, generator=g) * scale
+    scores[0, :100] = 3.0  # ties across the top-k border
+    ids = torch.zeros(16, 1, dtype=torch.long)
+    k, p = selfgen.SAMPLING["top_k"], selfgen.SAMPLING["top_p"]
+    theirs = TopPLogitsWarper(p)(ids, TopKLogitsWarper(k)(ids, scores.clone()))
+    ours = selfgen._TopKTopP(k, p)(ids, scores.clone())
+    kept = torch.isfinite(ours)
+    assert torch.equal(kept[1:], torch.isfinite(theirs)[1:])
+    assert torch.equal(ours[kept], scores[kept])
+    # a tie at the border: transformers keeps every tied logit, we keep k of them, all equal
+    assert kept[0].sum() <= torch.isfinite(theirs[0]).sum()
+    assert 0 < kept.sum(-1).min() and kept.sum(-1).max() <= k
+
+
+def test_sampling_draws_what_transformers_generate_draws(tokenizer):
+    """The cheaper filter changes the cost of sampling, not the text."""
+    m = make_tiny("llama", num_hidden_layers=2)
+    ours = selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3)
+    theirs_kw = dict(selfgen.SAMPLING)
+    real = m.generate
+
+    def plain(*args, **kw):
+        kw.pop("logits_processor")
+        return real(*args, **{**kw, **theirs_kw})
+
+    m.generate = plain
+    assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3) == ours

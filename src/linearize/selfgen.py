@@ -5,8 +5,8 @@ on Python documentation alone lose much more on other English than on held-out d
 (benchmarks/RESULTS.md). What a model writes when left to itself covers its own general
 distribution, so mixing it into the calibration text is a data-free way to make the fits
 broader (as LLM-QAT does for quantisation with self-generated data). Each sequence starts from
-one of a fixed list of everyday openings and is sampled (temperature 1, top-p 0.95) to the full
-sequence length, so no sequence stops early. The samples are one pool per model, tokenizer and
+one of a fixed list of everyday openings and is sampled (temperature 1, top-k 50, top-p 0.95) to
+the full sequence length, so no sequence stops early. The samples are one pool per model, tokenizer and
 settings on disk, grown as runs need more: a second run on the same model, or ``distill`` after
 ``prune``, pays only for tokens no earlier run sampled.
 """
@@ -61,7 +61,28 @@ OPENINGS = (
     "Birds migrate",
     "The letter arrived",
 )
-SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 0.95}  # transformers' defaults, written out
+BATCH = 64  # sequences per generate call: on 2 CPU cores, 1.5x the tokens/s of 32
+
+
+class _TopKTopP:
+    """transformers' top-k then top-p (nucleus) filtering, with the same result, but cheaper.
+
+    transformers' nucleus step sorts the whole vocabulary at every token even after top-k has
+    left ``k`` finite logits; on SmolLM2's 49k-token vocabulary that sort was a fifth of the
+    sampling time. The nucleus is found among the ``k`` kept logits alone here."""
+
+    def __init__(self, top_k: int, top_p: float):
+        self.top_k, self.top_p = top_k, top_p
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values, index = scores.topk(min(self.top_k, scores.shape[-1]), dim=-1)
+        probs = values.float().softmax(-1)
+        before = probs.cumsum(-1) - probs  # the mass of the likelier tokens
+        keep = before < self.top_p
+        keep[:, 0] = True
+        out = torch.full_like(scores, -float("inf"))
+        return out.scatter_(-1, index, values.masked_fill(~keep, -float("inf")))
 
 
 Progress = Callable[[str, int, int], None]  # (what, batches done, batches in all)
@@ -112,6 +133,9 @@ def _sample_batch(
         ids[j, width - len(p) :] = torch.tensor(p)
         mask[j, width - len(p) :] = 1
     new = seq_len - width
+    from transformers import LogitsProcessorList
+
+    nucleus = _TopKTopP(SAMPLING["top_k"], SAMPLING["top_p"])
     with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 1_000_003 + index)
         gen = model.generate(
@@ -121,7 +145,10 @@ def _sample_batch(
             max_new_tokens=new,
             min_new_tokens=new,
             pad_token_id=pad,
-            **SAMPLING,
+            temperature=SAMPLING["temperature"],
+            top_k=0,  # both filters are the processor's
+            top_p=None,
+            logits_processor=LogitsProcessorList([nucleus]),
         )
     return [gen[j, width - len(p) :].tolist() for j, p in enumerate(prompts)]
 
@@ -141,7 +168,7 @@ def self_sequences(
     seq_len: int,
     tokens: int,
     seed: int = 0,
-    batch_size: int = 32,
+    batch_size: int = BATCH,
     cache: Path | None = None,
     on_progress: Progress | None = None,
 ) -> list[list[int]]:

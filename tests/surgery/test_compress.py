@@ -199,8 +199,8 @@ def test_each_stage_records_its_own_wall_time(done):
 
 def test_healing_is_evaluated_and_saved_four_times_whatever_the_batch():
     _, d, _ = stage_configs(CompressConfig(), split_overrides([]))
-    assert (d.batch_size, d.tokens, d.eval_every, d.save_every) == (1, 131072, 64, 64)
+    assert (d.batch_size, d.tokens, d.eval_every, d.save_every) == (1, 196608, 96, 96)
     _, d, _ = stage_configs(CompressConfig(), split_overrides(["distill.batch_size=8"]))
-    assert d.eval_every == d.save_every == 8  # 32 steps of 8 x 512
+    assert d.eval_every == d.save_every == 12  # 48 steps of 8 x 512
     _, d, _ = stage_configs(CompressConfig(), split_overrides(["distill.eval_every=5"]))
-    assert (d.eval_every, d.save_every) == (5, 64)  # what the user set stays
+    assert (d.eval_every, d.save_every) == (5, 96)  # what the user set stays

@@ -49,7 +49,7 @@ class CompressConfig:
         "the MLP before it) | none (dropped)",
     )
     heal_tokens: int = option(
-        131072,
+        196608,
         "healing tokens (distill.tokens); 0 skips healing. The default text is half Python "
         "documentation, half sampled from the original (the sample prune already made)",
     )
