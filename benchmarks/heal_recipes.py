@@ -43,6 +43,16 @@ RECIPES: dict[str, dict] = {
     "compress default, lr 1e-3, batch 2": {**COMPRESS, "lr": 1e-3, "batch_size": 2},
     "compress default, lr 2e-3, batch 1": {**COMPRESS, "lr": 2e-3, "batch_size": 1},
     "compress default, lr 5e-4, batch 1": {**COMPRESS, "lr": 5e-4, "batch_size": 1},
+    # compress's recipe (batch 1, lr 2e-3) with one thing changed
+    "all weights, lr 1e-4, batch 1": {**COMPRESS, "train": "all", "lr": 1e-4, "batch_size": 1},
+    "all weights, lr 3e-5, batch 1": {**COMPRESS, "train": "all", "lr": 3e-5, "batch_size": 1},
+    "sampled text only, lr 2e-3, batch 1": {
+        **COMPRESS,
+        "data": "self",
+        "lr": 2e-3,
+        "batch_size": 1,
+    },
+    "KL only, lr 2e-3, batch 1": {**COMPRESS, "w_hidden": 0.0, "lr": 2e-3, "batch_size": 1},
     # every layer from the cut on trains (the gradient passes through them anyway)
     "from the cut, lr 1e-3, batch 1": {
         **COMPRESS,

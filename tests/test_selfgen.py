@@ -44,7 +44,7 @@ def test_a_batch_is_the_same_whatever_came_before(tokenizer):
     selfgen._sample_batch(m, tokenizer, 20, 0, 2, 0)  # other sampling in between
     assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3) == a
     assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 4) != a
-    assert all(0 < len(s) <= 20 for s in a)  # a row ends at 20 tokens with its padding
+    assert [len(s) for s in a] == [20, 20]  # every row full, whatever its opening's length
 
 
 @pytest.mark.parametrize("broken", ["{", '{"a": 1}', "[1, 2]"])
@@ -90,3 +90,15 @@ def test_sampling_draws_what_transformers_generate_draws(tokenizer):
 
     m.generate = plain
     assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3) == ours
+
+
+def test_a_count_of_whole_batches_samples_just_those_batches(tokenizer, tmp_path, monkeypatch):
+    """Rows are full, so 3 batches' worth of tokens is 3 batches, not a fourth for the few
+    tokens that padding would have cost."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    m = make_tiny("llama", num_hidden_layers=2)
+    sampled = []
+    real = selfgen._sample_batch
+    monkeypatch.setattr(selfgen, "_sample_batch", lambda *a: sampled.append(a[-1]) or real(*a))
+    seqs = selfgen.self_sequences(m, tokenizer, 24, 3 * 2 * 24, batch_size=2)
+    assert sampled == [0, 1, 2] and [len(s) for s in seqs] == [24] * 6
