@@ -10,19 +10,25 @@ from conftest import make_tiny
 from linearize import selfgen
 
 
-def test_the_pool_is_shared_between_counts_and_grows_by_the_difference(
-    tokenizer, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
-    m = make_tiny("llama", num_hidden_layers=2)
-    sampled = []
+@pytest.fixture
+def sampled(monkeypatch) -> list[int]:
+    """The indices of the batches sampled from here on, in order."""
+    calls: list[int] = []
     real = selfgen._sample_batch
 
     def counting(*args):
-        sampled.append(args[-1])
+        calls.append(args[-1])
         return real(*args)
 
     monkeypatch.setattr(selfgen, "_sample_batch", counting)
+    return calls
+
+
+def test_the_pool_is_shared_between_counts_and_grows_by_the_difference(
+    tokenizer, tmp_path, monkeypatch, sampled
+):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
+    m = make_tiny("llama", num_hidden_layers=2)
     small = selfgen.self_sequences(m, tokenizer, 24, 100, batch_size=2)
     first = len(sampled)
     assert sum(map(len, small)) == 100 and sampled == list(range(first))
@@ -92,13 +98,12 @@ def test_sampling_draws_what_transformers_generate_draws(tokenizer):
     assert selfgen._sample_batch(m, tokenizer, 20, 0, 2, 3) == ours
 
 
-def test_a_count_of_whole_batches_samples_just_those_batches(tokenizer, tmp_path, monkeypatch):
+def test_a_count_of_whole_batches_samples_just_those_batches(
+    tokenizer, tmp_path, monkeypatch, sampled
+):
     """Rows are full, so 3 batches' worth of tokens is 3 batches, not a fourth for the few
     tokens that padding would have cost."""
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path))
     m = make_tiny("llama", num_hidden_layers=2)
-    sampled = []
-    real = selfgen._sample_batch
-    monkeypatch.setattr(selfgen, "_sample_batch", lambda *a: sampled.append(a[-1]) or real(*a))
     seqs = selfgen.self_sequences(m, tokenizer, 24, 3 * 2 * 24, batch_size=2)
     assert sampled == [0, 1, 2] and [len(s) for s in seqs] == [24] * 6
