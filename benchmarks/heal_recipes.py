@@ -24,10 +24,12 @@ from linearize.eval.perplexity import perplexity
 from linearize.train.distill import DistillConfig, distill
 
 EVALS = {"ppl": "builtin:eval", "ppl_ood": "fortunes", "ppl_ood2": "licenses"}
-# what `linearize compress` healed with until 2026-12-06 (now lr 2e-3: "compress default, lr 2e-3")
+# what `linearize compress` healed with until 2026-12-06 (lr 5e-4; its batch was 8, here --batch-size)
 COMPRESS = {"train": "replacements+neighbors", "lr": 5e-4, "data": "builtin:calib+self"}
+# what it heals with now: one sequence a step at lr 2e-3
+COMPRESS_NOW = {**COMPRESS, "lr": 2e-3, "batch_size": 1}
 RECIPES: dict[str, dict] = {
-    # what `linearize compress` heals with (its distill defaults)
+    # what `linearize compress` healed with until 2026-12-06 (its distill defaults then)
     "compress default": COMPRESS,
     "compress default, sampled text only": {**COMPRESS, "data": "self"},
     "compress default, all weights, lr 5e-5": {**COMPRESS, "train": "all", "lr": 5e-5},
@@ -44,15 +46,10 @@ RECIPES: dict[str, dict] = {
     "compress default, lr 2e-3, batch 1": {**COMPRESS, "lr": 2e-3, "batch_size": 1},
     "compress default, lr 5e-4, batch 1": {**COMPRESS, "lr": 5e-4, "batch_size": 1},
     # compress's recipe (batch 1, lr 2e-3) with one thing changed
-    "all weights, lr 1e-4, batch 1": {**COMPRESS, "train": "all", "lr": 1e-4, "batch_size": 1},
-    "all weights, lr 3e-5, batch 1": {**COMPRESS, "train": "all", "lr": 3e-5, "batch_size": 1},
-    "sampled text only, lr 2e-3, batch 1": {
-        **COMPRESS,
-        "data": "self",
-        "lr": 2e-3,
-        "batch_size": 1,
-    },
-    "KL only, lr 2e-3, batch 1": {**COMPRESS, "w_hidden": 0.0, "lr": 2e-3, "batch_size": 1},
+    "all weights, lr 1e-4, batch 1": {**COMPRESS_NOW, "train": "all", "lr": 1e-4},
+    "all weights, lr 3e-5, batch 1": {**COMPRESS_NOW, "train": "all", "lr": 3e-5},
+    "sampled text only, lr 2e-3, batch 1": {**COMPRESS_NOW, "data": "self"},
+    "KL only, lr 2e-3, batch 1": {**COMPRESS_NOW, "w_hidden": 0.0},
     # every layer from the cut on trains (the gradient passes through them anyway)
     "from the cut, lr 1e-3, batch 1": {
         **COMPRESS,
