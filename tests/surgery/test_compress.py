@@ -161,6 +161,14 @@ def test_bad_input_is_one_line(tiny_gguf, tmp_path):
     assert res.exit_code == 2 and "one model at a time" in res.output
 
 
+def test_torchrun_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Under torchrun every process would cut and export into one directory."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    res = CliRunner().invoke(app, ["compress", "--out", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "not under accelerate launch or torchrun" in res.output
+    assert not (tmp_path / "c").exists()
+
+
 def test_overrides_reach_the_commands_underneath():
     got = split_overrides(["prune.tokens=4096", "distill.lr=1e-3", "bench.repeats=5"])
     assert got == {

@@ -17,6 +17,7 @@ finished stage is never redone. ``prune.KEY=VALUE``, ``distill.KEY=VALUE`` and
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -164,6 +165,13 @@ def compress(
     arguments to resume a killed run."""
     c = config or CompressConfig()
     c.check()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would cut, export and write the same files; only distill shares work
+        raise LinearizeError(
+            "compress runs as one process, not under accelerate launch or torchrun: run its "
+            "stages apart (linearize prune, accelerate launch -m linearize.cli distill, "
+            "linearize export)"
+        )
     out = claim_output(Path(out))
     configs = stage_configs(c, split_overrides(overrides or []))
     hf_config = models.load_config(model)
