@@ -272,7 +272,10 @@ def test_every_config_field_is_an_option_with_its_default(command, config):
         assert params[f.name].rich_help_panel == f.metadata.get("panel")
 
 
-def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
+def test_distill_command_passes_every_option_on(tiny_dir, tmp_path, monkeypatch):
+    """... and shows the text it samples from the teacher before the first step (plain
+    lines here: stderr is not a terminal)."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
     pruned = tmp_path / "p"
     cli_run(
         "prune",
@@ -281,6 +284,8 @@ def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
         "layers",
         "--layers",
         "1",
+        "--calib",  # so the teacher's text is first sampled by distill
+        "builtin:calib",
         "--tokens",
         256,
         "--seq-len",
@@ -305,10 +310,13 @@ def test_distill_command_passes_every_option_on(tiny_dir, tmp_path):
         0.25,
         "--max-grad-norm",
         0.5,
+        "--data",
+        "builtin:calib+self",
         "--out",
         tmp_path / "d",
     )
     assert res.exit_code == 0, res.output
+    assert re.search(r"^\[\d+:\d\d\] sampling text from the model \d+/\d+$", res.stderr, re.M)
     cfg = json.loads((tmp_path / "d" / "distill.json").read_text())["config"]
     assert cfg["weight_decay"] == 0.25 and cfg["max_grad_norm"] == 0.5 and cfg["eval_data"] == ""
     assert cfg["tokens"] == 256 and cfg["teacher"] is None

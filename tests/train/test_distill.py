@@ -358,14 +358,23 @@ def test_text_sampled_from_the_teacher_joins_the_training_data(teacher_dir, tmp_
     monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
     student = _pruned(teacher_dir, tmp_path)
     cfg = _cfg(data="builtin:calib+self", eval_data="", tokens=32 * 2 * 4)
+    shown = []
     with pytest.warns(UserWarning, match="sampling 128 calibration tokens"):
-        first = distill(student, cfg, tmp_path / "a", device="cpu")
+        first = distill(
+            student, cfg, tmp_path / "a", device="cpu", on_progress=lambda *a: shown.append(a)
+        )
     assert first["steps"] == first["total_steps"] >= 4
+    assert shown and {w for w, _, _ in shown} == {"sampling text from the model"}
+    assert shown[-1][1] == shown[-1][2] > 0  # the sampling is shown to its end
+    shown.clear()
     assert len(list((tmp_path / "cache" / "self-text").glob("*.json"))) == 2  # prune's, ours
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        second = distill(student, cfg, tmp_path / "b", device="cpu")
+        second = distill(
+            student, cfg, tmp_path / "b", device="cpu", on_progress=lambda *a: shown.append(a)
+        )
     assert not [w for w in seen if "sampling" in str(w.message)]  # read back, not resampled
+    assert not shown  # so nothing to show
     assert second["steps"] == first["steps"]
     with pytest.raises(LinearizeError, match="empty part"):
         distill(student, _cfg(data="builtin:calib+"), tmp_path / "c", device="cpu")

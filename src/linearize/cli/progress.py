@@ -134,10 +134,11 @@ def phase_progress(enabled: bool):
 @contextmanager
 def step_progress():
     """A rich progress line on stderr showing the step and the latest losses (from the first
-    step on: an error found before it prints only its line)."""
+    step on: an error found before it prints only its line). Yields ``(on_step, on_progress)``:
+    ``on_progress`` shows the work before the first step (text sampled from the teacher)."""
     if not sys.stderr.isatty():  # a log file: plain lines, now and then
         lines = PlainLines()
-        yield lambda row: lines(f"step {row['step']}: {_losses(row)}", 0, 0, "steps")
+        yield (lambda row: lines(f"step {row['step']}: {_losses(row)}", 0, 0, "steps")), lines
         return
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -153,7 +154,11 @@ def step_progress():
         def on_step(row: dict) -> None:
             bar.update(task(), description=f"step {row['step']}: {_losses(row)}")
 
-        yield on_step
+        def on_progress(what: str, done: int, total: int) -> None:
+            count = f" {done}/{total}" if total else ""
+            bar.update(task(), description=f"{what}{count}")
+
+        yield on_step, on_progress
 
 
 def _losses(row: dict) -> str:

@@ -36,9 +36,15 @@ def distill_command(
         timing = (lambda p: 3 * config.tokens * config.epochs, config.batch_size, config.seq_len)
         typer.echo(plan.planned("distill", student, build, "float32", device, timing).text())
         return
-    with step_progress() as on_step:
+    with step_progress() as (on_step, on_progress):
         res = distill.distill(
-            student, config, out=out, resume=resume, device=device, on_step=on_step
+            student,
+            config,
+            out=out,
+            resume=resume,
+            device=device,
+            on_step=on_step,
+            on_progress=on_progress,
         )
     typer.echo(
         f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
@@ -61,7 +67,7 @@ def pretrain_command(
     (or YAML file) of --config; extra KEY=VALUE arguments override any field
     (model.hidden_size=256 lr=1e-3 ...)."""
     cfg = pretrain.load_config(config, list(ctx.args), **(given or {}))
-    with step_progress() as on_step:
+    with step_progress() as (on_step, _):
         res = pretrain.pretrain(cfg, out=out, resume=resume, device=device, on_step=on_step)
     last = res["final"] or {}
     typer.echo(

@@ -120,6 +120,7 @@ def heal(run: Run, device: str, on_progress: Progress, say: Say) -> None:
             resume=latest_checkpoint(work) is not None,
             device=device,
             on_step=on_step,
+            on_progress=on_progress,
         )
     if not moved:
         move_dir(final, dst)

@@ -43,7 +43,7 @@ from linearize.errors import LinearizeError
 from linearize.eval.perplexity import held_out_perplexities
 from linearize.hooks import record
 from linearize.report import render
-from linearize.selfgen import calibration_sequences
+from linearize.selfgen import Progress, calibration_sequences
 from linearize.surgery.replace import save
 from linearize.surgery.restart import starting_at
 from linearize.train.distill_losses import distill_loss
@@ -178,13 +178,18 @@ def _load_pair(student_dir: str, c: DistillConfig, device: str):
 
 
 def _micro_batches(
-    c: DistillConfig, tok, loop: Loop, per_step: int, teacher: nn.Module
+    c: DistillConfig,
+    tok,
+    loop: Loop,
+    per_step: int,
+    teacher: nn.Module,
+    on_progress: Progress | None = None,
 ) -> tuple[list[dict[str, Tensor]], int, float, int]:
     """This process's micro-batches of one pass over ``--data``, the optimizer steps of the
     whole run, how often the source repeats to give ``--tokens`` (1.5: one pass and a half),
     and the tokens it holds."""
     if data.SELF in data.calib_parts(c.data):  # every process samples the same (seeded) text
-        seqs = calibration_sequences(teacher, tok, c.data, c.seq_len, c.tokens)
+        seqs = calibration_sequences(teacher, tok, c.data, c.seq_len, c.tokens, on_progress)
         seqs = seqs[loop.rank :: loop.world]
     else:
         seqs = list(
@@ -282,8 +287,11 @@ def distill(
     device: str = "auto",
     on_step: Callable[[dict], None] | None = None,
     max_steps: int | None = None,
+    on_progress: Progress | None = None,
 ) -> dict:
     """Distill ``student_dir`` against its teacher; writes ``out/final`` and returns a summary.
+    ``on_progress`` sees the work before the first step (text sampled from the teacher, which
+    takes minutes when the pool on disk lacks it); ``on_step`` sees every step.
 
     ``max_steps`` stops early (after saving a checkpoint), as a kill would; the schedule still
     follows ``config.tokens``.
@@ -304,7 +312,8 @@ def distill(
     set_seed(c.seed)
     trainable = select_trainable_(student, c.train, c.lora_rank)
     offload.resident_trainable_(student)  # an optimizer steps weights that stay put
-    micro, total_steps, passes, have = _micro_batches(c, tok, loop, per_step, teacher)
+    sampling = on_progress if loop.is_main else None
+    micro, total_steps, passes, have = _micro_batches(c, tok, loop, per_step, teacher, sampling)
     cache = teacher_cache(c, loop.acc, teacher, name, pairs, passes)
     if passes > 1 and loop.is_main:
         _say_repeats(c, have, passes, total_steps, cache)
