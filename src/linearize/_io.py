@@ -15,7 +15,9 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,9 +77,10 @@ def atomic_dir(path: Path, write: Callable[[Path], None], overwrite: bool = True
     """Build a directory with ``write(tmp)`` in a temporary sibling, then rename it into place,
     so readers see the old directory or the complete new one, never a half-written one.
 
-    With ``overwrite`` False an existing ``path`` wins: another process got there first.
+    With ``overwrite`` False an existing ``path`` wins: another process got there first. A
+    ``path`` that is a symbolic link is written through: its target is replaced, the link stays.
     """
-    path = Path(path).absolute()
+    path = real_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{path.name}-", dir=path.parent))
     try:
@@ -104,6 +107,32 @@ def _swap_in(tmp: Path, path: Path) -> None:
     os.replace(path, old / "d")
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def safetensors_complete(path: Path) -> bool:
+    """Whether the safetensors file at ``path`` holds all the bytes its header promises: a
+    file cut short (a full disk, a killed copy) is found without reading its tensors."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                return False
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False
+    return size == 8 + n + max(ends, default=0)
+
+
+def discard_damaged(path: Path, why: str) -> None:
+    """Remove a damaged cache entry (a file or a directory), with one warning line: caches are
+    rebuilt, never trusted when they do not read."""
+    warnings.warn(f"the cached {path} is damaged ({why}): discarded and made again", stacklevel=3)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _strict(obj: Any, where: str, undefined: list[str]) -> Any:
@@ -201,12 +230,35 @@ def _remove_empty(dirs: list[Path]) -> None:
             return
 
 
-def _lock(out: Path) -> tuple[Path, int]:
-    """An flock on ``.<name>.lock`` beside ``out``: the kernel drops it when a run dies, so a
-    crash never leaves the directory locked."""
-    lock = out.parent / f".{out.name}.lock"
+def real_path(path: str | Path) -> Path:
+    """``path`` absolute, ``~`` expanded and symbolic links resolved: where a write lands."""
+    return Path(os.path.realpath(Path(path).expanduser()))
+
+
+def _open_lock(lock: Path) -> int:
+    """Open (or create) the lock file itself, never what a link planted at its name points to."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise LinearizeError(
+                f"'{lock}' is a symbolic link; linearize does not follow links at its lock "
+                "files: remove it"
+            ) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LinearizeError(f"'{lock}' is not a regular file; remove it")
+    return fd
+
+
+def _lock(out: Path, inside: bool = False) -> tuple[Path, int]:
+    """An flock on ``.<name>.lock`` beside ``out`` (``inside``: in it, where its parent cannot
+    be written, as for a mount point): the kernel drops it when a run dies, so a crash never
+    leaves the directory locked."""
+    lock = out / ".linearize.lock" if inside else out.parent / f".{out.name}.lock"
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(lock)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -235,20 +287,62 @@ def _sweep_debris(out: Path, file: bool) -> None:
     if not file:
         found += sorted(out.rglob(f"{TMP_PREFIX}*"), key=lambda p: len(p.parts))
     for p in found:  # outermost first; what an rmtree already took is gone
-        if p.is_dir():
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
 
 
-def claim_output(out: str | Path, file: bool = False) -> Path:
+Models = str | Path | None | list[str | Path | None]
+
+
+def _refuse_model_dir(out: Path, models: Models, whole: bool) -> None:
+    """``out`` may not be an input model's directory or lie inside it (a checkpoint written
+    there overwrites the model it was made from); with ``whole`` (``out`` is replaced as one
+    directory) a model may not lie inside ``out`` either."""
+    for model in models if isinstance(models, list) else [models]:
+        if model is None or not str(model) or not Path(model).expanduser().is_dir():
+            continue
+        src = real_path(model)
+        if out == src or src in out.parents or (whole and out in src.parents):
+            raise LinearizeError(
+                f"--out '{out}' {'is' if out == src else 'overlaps'} the input model's "
+                f"directory '{src}': choose an --out outside it (linearize never writes into "
+                "its input)"
+            )
+
+
+def _refuse_foreign(out: Path, marker: str) -> None:
+    """A directory that will be replaced whole must be empty, or one this command wrote
+    (``marker`` in it): never delete what linearize did not write."""
+    if not out.is_dir() or (out / marker).is_file():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(TMP_PREFIX))
+    foreign = [n for n in foreign if n != ".linearize.lock"]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", …" if len(foreign) > 3 else "")
+        raise LinearizeError(
+            f"--out '{out}' holds files that linearize did not write ({shown}) and this "
+            f"command replaces its --out whole: choose a new or empty directory"
+        )
+
+
+def claim_output(
+    out: str | Path,
+    file: bool = False,
+    model: Models = None,
+    replaces: str | None = None,
+) -> Path:
     """Before any work: prove ``out`` can be written and lock it for this run (re-entrant).
     ``file``: ``out`` is one file (its directory is probed, the file itself is locked).
+    ``model``: the input model (or models), which ``out`` may not overlap. ``replaces``: ``out`` will be
+    replaced whole, so it must be new, empty or hold this file (the record of an earlier run).
+    A symbolic link at ``out`` is written through. Returns ``out``, resolved.
 
     Released by :func:`releases_output` around the public function that claimed it, or by the
     kernel when the process dies. In a distributed run only rank 0 writes and claims.
     """
-    out = Path(out).expanduser().absolute()
+    out = real_path(out)
     if int(os.environ.get("RANK", "0")) != 0:
         return out
     if out in _claims:
@@ -256,9 +350,12 @@ def claim_output(out: str | Path, file: bool = False) -> Path:
         return out
     if file and out.is_dir():
         raise LinearizeError(f"cannot write to '{out}': it is a directory")
+    _refuse_model_dir(out, model, whole=replaces is not None)
+    if replaces is not None:
+        _refuse_foreign(out, replaces)
     created = _probe(out.parent if file else out)
     try:
-        lock, fd = _lock(out)
+        lock, fd = _lock_somewhere(out, inside_ok=not file and replaces is None)
     except LinearizeError:
         _remove_empty(created)
         raise
@@ -277,6 +374,25 @@ def _release(out: Path, failed: bool) -> None:
     os.close(claim.fd)
     if failed:  # a run that wrote nothing leaves nothing, not even the directory
         _remove_empty(claim.created)
+
+
+def _lock_somewhere(out: Path, inside_ok: bool) -> tuple[Path, int]:
+    """The lock beside ``out``; where its parent cannot be written (``out`` a mount point in a
+    read-only directory), inside ``out`` if the command writes only into it, else one line."""
+    try:
+        return _lock(out)
+    except OSError as e:
+        if inside_ok and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            try:
+                return _lock(out, inside=True)
+            except OSError as e2:
+                e = e2
+        msg = (
+            f"cannot write to '{out}': cannot create its lock in '{out.parent}' ({e.strerror or e})"
+        )
+        if not inside_ok:
+            msg += "; this command builds its output beside it: choose a directory inside it"
+        raise LinearizeError(msg) from None
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -170,7 +170,7 @@ def analyze(
     a LinearizeError before any work and before anything is written."""
     out_dir = Path(out) if out is not None else default_out_dir(model)
     if save:
-        claim_output(out_dir)
+        claim_output(out_dir, model=model)
     place = models.Placement(device_map=device_map, max_memory=max_memory, offload_dir=offload_dir)
     _check_request(data_source, tokens, seq_len, massive, place)
     lm, tok = models.load(model, dtype, device, device_map, offload=place.offload())

@@ -246,7 +246,7 @@ def bench(
     if labels is not None and len(labels) != len(models):
         raise LinearizeError(f"{len(labels)} labels for {len(models)} models")
     out_dir = Path(out) if out is not None else Path("linearize-out/bench")
-    claim_output(out_dir)
+    claim_output(out_dir, model=list(models))
     data.resolve_source(c.text)
     entries = []
     for i, name in enumerate(models):

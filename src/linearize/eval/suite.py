@@ -114,7 +114,7 @@ def evaluate_model(
     c = config
     c.check()
     out = Path(out)
-    claim_output(out)
+    claim_output(out, model=name)
     # cheap checks first, so a bad file fails before minutes of work
     probe_tasks = [probe.load_task(p, c.probe_limit) for p in c.probe]
     prompts = judge.load_prompts(c.judge, c.judge_limit) if c.judge else []

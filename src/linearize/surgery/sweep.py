@@ -95,7 +95,7 @@ def sweep(
     text) and ``ood_data``, English of another kind ("default": ``data.default_ood()``), so
     that a method that only fits its calibration domain shows it."""
     out = Path(out)
-    claim_output(out)
+    claim_output(out, model=model)
     hf_config = models.load_config(model)
     strategies, replacements, ks = _grid(hf_config, base, strategies, replacements, ks)
     data.calib_parts(base.calib)

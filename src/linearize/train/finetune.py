@@ -127,7 +127,7 @@ def finetune(
     c = config or FinetuneConfig()
     c.check()
     out = Path(out)
-    claim_output(out)
+    claim_output(out, model=model_name)
     task = load_task(task_file, c.limit)
     n_classes = max(y for _, y in task.train + task.test) + 1
     if n_classes < 2:

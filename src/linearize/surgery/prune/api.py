@@ -12,6 +12,7 @@ from torch import nn
 from linearize import arch, data, models, plan
 from linearize._io import atomic_dir, claim_output, releases_output, write_json
 from linearize._version import __version__
+from linearize.errors import memory_errors
 from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import render
 from linearize.surgery.prune.config import Progress, PruneConfig, PruneResult, no_progress
@@ -55,21 +56,22 @@ def prune(
     """
     c = config or PruneConfig()
     out_dir = Path(out) if out is not None else Path("linearize-out") / "pruned"
-    claim_output(out_dir)
+    claim_output(out_dir, model=model, replaces="prune.json")
     hf_config = models.load_config(model)
     n = getattr(hf_config, arch.n_layers_key(hf_config))
     c.check(n, hf_config)
     data.calib_parts(c.calib)
     ood_data = data.eval_sources(eval_data, ood_data)
     _refuse_what_does_not_fit(hf_config, model, c, eval_tokens, dtype, device, out_dir)
-    lm, tok = models.load(model, dtype, device, c.device_map, savable=True, offload=c.offload())
-    placement = models.placement_of(lm)  # as loaded, before any layer goes
-    held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
-    on_progress("held-out perplexity, before", 0, 0)
-    before = held_out("before")
-    res = prune_model_(lm, tok, c, on_step, on_progress)
-    on_progress("held-out perplexity, after", 0, 0)
-    after = held_out("after")
+    with memory_errors(_LESS_MEMORY):
+        lm, tok = models.load(model, dtype, device, c.device_map, savable=True, offload=c.offload())
+        placement = models.placement_of(lm)  # as loaded, before any layer goes
+        held_out = _HeldOut(lm, tok, eval_data, ood_data, c.seq_len, eval_tokens, c.batch_size)
+        on_progress("held-out perplexity, before", 0, 0)
+        before = held_out("before")
+        res = prune_model_(lm, tok, c, on_step, on_progress)
+        on_progress("held-out perplexity, after", 0, 0)
+        after = held_out("after")
     record = {
         "base_model": model or models.EMBEDDED_NAME,
         "original_layers": n,
@@ -90,6 +92,12 @@ def prune(
     atomic_dir(out_dir, write)
     render(Path(out_dir) / "prune.json")  # in place: the page names the directory it is in
     return report
+
+
+_LESS_MEMORY = (
+    "lower --cache-gb (more of the stored states go to disk), --tokens or --batch-size, or "
+    "load the model with --dtype bfloat16"
+)
 
 
 def _refuse_what_does_not_fit(hf_config, model, c, eval_tokens, dtype, device, out_dir) -> None:
