@@ -215,24 +215,55 @@ def test_boundary_store_spills_and_reads_back(tmp_path):
 
 
 def test_spilling_removes_the_states_of_runs_that_were_killed(tmp_path):
-    """A run killed outright leaves its spill directory; the next run that spills removes it,
-    and leaves those of runs still alive (here, this one) alone."""
+    """A run killed outright leaves its spill directory (its lock file, held by nobody); the
+    next run that spills removes it. A live run's directory stays, even when its pid means
+    nothing here (a run in another PID namespace: a container, another machine on a shared
+    disk): what tells live from dead is the flock its owner holds, not the pid."""
+    import fcntl
     import subprocess
     import sys
 
     child = [sys.executable, "-c", "import os; print(os.getpid())"]
     dead = subprocess.run(child, text=True, capture_output=True, check=True).stdout.strip()
     orphan = tmp_path / f"linearize-states-{dead}-x1"
-    live = tmp_path / f"linearize-states-{os.getpid()}-x2"
-    for d in (orphan, live):
+    elsewhere = tmp_path / f"linearize-states-{dead}-x2"  # same dead-looking pid, but alive
+    legacy = tmp_path / f"linearize-states-{dead}-x3"  # no lock file: not ours to judge
+    for d in (orphan, elsewhere, legacy):
         d.mkdir()
         (d / "o_1_0.safetensors").write_bytes(b"states")
-    store = BoundaryStore(ram_bytes=0, spill_dir=tmp_path)
-    store.put(("a", 0), torch.ones(4))
-    assert not orphan.exists() and live.exists()
-    assert len(list(tmp_path.glob(f"linearize-states-{os.getpid()}-*"))) == 2  # with its own
-    store.close()
-    assert [p.name for p in tmp_path.iterdir()] == [live.name]
+    (orphan / ".lock").touch()
+    holder = subprocess.Popen(  # another process holds elsewhere's lock, as its live run would
+        [
+            sys.executable,
+            "-c",
+            "import fcntl,sys,time; f=open(sys.argv[1],'w'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(elsewhere / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        store = BoundaryStore(ram_bytes=0, spill_dir=tmp_path)
+        store.put(("a", 0), torch.ones(4))
+        assert not orphan.exists() and elsewhere.exists() and legacy.exists()
+        own = [p for p in tmp_path.glob(f"linearize-states-{os.getpid()}-*")]
+        assert len(own) == 1
+        # the store's own directory is held for as long as it lives
+        fd = os.open(own[0] / ".lock", os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.close(fd)
+        store.close()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [elsewhere.name, legacy.name]
+    finally:
+        holder.kill()
+        holder.wait()
+    later = BoundaryStore(ram_bytes=0, spill_dir=tmp_path)
+    later.put(("a", 0), torch.ones(4))
+    assert not elsewhere.exists()  # its run gone, the next spill removes it
+    later.close()
 
 
 def test_fortunes_source_is_prose_not_code():

@@ -14,6 +14,7 @@ have done.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -31,24 +32,45 @@ from linearize.hooks import StopForward, eval_mode, hooks, layer_input, layer_ou
 SPILL_PREFIX = "linearize-states-"
 
 
+_SPILL_LOCK = ".lock"  # flocked by the run that owns the directory, for as long as it lives
+
+
+def _owner_alive(d: Path) -> bool:
+    """Whether a run still owns the spill directory ``d``: its lock file is flocked. The
+    kernel drops the lock when the run dies however it dies, and sees it from every PID
+    namespace (another container, a shared disk's other client), where a pid would not tell.
+    A directory without a lock file (a run just starting, or an older linearize) is left."""
+    try:
+        fd = os.open(d / _SPILL_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def remove_orphans(root: Path) -> list[Path]:
-    """Delete the spill directories under ``root`` whose run is gone (its pid, in the name, is
-    no longer alive): a run killed outright (SIGKILL, the OOM killer) cannot clean up after
-    itself, and its states can be gigabytes. A pid that is alive, or not ours to signal, is
-    left alone. Returns what was removed."""
+    """Delete the spill directories under ``root`` whose run is gone (nothing holds their
+    lock): a run killed outright (SIGKILL, the OOM killer) cannot clean up after itself, and
+    its states can be gigabytes. Returns what was removed."""
     gone = []
     for d in root.glob(f"{SPILL_PREFIX}*-*"):
-        pid = d.name[len(SPILL_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
+        if d.is_dir() and not d.is_symlink() and not _owner_alive(d):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
-        except OSError:  # alive, under another user
-            pass
     return gone
+
+
+def _own_spill_dir(root: Path) -> tuple[Path, int]:
+    """A new spill directory under ``root``, locked by this run until :meth:`close`."""
+    d = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=root))
+    fd = os.open(d / _SPILL_LOCK, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return d, fd
 
 
 class BoundaryStore:
@@ -58,6 +80,7 @@ class BoundaryStore:
         self.ram_bytes = ram_bytes
         self._spill_root = Path(spill_dir) if spill_dir is not None else None
         self._spill: Path | None = None
+        self._spill_fd: int | None = None  # the flock that says this run owns _spill
         self._ram: dict[tuple, Tensor] = {}
         self._disk: dict[tuple, Path] = {}
         self._disk_size: dict[tuple, int] = {}
@@ -82,7 +105,7 @@ class BoundaryStore:
         if self._spill is None:
             root = Path(self._spill_root or tempfile.gettempdir())
             remove_orphans(root)
-            self._spill = Path(tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{os.getpid()}-", dir=root))
+            self._spill, self._spill_fd = _own_spill_dir(root)
         path = self._spill / ("_".join(map(str, key)) + ".safetensors")
         with space_errors(path):  # the cache's own spill: say so in one line, not a traceback
             save_file({"h": t.contiguous().cpu()}, str(path))
@@ -120,6 +143,9 @@ class BoundaryStore:
         if self._spill is not None:
             shutil.rmtree(self._spill, ignore_errors=True)
             self._spill = None
+        if self._spill_fd is not None:
+            os.close(self._spill_fd)
+            self._spill_fd = None
 
 
 def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
