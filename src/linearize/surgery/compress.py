@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from linearize.surgery.compress_stages import Run
 from linearize.surgery.export import OUTTYPES
 from linearize.surgery.prune import PruneConfig, no_progress
 from linearize.train.distill import DistillConfig
+from linearize.train.loop import step_tokens
 
 STAGES = tuple(stages.STEPS)  # prune, heal, export, measure: in this order
 GROUPS = ("prune", "distill", "bench")  # what KEY=VALUE overrides can name
@@ -119,7 +121,9 @@ def stage_configs(
         if key not in overrides["distill"]:
             setattr(d, key, max(1, math.ceil(steps / 4)))
     apply_overrides(b, overrides["bench"], "bench.")
-    d.check()
+    d.check()  # every stage's settings, before any stage runs: a bad one must not cost a cut
+    if c.heal_tokens:
+        step_tokens(d.tokens, d.seq_len, d.batch_size, d.grad_accum, 1)
     b.check()
     return p, d, b
 
@@ -134,18 +138,32 @@ def _settings(model: str | None, c: CompressConfig, p, d, b) -> dict:
     }
 
 
+# the stage whose work each group of settings shapes; the others ("model", "compress") shape all
+_STAGE_OF = {"prune": "prune", "distill": "heal", "bench": "measure"}
+
+
 def _open_run(out: Path, model: str | None, c: CompressConfig, configs: tuple) -> Run:
     """The run in ``out``: a new one, or the earlier one with the same settings (resumed). A
-    directory holding a run with other settings is refused, never mixed."""
+    directory holding a run with other settings is refused, never mixed; settings of stages
+    that have not finished may change (a corrected command keeps the cut it already made), and
+    a stage whose settings changed starts over."""
     settings = _settings(model, c, *configs)
     record = previous_json(out / "compress.json")
     if record and record.get("settings") != settings:
         old = record.get("settings") or {}
         diff = sorted(k for k in settings if old.get(k) != settings[k])
-        raise LinearizeError(
-            f"'{out}' holds a compress run with other settings ({', '.join(diff) or '?'}); "
-            "use another --out, or delete it to start over"
-        )
+        stages_done = record.get("stages") or {}
+        if not diff or any(
+            stages_done.get(_STAGE_OF.get(k, "prune"), {}).get("status") == "done" for k in diff
+        ):
+            raise LinearizeError(
+                f"'{out}' holds a compress run with other settings ({', '.join(diff) or '?'}); "
+                "use another --out, or delete it to start over"
+            )
+        record["settings"] = settings
+        if "distill" in diff:  # checkpoints and a model healed with other settings go
+            shutil.rmtree(out / "heal", ignore_errors=True)
+            shutil.rmtree(stages.model_dir(out), ignore_errors=True)
     if not record:
         record = {"settings": settings, "version": __version__, "stages": {}}
     return Run(out, model, c, *configs, record)
@@ -172,7 +190,7 @@ def compress(
             "stages apart (linearize prune, accelerate launch -m linearize.cli distill, "
             "linearize export)"
         )
-    out = claim_output(Path(out))
+    out = claim_output(Path(out), model=model)
     configs = stage_configs(c, split_overrides(overrides or []))
     hf_config = models.load_config(model)
     configs[0].check(getattr(hf_config, arch.n_layers_key(hf_config)), hf_config)

@@ -105,27 +105,29 @@ def heal(run: Run, device: str, on_progress: Progress, say: Say) -> None:
         _copy_dir(run.out / "pruned", dst)
         run.finish("heal", started, skipped="--heal-tokens 0")
         return
-    moved = (dst / "config.json").is_file() and (work / "distill.json").is_file()
-    if not moved and not (final / "config.json").is_file():
-        total = run.distill.tokens * run.distill.epochs
+    # the healed checkpoint carries its own record (config.linearize.distill): whichever of
+    # out/heal/final, out/model, heal/distill.json a kill left, the checkpoint alone says
+    # whether the healing ended; the optimiser states go only once out/model is in place
+    if not (dst / "config.json").is_file():
+        if not (final / "config.json").is_file():
+            total = run.distill.tokens * run.distill.epochs
 
-        def on_step(row: dict) -> None:
-            done = min(int(row["tokens"]), total)
-            on_progress(f"distilling, loss {row['loss']:.4g}", done, total)
+            def on_step(row: dict) -> None:
+                done = min(int(row["tokens"]), total)
+                on_progress(f"distilling, loss {row['loss']:.4g}", done, total)
 
-        distill(
-            str(run.out / "pruned"),
-            copy.deepcopy(run.distill),
-            work,
-            resume=latest_checkpoint(work) is not None,
-            device=device,
-            on_step=on_step,
-            on_progress=on_progress,
-        )
-    if not moved:
+            distill(
+                str(run.out / "pruned"),
+                copy.deepcopy(run.distill),
+                work,
+                resume=latest_checkpoint(work) is not None,
+                device=device,
+                on_step=on_step,
+                on_progress=on_progress,
+            )
         move_dir(final, dst)
-    shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    summary = read_json(work / "distill.json")
+    summary = (read_json(dst / "config.json").get("linearize") or {}).get("distill") or {}
+    shutil.rmtree(work / "checkpoints", ignore_errors=True)  # out/model holds the result now
     keep = ("steps", "tokens_seen", "perplexity_before", "perplexity_after")
     run.finish("heal", started, **{k: summary.get(k) for k in keep})
 

@@ -122,7 +122,8 @@ class DistillConfig(models.Placement):
             raise LinearizeError(
                 f"unknown --teacher-dtype '{self.teacher_dtype}' (float32, bfloat16, float16)"
             )
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_every", "save_every", "epochs"):
+        names = ("tokens", "eval_tokens", "seq_len", "batch_size", "grad_accum", "eval_every")
+        for name in (*names, "save_every", "epochs"):
             if getattr(self, name) < 1:
                 raise LinearizeError(f"--{name.replace('_', '-')} must be at least 1")
         if (
@@ -301,7 +302,7 @@ def distill(
     c = config or DistillConfig()
     c.check()
     out = Path(out)
-    claim_output(out)
+    claim_output(out, model=[student_dir, c.teacher])
     data.calib_parts(c.data)
     if c.eval_data:  # both held-out sources are checked before anything loads
         data.eval_sources(c.eval_data, c.eval_ood)
@@ -363,7 +364,8 @@ def _save_final(loop: Loop, c: DistillConfig, tok, summary: dict) -> None:
         rec["distill"] = summary
         save(final, tok, tmp, rec)
 
+    if loop.is_main:  # the record first: out/final in place means the run has ended
+        write_json(loop.out / "distill.json", {**summary, "rows": loop.rows})
     loop.save_final(write)
     if loop.is_main:
-        write_json(loop.out / "distill.json", {**summary, "rows": loop.rows})
         render(loop.out / "distill.json")
