@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from linearize import offload
-from linearize._io import TMP_PREFIX, atomic_dir, write_json, write_text
+from linearize._io import TMP_PREFIX, atomic_dir, space_errors, write_json, write_text
 from linearize._version import __version__
-from linearize.errors import LinearizeError
+from linearize.errors import LinearizeError, first_line
 from linearize.hooks import eval_mode
 
 
@@ -82,14 +83,8 @@ class Loop:
     def tokens_per_step(self, seq_len: int, batch_size: int, tokens: int) -> int:
         """Tokens of one optimizer step over all processes, remembered for the metrics and the
         summary; a budget under one step is an error."""
-        per_step = seq_len * batch_size * self.grad_accum * self.world
-        if tokens < per_step:
-            raise LinearizeError(
-                f"--tokens {tokens} is less than one optimizer step "
-                f"({batch_size}×{seq_len}×{self.grad_accum}×{self.world} = {per_step} tokens)"
-            )
-        self.step_tokens = per_step
-        return per_step
+        self.step_tokens = step_tokens(tokens, seq_len, batch_size, self.grad_accum, self.world)
+        return self.step_tokens
 
     @property
     def is_main(self) -> bool:
@@ -206,6 +201,18 @@ class Loop:
             atomic_dir(self.out / "final", write)
 
 
+def step_tokens(tokens: int, seq_len: int, batch_size: int, grad_accum: int, world: int) -> int:
+    """Tokens of one optimizer step; a budget of ``tokens`` under one step is an error (checked
+    before any work where the settings are known, as compress does for its heal stage)."""
+    per_step = seq_len * batch_size * grad_accum * world
+    if tokens < per_step:
+        raise LinearizeError(
+            f"--tokens {tokens} is less than one optimizer step "
+            f"({batch_size}×{seq_len}×{grad_accum}×{world} = {per_step} tokens)"
+        )
+    return per_step
+
+
 def check_finite_loss(logs: dict[str, float], step: int) -> None:
     """Stop a diverged run with one line before it can save NaN weights (earlier checkpoints
     stay as they are, so ``--resume`` restarts from the last good one)."""
@@ -218,9 +225,15 @@ def check_finite_loss(logs: dict[str, float], step: int) -> None:
         )
 
 
+def checkpoints(out: Path) -> list[Path]:
+    """The complete ``out/checkpoints/step-N``, oldest first (temporary ones are dot-prefixed)."""
+    found = [p for p in Path(out).glob("checkpoints/step-*") if p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def latest_checkpoint(out: Path) -> Path | None:
-    """The newest complete ``out/checkpoints/step-N`` (temporary ones are dot-prefixed)."""
-    found = sorted(Path(out).glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    """The newest complete ``out/checkpoints/step-N``."""
+    found = checkpoints(out)
     return found[-1] if found else None
 
 
@@ -233,13 +246,62 @@ def _drop_offloaded(models: list, weights: list[dict], output_dir: str) -> None:
 
 
 def resume_step(acc, out: Path, strict: bool = True) -> int:
-    """Load the newest checkpoint's accelerate state; returns its step (0 when there is none).
-    ``strict`` False: the checkpoint may lack the weights an offloaded model never changes."""
-    ckpt = latest_checkpoint(out)
-    if ckpt is None:
-        return 0
-    acc.load_state(str(ckpt / "state"), strict=strict)
-    return int(json.loads((ckpt / "trainer.json").read_text())["step"])
+    """Load the newest checkpoint's accelerate state that reads; returns its step (0 when there
+    is none). A checkpoint damaged on disk (a file cut short by a full disk, a bad copy) is
+    skipped with a warning for the one before it; if none reads, one line names the broken
+    file. ``strict`` False: the checkpoint may lack the weights an offloaded model never
+    changes."""
+    found = checkpoints(out)
+    broken: list[str] = []
+    for ckpt in reversed(found):
+        try:
+            step = int(json.loads((ckpt / "trainer.json").read_text())["step"])
+            acc.load_state(str(ckpt / "state"), strict=strict)
+        except Exception as e:  # safetensors, torch.load, json: each its own kind of error
+            broken.append(f"{_damaged_file(ckpt, e)} ({first_line(e)[:120]})")
+            warnings.warn(f"checkpoint {ckpt} cannot be read: {broken[-1]}", stacklevel=2)
+            continue
+        if broken:
+            warnings.warn(f"resuming from the earlier checkpoint {ckpt}", stacklevel=2)
+        return step
+    if broken:
+        raise LinearizeError(
+            f"no checkpoint in {Path(out) / 'checkpoints'} can be read: {broken[0]}; delete "
+            "the broken checkpoints to start over"
+        )
+    return 0
+
+
+def _damaged_file(ckpt: Path, e: Exception) -> Path:
+    """The file of ``ckpt`` that ``e`` was about: named in the error, else the last one the
+    load would have read (accelerate reads the weights, then the optimizer, then the rest)."""
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file())
+    named = [p for p in files if str(p) in str(e) or p.name in str(e)]
+    if named:
+        return named[0]
+    for name in ("trainer.json", "model.safetensors", "optimizer.bin", "scheduler.bin"):
+        for p in files:
+            if p.name == name and not _loads(p):
+                return p
+    return ckpt
+
+
+def _loads(path: Path) -> bool:
+    """Whether the file at ``path`` parses as what its name says it is."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                for k in f.keys():
+                    f.get_tensor(k)
+        else:
+            torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return False
+    return True
 
 
 def read_metrics(out: Path, up_to: int) -> list[dict]:
@@ -270,13 +332,18 @@ def save_checkpoint(
     if acc.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp / "state"))
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        if extra is not None:
-            extra(tmp)
-        write_json(tmp / "trainer.json", {"step": step})
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        write_metrics(out, rows)
+    try:
+        with space_errors(final):  # a full disk: one line, and the earlier checkpoints stand
+            acc.save_state(str(tmp / "state"))
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                if extra is not None:
+                    extra(tmp)
+                write_json(tmp / "trainer.json", {"step": step})
+                shutil.rmtree(final, ignore_errors=True)
+                os.replace(tmp, final)
+                write_metrics(out, rows)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # what was written of it, not left on a full disk
+        raise
     acc.wait_for_everyone()
