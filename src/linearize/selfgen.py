@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from linearize import arch, data, models
-from linearize._io import write_text
+from linearize._io import discard_damaged, write_text
 from linearize.hooks import eval_mode
 
 # Openings from many walks of life, none about code: the model continues each freely.
@@ -155,13 +155,33 @@ def _sample_batch(
     return [gen[j, width - len(p) :][:seq_len].tolist() for j, p in enumerate(prompts)]
 
 
-def _read_pool(path: Path) -> list[list[int]]:
+def _read_pool(path: Path, vocab: int, seq_len: int) -> list[list[int]]:
+    """The pool on disk: sequences of at most ``seq_len`` token ids below ``vocab``. A pool that does
+    not parse or holds anything else (a cut file, a hand edit) is discarded with a warning and
+    sampled again: one bad id would end a run far from where it was read."""
+    if not path.exists():
+        return []
     try:
         seqs = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError) as e:
+        discard_damaged(path, type(e).__name__)
         return []
-    ok = isinstance(seqs, list) and all(isinstance(q, list) for q in seqs)
-    return seqs if ok else []
+    ok = isinstance(seqs, list) and all(
+        isinstance(q, list)
+        and 0 < len(q) <= seq_len
+        and all(type(t) is int and 0 <= t < vocab for t in q)
+        for q in seqs
+    )
+    if not ok:
+        discard_damaged(path, f"not sequences of up to {seq_len} token ids below {vocab}")
+        return []
+    return seqs
+
+
+def _vocab_size(model: nn.Module, tokenizer) -> int:
+    """The ids the model can embed (the tokenizer may know fewer, never more, that it uses)."""
+    emb = model.get_input_embeddings()
+    return int(emb.weight.shape[0]) if emb is not None else len(tokenizer)
 
 
 def self_sequences(
@@ -185,7 +205,7 @@ def self_sequences(
         return []
     root = cache or (models.cache_dir() / "self-text")
     path = root / f"{_fingerprint(model, tokenizer, seq_len, seed, batch_size)}.json"
-    seqs = _read_pool(path)
+    seqs = _read_pool(path, _vocab_size(model, tokenizer), seq_len)
     have = sum(map(len, seqs))
     if have < tokens:
         total = len(seqs) // batch_size + -(-(tokens - have) // (seq_len * batch_size))

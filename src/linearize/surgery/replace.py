@@ -248,8 +248,47 @@ def save(model: nn.Module, tokenizer, out: Path, record: dict[str, Any]) -> None
         tokenizer.save_pretrained(out)
 
 
+def _int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    )
+
+
+def check_record(record: Any, n_layers: int, where: str) -> None:
+    """The pruning record of a checkpoint (``config.linearize``), checked once, on load, before
+    any weight is read: what every later step trusts (the layers it kept, where its bridges
+    go). A record that cannot be what linearize wrote is one line naming the field."""
+
+    def bad(why: str) -> LinearizeError:
+        return LinearizeError(f"{where}: config.json's 'linearize' record {why}")
+
+    if not isinstance(record, dict):
+        raise bad(f"is a {type(record).__name__}, not an object")
+    removed = record.get("removed")
+    if removed is None and "original_layers" not in record:
+        return  # a record without a cut
+    if not _int_list(removed):
+        raise bad(f"has removed {removed!r}, not a list of layer indices")
+    n = record.get("original_layers", n_layers + len(removed))  # written by every prune
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise bad(f"has original_layers {n!r}, not a positive integer")
+    if len(set(removed)) != len(removed) or any(not 0 <= i < n for i in removed):
+        raise bad(f"removes {removed}, not distinct layers among the original {n}")
+    if n - len(removed) != n_layers:
+        raise bad(f"keeps {n - len(removed)} of {n} layers, but the config has {n_layers} layers")
+    positions, targets = record.get("bridges", []), record.get("bridge_targets", [])
+    if not _int_list(positions) or not isinstance(targets, list):
+        raise bad("has bridges that are not a list of positions")
+    if len(targets) != len(positions) or not all(isinstance(t, str) for t in targets):
+        raise bad("has bridge_targets that are not one module name per bridge")
+    if any(not 0 <= p <= n_layers for p in positions):
+        raise bad(f"puts bridges at {positions}, outside the {n_layers + 1} layer boundaries")
+
+
 def restore_bridges_(model: nn.Module, path: Path) -> None:
-    """Re-create the bridges recorded in ``config.linearize`` and load their tensors."""
+    """Re-create the bridges recorded in ``config.linearize`` and load their tensors (the
+    record was checked by ``check_record``; a target or tensor that does not fit this model
+    is one line)."""
     record = getattr(model.config, "linearize", None) or {}
     targets = record.get("bridge_targets", [])
     if not targets:
@@ -263,12 +302,24 @@ def restore_bridges_(model: nn.Module, path: Path) -> None:
                 if BRIDGE in k:
                     tensors[k] = sf.get_tensor(k)
     for target in targets:
-        bridge = _attach(model, model.get_submodule(target))
+        try:
+            module = model.get_submodule(target)
+        except AttributeError:
+            raise LinearizeError(
+                f"checkpoint {path}: its record puts a bridge at '{target}', which this model "
+                "does not have"
+            ) from None
+        bridge = _attach(model, module)
         with torch.no_grad():
             for pname, param in bridge.named_parameters():
                 key = f"{target}.{BRIDGE}.{pname}"
                 if key not in tensors:
                     raise LinearizeError(f"checkpoint {path} lacks bridge tensor '{key}'")
+                if tensors[key].shape != param.shape:
+                    raise LinearizeError(
+                        f"checkpoint {path}: bridge tensor '{key}' has shape "
+                        f"{tuple(tensors[key].shape)}, not {tuple(param.shape)}"
+                    )
                 param.copy_(tensors[key].to(param.dtype))
 
 

@@ -12,8 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from linearize import arch, models
-from linearize._io import atomic_write, write_json
-from linearize.errors import LinearizeError
+from linearize._io import atomic_write, discard_damaged, safetensors_complete, write_json
+from linearize.errors import LinearizeError, first_line
 from linearize.hooks import record
 
 if TYPE_CHECKING:
@@ -32,8 +32,12 @@ class TeacherCache:
     def __init__(self, root: str | Path, manifest: dict, rank: int) -> None:
         self.root, self.rank = Path(root), rank
         path = self.root / "manifest.json"
-        if path.exists():
-            found = json.loads(path.read_text())
+        found = _read_manifest(path) if path.exists() else None
+        if found is None and path.exists() and rank == 0:  # damaged: shards may be of anything
+            discard_damaged(path, "manifest.json does not parse")
+            for shard in self.root.glob("rank*-*.safetensors"):
+                shard.unlink(missing_ok=True)
+        if found is not None:
             if found != manifest:
                 diff = sorted(k for k in manifest if found.get(k) != manifest[k])
                 raise LinearizeError(
@@ -48,19 +52,35 @@ class TeacherCache:
         return self.root / f"rank{self.rank}-{index:06d}.safetensors"
 
     def get(self, index: int, device) -> list[Tensor] | None:
+        """Batch ``index``'s states, or None when they are not cached (a shard that does not
+        read is discarded, and the teacher runs again for it)."""
         from safetensors.torch import load_file
 
         f = self._file(index)
         if not f.exists():
             return None
-        d = load_file(str(f), device=str(device))
-        return [d[f"b{i}"] for i in range(len(d))]
+        try:
+            if not safetensors_complete(f):
+                raise ValueError("cut short")
+            d = load_file(str(f), device=str(device))
+            return [d[f"b{i}"] for i in range(len(d))]
+        except Exception as e:  # safetensors' own error type, a missing key
+            discard_damaged(f, first_line(e))
+            return None
 
     def put(self, index: int, states: list[Tensor]) -> None:
         from safetensors.torch import save_file
 
         tensors = {f"b{i}": s.detach().contiguous().cpu() for i, s in enumerate(states)}
         atomic_write(self._file(index), lambda tmp: save_file(tensors, str(tmp)))
+
+
+def _read_manifest(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def logits_from_final(teacher: nn.Module, x: Tensor) -> Tensor:
