@@ -115,6 +115,21 @@ def coerce(key: str, value: Any, default: Any) -> Any:
     return number
 
 
+def _type_parts(f: Any) -> set[str]:
+    """The names in a field's annotation (``"str | None"`` → {"str", "None"})."""
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return {p.strip() for p in t.split("|")}
+
+
+def _is_text(f: Any) -> bool:
+    parts = _type_parts(f)
+    return "str" in parts and parts <= {"str", "None"}
+
+
+def _optional(f: Any) -> bool:
+    return "None" in _type_parts(f)
+
+
 def apply_overrides(config: Any, items: dict[str, str], prefix: str = "") -> Any:
     """Set fields of the dataclass ``config`` from ``{name: text}`` (``KEY=VALUE`` arguments),
     each parsed by its field's ``parse`` or as YAML and coerced to the field's type; an unknown
@@ -131,7 +146,11 @@ def apply_overrides(config: Any, items: dict[str, str], prefix: str = "") -> Any
             )
         if "parse" in f.metadata:
             value = f.metadata["parse"](text)
+        elif _is_text(f):  # prune.calib=2024: text, whatever YAML would make of it
+            value = None if _optional(f) and str(text).strip() in ("", "null", "~") else text
         else:
-            value = coerce(prefix + key, parse_value(text), getattr(config, key))
+            value = parse_value(text)
+            if type(value).__name__ not in _type_parts(f):  # prune.remove=3 is a str | int
+                value = coerce(prefix + key, value, getattr(config, key))
         setattr(config, key, value)
     return config

@@ -159,9 +159,13 @@ def eval_sources(eval_data: str | None, ood_data: str | None) -> str | None:
 
 
 def _check_text_file(path: Path) -> None:
+    """Refuse an empty, binary or non-UTF-8 file from its first 8 KB of text (leading blank
+    lines skipped, however many)."""
     with path.open("rb") as f:
         head = f.read(8192)
-    if not head.strip():
+        while head and not head.strip():  # blank so far: the first block holding text counts
+            head = f.read(8192)
+    if not head:
         raise LinearizeError(f"data file '{path}' is empty")
     if b"\x00" in head:
         raise LinearizeError(f"data file '{path}' is binary, not text")
@@ -211,7 +215,8 @@ def _license_files() -> list[Path]:
 
 
 def _read_chunks(path: Path) -> Iterator[str]:
-    """Yield a file's text in ~1 MB pieces split at line ends, so nothing huge is held."""
+    """Yield a file's text in ~1 MB pieces split at line ends (a longer line at a space), so
+    nothing huge is held or tokenised at once."""
     with path.open("r", encoding="utf-8", errors="replace") as f:
         carry = ""
         while True:
@@ -220,9 +225,8 @@ def _read_chunks(path: Path) -> Iterator[str]:
                 break
             block = carry + block
             cut = block.rfind("\n") + 1
-            if cut == 0:
-                carry = block
-                continue
+            if cut == 0:  # a line longer than a chunk: cut it at a space (or anywhere)
+                cut = block.rfind(" ") + 1 or len(block)
             carry = block[cut:]
             yield block[:cut]
         if carry:
@@ -276,12 +280,16 @@ def iter_documents(source: Source) -> Iterator[str]:
 def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; a line that is not a
     JSON object is a one-line error naming it."""
-    with Path(path).open("r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with Path(path).open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
+                rec = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise LinearizeError(f"{path}:{lineno}: not UTF-8 text") from None
+            except RecursionError:
+                raise LinearizeError(f"{path}:{lineno}: JSON nested too deeply") from None
             except json.JSONDecodeError:
                 raise LinearizeError(f"{path}:{lineno}: not valid JSON") from None
             if not isinstance(rec, dict):
@@ -308,6 +316,21 @@ def bos_prefix(tokenizer) -> list[int]:
 
 def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _encode_head(tokenizer, text: str, need: int) -> list[int]:
+    """The first ``need`` tokens of ``text`` (or all, if it has fewer), tokenising a growing
+    prefix cut at a space instead of the whole text: a record that is one 20 MB line costs
+    what its first tokens cost. The prefix ends well past the tokens kept, so they are the
+    ones the whole text gives."""
+    chars = 16 * need + 64
+    while chars < len(text):
+        cut = text.rfind(" ", 0, chars) + 1 or chars
+        ids = _encode(tokenizer, text[:cut])
+        if len(ids) >= need + 16:
+            return ids[:need]
+        chars *= 4
+    return _encode(tokenizer, text)[:need]
 
 
 def token_sequences(
@@ -348,7 +371,7 @@ def token_sequences(
                 yield prefix + buf
         else:
             for text in iter_records(source):
-                ids = (prefix + _encode(tokenizer, text))[:seq_len]
+                ids = prefix + _encode_head(tokenizer, text, body)
                 if len(ids) > len(prefix):
                     yield ids
 

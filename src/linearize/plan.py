@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -284,7 +285,23 @@ def free_disk(path: str | Path) -> int:
 
 
 def total_ram() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The memory this process may use: the machine's, or less under a limit on the process
+    (``ulimit -v``) or on its cgroup (a container's or a job scheduler's memory.max)."""
+    limits = [os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")]
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+        limits.append(soft)
+    for f in (
+        Path("/sys/fs/cgroup/memory.max"),
+        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+    ):
+        try:
+            text = f.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and 0 < int(text) < 1 << 60:  # "max", or cgroup v1's "no limit"
+            limits.append(int(text))
+    return min(limits)
 
 
 def check_fits(plan: Plan, out: str | Path, ram_flag: str, disk_flags: str) -> None:
@@ -303,7 +320,7 @@ def check_fits(plan: Plan, out: str | Path, ram_flag: str, disk_flags: str) -> N
     ram = total_ram()
     if plan.peak_ram > ram:
         raise LinearizeError(
-            f"this {plan.command} needs ~{_gb(plan.peak_ram)} of RAM and the machine has "
+            f"this {plan.command} needs ~{_gb(plan.peak_ram)} of RAM and this process may use "
             f"{_gb(ram)}: {ram_flag}"
         )
 

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import typer
 
 from linearize._fields import choices_of
-from linearize.errors import LinearizeError
+from linearize.errors import LinearizeError, memory_errors
 
 # options many commands share, declared once
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda")]
@@ -111,6 +111,10 @@ def with_config(cls: type, name: str = "config", given_only: bool = False) -> Ca
     return decorate
 
 
+# what any command can lower when it runs out of memory (prune names its own flags too)
+_LESS_MEMORY = "lower --tokens, --batch-size or --seq-len, or use --dtype bfloat16"
+
+
 def command(*args: Any, **kwargs: Any) -> Callable:
     """``app.command`` plus what every command shares: quiet libraries, and a LinearizeError
     raised anywhere in it becomes one line on stderr and exit status 2."""
@@ -120,7 +124,7 @@ def command(*args: Any, **kwargs: Any) -> Callable:
         def run(*a: Any, **kw: Any) -> Any:
             _quiet_libraries()
             try:
-                with _terminate_unwinds():
+                with _terminate_unwinds(), memory_errors(_LESS_MEMORY):
                     return fn(*a, **kw)
             except LinearizeError as e:
                 fail(str(e))
