@@ -3,7 +3,10 @@
     python tests/killer.py MODE:NAME:N linearize-args...
 
 MODE ``replace``: die the N-th time a file or directory named NAME is renamed into place
-(its temporary copy is complete, the old one still stands). MODE ``mid``: die halfway
+(its temporary copy is complete, the old one still stands); ``after``: die right after that
+rename (the new one stands, nothing after it ran). MODE ``popen``: die right after starting
+the N-th child process whose command line contains NAME, writing its pid to $KILLER_PID_FILE
+first. MODE ``mid``: die halfway
 through the N-th write of a text file whose temporary name contains NAME. MODE ``term``
 (``int``): send itself SIGTERM (SIGINT) after the N-th safetensors file whose path contains
 NAME is saved, so the run may unwind.
@@ -36,7 +39,10 @@ real_replace = os.replace
 def replace(src, dst, *a, **k):
     if mode == "replace" and _count(Path(dst).name == name):
         os.kill(os.getpid(), signal.SIGKILL)
-    return real_replace(src, dst, *a, **k)
+    done = real_replace(src, dst, *a, **k)
+    if mode == "after" and _count(Path(dst).name == name):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return done
 
 
 real_write_text = Path.write_text
@@ -62,7 +68,21 @@ def save_file(tensors, filename, *a, **k):
         os.kill(os.getpid(), signal.SIGTERM if mode == "term" else signal.SIGINT)
 
 
+import subprocess  # noqa: E402
+
+RealPopen = subprocess.Popen
+
+
+class Popen(RealPopen):
+    def __init__(self, args, *a, **k):
+        super().__init__(args, *a, **k)
+        if mode == "popen" and _count(name in " ".join(map(str, args))):
+            Path(os.environ["KILLER_PID_FILE"]).write_text(str(self.pid))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 os.replace = replace
+subprocess.Popen = Popen
 Path.write_text = write_text
 safetensors.torch.save_file = save_file
 

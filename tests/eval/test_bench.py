@@ -34,10 +34,10 @@ def test_bench_rows_for_original_and_pruned(tokenizer):
 
 def test_bench_cli_writes_every_file(tmp_path, tiny_dir, tokenizer):
     pruned = make_tiny("llama")
-    prune_model_(
+    res = prune_model_(
         pruned, tokenizer, PruneConfig(1, replace="fold", tokens=600, seq_len=48, batch_size=4)
     )
-    save(pruned, tokenizer, tmp_path / "p", {"removed": "test"})
+    save(pruned, tokenizer, tmp_path / "p", {"removed": res.removed, "original_layers": 3})
     out = tmp_path / "b"
     res = CliRunner().invoke(
         app,

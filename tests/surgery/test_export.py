@@ -24,9 +24,9 @@ KW = dict(tokens=600, seq_len=48, batch_size=4, calib="builtin:calib")
 
 def _pruned_dir(tmp_path, tokenizer, sp_model, replace: str):
     model = make_tiny("llama", num_hidden_layers=5)
-    prune_model_(model, tokenizer, PruneConfig(2, replace=replace, **KW))
+    res = prune_model_(model, tokenizer, PruneConfig(2, replace=replace, **KW))
     out = tmp_path / f"pruned-{replace}"
-    save(model, None, out, {"removed": "test"})
+    save(model, None, out, {"removed": res.removed, "original_layers": 5})
     shutil.copy(sp_model, out / "tokenizer.model")
     return model, out
 
