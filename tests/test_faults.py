@@ -534,3 +534,13 @@ def test_leading_blank_lines_are_not_an_empty_file(tiny_dir, tmp_path):
     assert res.exit_code == 0, res.output
     (tmp_path / "blank.txt").write_text("\n" * 9000)
     one_line(cli_run("analyze", tiny_dir, "--data", tmp_path / "blank.txt", *FAST), "is empty")
+
+
+# -- what already held, kept -----------------------------------------------------------------------
+@pytest.mark.parametrize("cut", [0.5, 0.02])
+def test_a_damaged_gguf_says_not_a_valid_gguf(cut, tiny_gguf, tmp_path, monkeypatch):
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    raw = tiny_gguf.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(raw[: int(len(raw) * cut)])
+    one_line(cli_run("analyze", bad, *FAST, "--out", tmp_path / "a"), "not a valid GGUF file")

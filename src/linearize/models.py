@@ -90,7 +90,7 @@ def _converted(gguf: Path, target: Path, name: str) -> Path:
         src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as e:
-        raise LinearizeError(f"cannot load model '{gguf}': {first_line(e)}") from None
+        raise load_error(gguf, e) from None
     # transformers will not save a GGUF-loaded model as it is: rebuild it from a clean config.
     cfg = src.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -108,6 +108,16 @@ def _converted(gguf: Path, target: Path, name: str) -> Path:
 
     atomic_dir(target, write, overwrite=False)  # a concurrent conversion may win the race
     return target
+
+
+def load_error(name: str | Path | None, e: BaseException) -> LinearizeError:
+    """One line for a model that does not load; a ``.gguf`` file that does not parse is said
+    to be one (a hostile header otherwise reads as numpy's "cannot reshape array")."""
+    if str(name).endswith(".gguf"):
+        return LinearizeError(
+            f"cannot load model '{name}': not a valid GGUF file ({first_line(e)})"
+        )
+    return LinearizeError(f"cannot load model '{name}': {first_line(e)}")
 
 
 def resolve_model(name: str | None, savable: bool = False) -> tuple[str, dict]:
@@ -197,7 +207,7 @@ def load_config(name: str | None):
     try:
         config = AutoConfig.from_pretrained(where, **kw)
     except Exception as e:  # OSError, ValueError, HTTP errors: one line for the user
-        raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
+        raise load_error(name, e) from None
     arch.check_supported(config)
     arch.get_spec(config)
     record = getattr(config, "linearize", None)
@@ -333,7 +343,7 @@ def load(
     except LinearizeError:
         raise
     except Exception as e:
-        raise LinearizeError(f"cannot load model '{name}': {first_line(e)}") from None
+        raise load_error(name, e) from None
     finally:
         hf_logging.set_verbosity(level)
     serializable = getattr(getattr(model, "hf_quantizer", None), "is_serializable", True)
