@@ -6,7 +6,7 @@ MODE ``replace``: die the N-th time a file or directory named NAME is renamed in
 (its temporary copy is complete, the old one still stands); ``after``: die right after that
 rename (the new one stands, nothing after it ran). MODE ``popen``: die right after starting
 the N-th child process whose command line contains NAME, writing its pid to $KILLER_PID_FILE
-first. MODE ``mid``: die halfway
+first. MODE ``call``: die at the N-th call of the function NAME (``package.module.function``). MODE ``mid``: die halfway
 through the N-th write of a text file whose temporary name contains NAME. MODE ``term``
 (``int``): send itself SIGTERM (SIGINT) after the N-th safetensors file whose path contains
 NAME is saved, so the run may unwind.
@@ -19,7 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
-mode, name, nth = sys.argv[1].split(":")
+mode, name, nth = (
+    sys.argv[1].rsplit(":", 2) if sys.argv[1].startswith("call:") else sys.argv[1].split(":")
+)
 seen = 0
 if mode == "int":
     # as at a terminal: a background job (CI, nohup, `cmd &`) starts with SIGINT ignored,
@@ -83,6 +85,19 @@ class Popen(RealPopen):
 
 os.replace = replace
 subprocess.Popen = Popen
+if mode == "call":
+    import importlib
+
+    module_name, _, attr = name.rpartition(".")
+    module = importlib.import_module(module_name)
+    real_fn = getattr(module, attr)
+
+    def dying(*a, **k):
+        if _count(True):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_fn(*a, **k)
+
+    setattr(module, attr, dying)
 Path.write_text = write_text
 safetensors.torch.save_file = save_file
 

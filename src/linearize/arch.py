@@ -184,6 +184,14 @@ def get_final_norm(model: nn.Module) -> nn.Module | None:
     return get_attr(model, spec.final_norm) if spec and spec.final_norm else None
 
 
+def logits_from_final(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits from the stream after its last layer (the final norm's input):
+    norm, LM head and Gemma's soft cap, as the model's own forward applies them."""
+    logits = model.get_output_embeddings()(get_final_norm(model)(x))
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
 def n_layers_key(config) -> str:
     """The config attribute that holds the layer count (``n_layer`` for GPT-2, …)."""
     spec = get_spec(config)

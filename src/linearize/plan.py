@@ -197,12 +197,15 @@ def prune_plan(config, model: str, c: PruneConfig, eval_tokens: int, dtype) -> P
     }
     rescore = min(1.0, c.rescore_tokens / max(tokens, 1)) if c.rescore_tokens else 1.0
     passes = 1.0 + k * rescore * 0.5 + (0.2 * k if c.refits else 0.0)
+    extra, more_passes, more_notes = c.chooser.plan(c, s.layers, s.hidden, s.weights, k)
+    parts.update(extra)
+    passes += more_passes
     notes = [
         f"stored states at most ~{copies:.2f}× one pass's ({_gb(one_copy)}): the original's, "
         "and the pruned model's where fits and re-scoring need them; up to "
         f"{STATE_COPIES_BOUND:g}× if the first cut is layer 0",
     ]
-    notes += _export_notes(config, c)
+    notes += _export_notes(config, c) + more_notes
     if data.SELF in data.calib_parts(c.calib):
         notes.append(
             "text sampled from the model (half of --tokens) is generated once per model and "

@@ -29,9 +29,9 @@ def test_sweep_writes_every_cell_and_resumes(tiny_dir, tmp_path):
     # the original + every strategy but 'layers' (the registry's sweepable ones) × 3
     # replacements × 2 counts
     sweepable = [s for s in strategies.names() if strategies.get(s).sweepable]
-    assert "layers" not in sweepable and len(sweepable) == 8
+    assert "layers" not in sweepable and len(sweepable) == 9  # search included
     assert {r["strategy"] for r in rows} == {"original", *sweepable}
-    assert len(rows) == 1 + 8 * 3 * 2
+    assert len(rows) == 1 + 9 * 3 * 2
     assert all(r["perplexity"] and r["perplexity"] > 1 for r in rows)
     assert all(len(r["removed"]) == r["k"] for r in rows)
     for name in ("sweep.json", "sweep.csv", "sweep.md", "sweep.png", "sweep.html"):

@@ -100,6 +100,38 @@ def _size_speed(d: dict, where: Path) -> Table:
     return Table(["", "before", "after", "after ÷ before"], rows)
 
 
+def _search_section(search: dict) -> Section:
+    """The search strategy's trace (best KL against candidates scored) and its seeds."""
+    trace = search["trace"]
+    x = [t["evaluations"] for t in trace]
+    y = [max(t["kl"], 1e-12) for t in trace]  # a log axis: an exact 0 drawn at 1e-12
+    fig = figures.curves(
+        {"best so far": (x, y)}, "candidates scored", "KL to the original (per token)", logy=True
+    )
+    best = search["best"]
+    rows = [["search (the result)", fmt(best["removed"]), best["kl"], best["kl_held_out"]]]
+    rows += [
+        [name, fmt(v["removed"]), v["kl"], v["kl_held_out"]]
+        for name, v in sorted(search["seeds"].items(), key=lambda kv: kv[1]["kl"])
+    ]
+    table = Table(
+        ["seed", "removed", "KL (search tokens)", "KL (held-out tokens)"],
+        rows,
+        [True] + [False] * (len(rows) - 1),
+    )
+    return Section(
+        "Search",
+        figure=figure_html(fig),
+        table=table,
+        text=[
+            f"{search['evaluations']} candidates scored in {seconds(search.get('elapsed_s'))}, "
+            "each by its KL from the original with its replacements in place. The held-out "
+            "tokens were never searched on: a result far better on search tokens than held-out "
+            "ones has overfitted them."
+        ],
+    )
+
+
 def prune_page(d: dict, where: Path) -> Page:
     n, k = d["original_layers"], len(d["removed"])
     meta = [
@@ -134,6 +166,7 @@ def prune_page(d: dict, where: Path) -> Page:
                 f"{d['chosen_by']} curve measured before the first cut."
             ],
         ),
+        *([_search_section(d["search"])] if d.get("search") else []),
         Section(
             "Quality",
             table=quality,

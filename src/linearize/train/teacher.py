@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from linearize import arch, models
 from linearize._io import atomic_write, discard_damaged, safetensors_complete, write_json
+from linearize.arch import logits_from_final
 from linearize.errors import LinearizeError, first_line
 from linearize.hooks import record
 
@@ -81,13 +82,6 @@ def _read_manifest(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return found if isinstance(found, dict) else None
-
-
-def logits_from_final(teacher: nn.Module, x: Tensor) -> Tensor:
-    """The teacher's logits from the input of its final norm (Gemma's soft cap included)."""
-    logits = teacher.get_output_embeddings()(arch.get_final_norm(teacher)(x))
-    cap = getattr(teacher.config, "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
 
 
 # -- the run --------------------------------------------------------------------------------------

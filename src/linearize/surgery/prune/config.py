@@ -151,6 +151,32 @@ class PruneConfig(Placement):
         "pass and every fit use all --tokens; 0: all)",
         panel="Resources",
     )
+    seed: int = option(0, "random seed (search: its mutations)", panel="Search")
+    search_generations: int = option(
+        12, "search: generations (each: offspring scored on growing token budgets)", panel="Search"
+    )
+    search_offspring: int = option(16, "search: offspring per generation", panel="Search")
+    search_tokens: int = option(
+        32768, "search: calibration tokens the runs' maps are fitted on", panel="Search"
+    )
+    search_eval_tokens: int = option(
+        8192,
+        "search: calibration tokens a generation's best offspring is scored on (the others: "
+        "1/16 and 1/4 of them)",
+        panel="Search",
+    )
+    search_heldout_tokens: int = option(
+        8192,
+        "search: the last calibration tokens, never searched on: the result and the seeds are "
+        "scored there",
+        panel="Search",
+    )
+    search_seeds: str = option(
+        "auto",
+        "search: strategies whose choices seed it, comma-separated (auto: every registered one "
+        "but ppl-greedy, whose k × layers perplexity passes cost more than the search; all)",
+        panel="Search",
+    )
 
     def check(self, n: int, hf_config=None) -> int:
         """Validate against a model of ``n`` layers (and its config, for ``fold``); returns k.
@@ -253,6 +279,7 @@ class PruneResult:
     elapsed_s: float = 0.0
     # every layer's criterion (and scores, where measured) before the first cut: the page's curve
     initial: list[dict] = field(default_factory=list)
+    search: dict | None = None  # the search strategy's seeds, trace and held-out check
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -66,6 +66,7 @@ class Session:
         self.clean = n  # positions ≤ clean take their input from the original's boundaries
         self.valid = -1  # pruned boundaries are stored and current for positions ≤ valid
         self._layer_passes = 0  # layer forwards × batches, for calibration_passes
+        self._first_pass: tuple | None = None  # (stats, rescored) of the uncut model's scoring
 
     def allowed(self, p: int) -> bool:
         """Whether the layer now at position ``p`` may be removed."""
@@ -141,6 +142,10 @@ class Session:
         n = len(layers)
         if p >= n:
             return {}
+        whole = p == 0 and first is None and n == self.n_orig  # the first pass, uncut
+        if whole and self._first_pass is not None:  # a second strategy asks (search's seeds)
+            self.rescored = self._first_pass[1]
+            return dict(self._first_pass[0])
         if p > 0:
             self.ensure_valid(p)
         cap = LayerCapture(layers, range(p, n), stop_at_last=False, **self.scoring)
@@ -154,7 +159,14 @@ class Session:
         with cap:
             self._run(p, n, before_batch=before_batch, first=first, what="scoring")
         check_finite(cap.stats, self.model)
+        if whole:
+            self._first_pass = (dict(cap.stats), self.rescored)
         return cap.stats
+
+    @property
+    def scored_once(self) -> bool:
+        """Whether the uncut model's statistics are at hand (another strategy scored it)."""
+        return self._first_pass is not None
 
     def target_of(self, end: int) -> int:
         """Original boundary that a run ending before position ``end`` must reproduce."""

@@ -14,7 +14,7 @@ from linearize.surgery.prune.strategies.base import (
     replacement_error,
 )
 
-_MODULES = ("linear", "influence", "blocks", "ppl", "user", "depth", "periods")
+_MODULES = ("linear", "influence", "blocks", "ppl", "user", "depth", "periods", "search")
 for _name in _MODULES:
     import_module(f"{__name__}.{_name}")
 

@@ -78,6 +78,13 @@ class Strategy:
         """The layers it removes whatever the model says (original indices), if known now."""
         return None
 
+    def plan(
+        self, c: PruneConfig, n: int, hidden: int, weights: int, k: int
+    ) -> tuple[dict[str, int], float, list[str]]:
+        """What choosing costs beyond the engine's own plan (``--dry-run``): RAM parts in bytes,
+        passes over the calibration text, notes. The strategy knows; the plan asks."""
+        return {}, 0.0, []
+
     def needs_calibration(self, c: PruneConfig) -> bool:
         """Whether choosing needs calibration text at all."""
         return True

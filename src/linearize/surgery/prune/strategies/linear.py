@@ -25,7 +25,7 @@ def rank_once(s: Session) -> dict[int, float | None]:
     original`` through the stored states the fits will use, else one plain capture pass."""
     stats = (
         s.score_from(0)
-        if s.c.target == "original"
+        if s.c.target == "original" or s.scored_once
         else collect_stats(s.model, s.pass_over(s.batches, "scoring"), **s.scoring)
     )
     scored = {

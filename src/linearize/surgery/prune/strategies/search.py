@@ -1,0 +1,384 @@
+"""``search``: the removed set chosen by what it does to the whole model.
+
+Every other strategy ranks layers one at a time; costs do not add up (benchmarks/RESULTS.md),
+so this one searches the *set*. A candidate's fitness is the KL divergence of the original's
+next-token distributions (its top 32, computed once) from the cut model's, with each removed
+run's replacement in place: the affine map fitted from the original's states (``linear``, and
+``fold``, which approximates that map), or nothing (``none``). An evolutionary search in the
+manner of EvoPress (Sieberling et al. 2024): a parent, offspring that swap a few removed layers
+for kept ones, each generation scored on growing token budgets (many offspring on few tokens,
+the survivors on more), the parent replaced when a child beats it on the most.
+
+What keeps it cheap: the original's stream at every boundary is stored by the first pass (as
+for every strategy), so a candidate runs only from its first cut on; every run's map comes
+from ``SpanMoments`` gathered in one pass over those states; and the seeds, every registered
+strategy's own choice, start the search where the others end, so it never returns a set
+worse than the best of them on its own objective. The last calibration tokens are kept out
+of the search: the result and every seed are scored there too (``prune.json``'s ``search``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from linearize import arch
+from linearize.capture import masked_rows
+from linearize.errors import LinearizeError
+from linearize.stats.spans import SpanMoments, TopK, kl_from_top_k, top_k
+from linearize.surgery.prune.strategies.base import REGISTRY, Strategy, register
+from linearize.surgery.replace import bridge_as, runs_of
+from linearize.surgery.restart import run_from
+
+if TYPE_CHECKING:
+    from linearize.surgery.prune.session import Session
+
+TOP_K = 32  # the original's tokens a distribution is kept as (the rest is one bucket)
+FIDELITY = (16, 4, 1)  # a generation scores on 1/16, then 1/4, then all of the search tokens
+SURVIVE = 4  # offspring scored on 1/4 of the tokens; the best of them on all
+SKIP_SEEDS = {"search", "layers"}  # itself; named layers are no choice
+COSTLY_SEEDS = {"ppl-greedy"}  # k × layers perplexity passes: more than the search itself
+
+
+@dataclass
+class _Batches:
+    """Which calibration batches do what: the maps' fit, the search's scoring, the held-out
+    check (disjoint from the other two whenever there are enough batches)."""
+
+    fit: list[int]
+    score: list[int]
+    held: list[int]
+
+
+def split_batches(n_batches: int, tokens_per_batch: int, c) -> _Batches:
+    per = max(tokens_per_batch, 1)
+    held = (
+        min(max(1, math.ceil(c.search_heldout_tokens / per)), n_batches - 1) if n_batches > 1 else 0
+    )
+    rest = n_batches - held
+    fit = max(1, min(rest, math.ceil(c.search_tokens / per)))
+    score_n = max(1, math.ceil(c.search_eval_tokens / per))
+    score = list(range(fit, min(rest, fit + score_n))) or list(range(min(rest, score_n)))
+    return _Batches(list(range(fit)), score, list(range(rest, n_batches)) or score)
+
+
+@dataclass
+class _Objective:
+    """KL of the cut model from the original on stored batches, for removed sets given as
+    sorted original indices; memoised per (set, fidelity)."""
+
+    s: Session
+    moments: SpanMoments | None  # None: ``--replace none`` (runs are dropped)
+    ref: dict[int, TopK]  # batch → the original's top-k
+    seen: dict[tuple, float] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+
+    def maps(self, removed: tuple[int, ...]) -> dict[tuple[int, int], object]:
+        if self.moments is None:
+            return {}
+        c = self.s.c
+        return {
+            run: self.moments.fit(*run, ridge=c.ridge, prior=c.prior, rank=c.rank)
+            for run in runs_of(list(removed))
+        }
+
+    def __call__(self, removed: tuple[int, ...], batches: list[int], rows: int | None) -> float:
+        key = (removed, tuple(batches), rows)
+        if key not in self.seen:
+            t0 = time.perf_counter()
+            total, count = 0.0, 0
+            maps = self.maps(removed)
+            for b in batches:
+                kl, n = self._kl(removed, maps, b, rows)
+                total, count = total + kl, count + n
+            self.seen[key] = total / max(count, 1)
+            self.evaluations += 1
+            self.seconds += time.perf_counter() - t0
+        return self.seen[key]
+
+    @torch.no_grad()
+    def _kl(
+        self, removed: tuple[int, ...], maps: dict, b: int, rows: int | None
+    ) -> tuple[float, int]:
+        s = self.s
+        n = s.n_orig
+        batch = {k: v[:rows] for k, v in s.batches[b].items()}
+        start = removed[0]
+        state = s.store.get(("o", start, b))[:rows]
+        runs = runs_of(list(removed))
+        tail = maps.get(runs[-1]) if runs[-1][1] == n else None  # a map after the last layer
+        final: dict[str, Tensor] = {}
+        with arch.layers_removed(s.model, list(removed)), contextlib.ExitStack() as stack:
+            gone = 0
+            for lo, hi in runs:
+                if (lo, hi) in maps and hi < n:
+                    stack.enter_context(bridge_as(s.model, lo - gone, maps[(lo, hi)]))
+                gone += hi - lo
+            stop = n - len(removed)
+            if start < stop:
+
+                def keep(_b: int, j: int, h: Tensor) -> None:
+                    if j == stop:
+                        final["h"] = h
+
+                run_from(s.model, [batch], start, stop, lambda _b: state, keep)
+                h = final["h"]
+            else:  # every layer from the first cut on is gone
+                h = state
+        if tail is not None:
+            h = (h.double() @ tail.weight.to(h.device) + tail.bias.to(h.device)).to(h.dtype)
+        logits = arch.logits_from_final(s.model, h.to(arch.input_device(s.model)))
+        ref = self.ref[b]
+        sliced = TopK(ref.logp[:rows], ref.index[:rows], ref.log_rest[:rows])
+        return kl_from_top_k(sliced, logits, batch["attention_mask"])
+
+
+def _units(s: Session) -> list[tuple[int, ...]]:
+    """What a candidate is made of: single layers, or whole periods of the model's attention
+    pattern when the config has one and the cut must export (``pattern-periods``' rule)."""
+    period = arch.pattern_period(s.model.config) if s.c.replace != "linear" else None
+    if not period or period == 1:
+        return [(p,) for p in range(s.n_orig) if s.allowed(p)]
+    return [
+        tuple(range(j, j + period))
+        for j in range(0, s.n_orig - period + 1, period)
+        if all(s.allowed(p) for p in range(j, j + period))
+    ]
+
+
+def _sandbox(s: Session, strategy: Strategy, own_model: bool) -> Session:
+    """A copy of the session for another strategy to choose in: its own result, and a copy of
+    the model when that strategy cuts as it goes (the stored original states are shared; what
+    the copy stores of its own pruned stream is dropped after)."""
+    sub = copy.copy(s)
+    sub.strategy, sub.on_step = strategy, None
+    sub.result = type(s.result)(strategy.chosen_by or s.c.score, [])
+    sub.alive = list(s.alive)
+    if own_model:
+        sub.model = copy.deepcopy(s.model)
+    return sub
+
+
+def seed_names(c) -> list[str]:
+    """The strategies whose choices seed the search (``--search-seeds``)."""
+    if c.search_seeds in ("auto", "all"):
+        skip = SKIP_SEEDS | (COSTLY_SEEDS if c.search_seeds == "auto" else set())
+        return [n for n in REGISTRY.names() if n not in skip]
+    names = [n.strip() for n in c.search_seeds.split(",") if n.strip()]
+    for n in names:
+        REGISTRY.get(n)  # an unknown name is one line
+    return [n for n in names if n not in SKIP_SEEDS]
+
+
+def _seeds(s: Session, say: Callable[[str], None]) -> dict[str, tuple[int, ...]]:
+    """Each seed strategy's choice (original indices); one that does not apply to this model
+    or request (pattern-periods without a pattern, a block where --protect leaves none) is
+    left out."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name in seed_names(s.c):
+        strategy = REGISTRY.get(name)
+        try:
+            strategy.check(s.c, s.n_orig, s.model.config)
+        except LinearizeError:
+            continue
+        say(f"seed: {name}")
+        sub = _sandbox(s, strategy, own_model=strategy.greedy)
+        try:
+            if strategy.greedy:
+                strategy.prune(sub)
+                chosen = list(sub.result.removed)
+            else:
+                chosen = list(strategy.choose(sub))
+        except LinearizeError:  # e.g. no block of k layers free of --protect
+            continue
+        finally:
+            s.store.drop_where(lambda key: key[0] == "c")  # the copy's own pruned stream
+        if len(chosen) == s.k:
+            out[name] = tuple(sorted(chosen))
+    return out
+
+
+def _mutate(parent: frozenset, units: list[tuple[int, ...]], rng: random.Random) -> frozenset:
+    """Swap one to three removed units for kept ones (EvoPress's level switch)."""
+    child = set(parent)
+    swaps = rng.choices((1, 2, 3), weights=(6, 3, 1))[0]
+    for _ in range(min(swaps, len(child), len(units) - len(child))):
+        out = rng.choice(sorted(child))
+        into = rng.choice([u for u in units if u not in child])
+        child.remove(out)
+        child.add(into)
+    return frozenset(child)
+
+
+def _layers(units: frozenset) -> tuple[int, ...]:
+    return tuple(sorted(p for u in units for p in u))
+
+
+@register
+class Search(Strategy):
+    name = "search"
+    reference = "EvoPress, Sieberling et al. 2024, with fitted replacements in place"
+    summary = (
+        "search the removed set: the cut model's KL from the original on calibration text "
+        "(replacements in place), seeded with every other strategy's choice"
+    )
+    chosen_by = "kl_to_original"
+    needs_ppl_batches = True  # the ppl-* seeds score by calibration perplexity
+    sweepable = True
+
+    def check(self, c, n: int, hf_config=None) -> int | None:
+        for name in ("search_generations", "search_offspring"):
+            if getattr(c, name) < 0:
+                raise LinearizeError(f"--{name.replace('_', '-')} must be at least 0")
+        for name in ("search_tokens", "search_eval_tokens", "search_heldout_tokens"):
+            if getattr(c, name) < 1:
+                raise LinearizeError(f"--{name.replace('_', '-')} must be at least 1")
+        seed_names(c)
+        return None
+
+    def plan(self, c, n: int, hidden: int, weights: int, k: int):
+        """The moments of every run (float64), a copy of the model for greedy seeds, and the
+        passes: the seeds' (a greedy prune's re-scoring, ppl-oneshot's n perplexities) and the
+        candidates' (each from its first cut on, ~2/3 of the stack, plus the LM head)."""
+        pairs = sum(min(k, n - lo) for lo in range(n))
+        parts = {"search: moments of every run": (n + 1 + pairs) * hidden * hidden * 8}
+        names = seed_names(c)
+        greedy = [m for m in names if REGISTRY.get(m).greedy]
+        if greedy:
+            parts["search: a model copy for greedy seeds"] = weights
+        tokens = max(c.tokens, 1)
+        per_gen = (
+            c.search_offspring / FIDELITY[0] + SURVIVE / FIDELITY[1] + 1
+        ) * c.search_eval_tokens
+        passes = 0.7 * c.search_generations * per_gen / tokens
+        passes += 0.7 * (len(names) + 1) * (c.search_eval_tokens + c.search_heldout_tokens) / tokens
+        if "ppl-oneshot" in names:
+            passes += n * c.ppl_tokens / tokens
+        passes += len(greedy) * (k * min(1.0, c.rescore_tokens / tokens) * 0.5 + 0.2 * k)
+        notes = [
+            f"search: {c.search_generations} generations of {c.search_offspring} offspring, "
+            f"seeded by {', '.join(names)}; runs of up to {k} layers fitted from one pass's "
+            f"moments ({_gb(parts['search: moments of every run'])})"
+        ]
+        return parts, passes, notes
+
+    def choose(self, s: Session) -> dict[int, float | None]:
+        t0 = time.perf_counter()
+        say = lambda what: s.on_progress(f"search: {what}", 0, 0)  # noqa: E731
+        n = s.n_orig
+        s.score_from(0)  # the original's stream at every boundary, stored
+        per = int(s.batches[0]["attention_mask"].sum()) if s.batches else 1
+        parts = split_batches(len(s.batches), per, s.c)
+        moments = None
+        if s.replacement.fits:
+            moments = SpanMoments(n + 1, s.k)
+            for b in _ticks(s, parts.fit, "search: moments of every run"):
+                moments.update(
+                    [masked_rows(s.store.get(("o", j, b)), s.masks[b]) for j in range(n + 1)]
+                )
+        ref = {}
+        for b in sorted(set(parts.score) | set(parts.held)):
+            with torch.no_grad():
+                h = s.store.get(("o", n, b)).to(arch.input_device(s.model))
+                ref[b] = top_k(arch.logits_from_final(s.model, h), TOP_K)
+        objective = _Objective(s, moments, ref)
+        seeds = _seeds(s, say)
+        units = _units(s)
+        best, trace = self._evolve(s, objective, seeds, units, parts)
+        held = {name: objective(c, parts.held, None) for name, c in seeds.items()}
+        held_best = objective(best, parts.held, None)
+        s.result.search = {
+            "objective": "KL(original || cut) per token, top-32 + rest, replacements in place",
+            "batches": {"fit": parts.fit, "score": parts.score, "held_out": parts.held},
+            "seeds": {
+                name: {
+                    "removed": list(c),
+                    "kl": objective(c, parts.score, None),
+                    "kl_held_out": held[name],
+                }
+                for name, c in seeds.items()
+            },
+            "best": {
+                "removed": list(best),
+                "kl": objective(best, parts.score, None),
+                "kl_held_out": held_best,
+            },
+            "trace": trace,
+            "evaluations": objective.evaluations,
+            "elapsed_s": round(time.perf_counter() - t0, 1),
+        }
+        kl = objective(best, parts.score, None)
+        return {p: kl for p in best}
+
+    def _evolve(
+        self,
+        s: Session,
+        objective: _Objective,
+        seeds: dict[str, tuple[int, ...]],
+        units: list[tuple[int, ...]],
+        parts: _Batches,
+    ) -> tuple[tuple[int, ...], list[dict]]:
+        c = s.c
+        rng = random.Random(c.seed)
+        size = len(s.batches[parts.score[0]]["input_ids"])
+        levels = []  # (batches, rows of each): growing budgets, the last all score batches
+        for frac in FIDELITY:
+            seqs = max(1, len(parts.score) * size // frac)
+            levels.append((parts.score[: math.ceil(seqs / size)], seqs if seqs < size else None))
+        unit_of = {p: u for u in units for p in u}
+        as_units = {}
+        for name, removed in seeds.items():
+            if all(p in unit_of for p in removed):
+                as_units[name] = frozenset(unit_of[p] for p in removed)
+        if not as_units:  # no seed fits the units: start from the first k of them
+            as_units["start"] = frozenset(units[: s.k // len(units[0])])
+        top = lambda cand: objective(_layers(cand), *levels[-1])  # noqa: E731
+        parent = min(as_units.values(), key=top)
+        trace = [{"evaluations": objective.evaluations, "kl": top(parent), "s": 0.0}]
+        t0 = time.perf_counter()
+        total = c.search_generations
+        for g in range(total):
+            s.on_progress(f"search: generation, best KL {trace[-1]['kl']:.4g}", g, total)
+            tried = {parent}
+            kids = []
+            for _ in range(c.search_offspring * 4):
+                if len(kids) == c.search_offspring:
+                    break
+                kid = _mutate(parent, units, rng)
+                if kid not in tried:
+                    tried.add(kid)
+                    kids.append(kid)
+            for (batches, rows), keep in zip(levels[:-1], (SURVIVE, 1), strict=True):
+                kids = sorted(kids, key=lambda k: objective(_layers(k), batches, rows))[:keep]
+            if kids and top(kids[0]) < top(parent):
+                parent = kids[0]
+            trace.append(
+                {
+                    "evaluations": objective.evaluations,
+                    "kl": top(parent),
+                    "s": round(time.perf_counter() - t0, 1),
+                }
+            )
+        s.on_progress(f"search: generation, best KL {trace[-1]['kl']:.4g}", total, total)
+        return _layers(parent), trace
+
+
+def _gb(n: float) -> str:
+    return f"{n / 2**30:.3g} GB" if n >= 2**30 / 10 else f"{n / 2**20:.3g} MB"
+
+
+def _ticks(s: Session, batches: list[int], what: str):
+    s.on_progress(what, 0, len(batches))
+    for i, b in enumerate(batches):
+        yield b
+        s.on_progress(what, i + 1, len(batches))
