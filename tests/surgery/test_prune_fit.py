@@ -339,3 +339,20 @@ def test_rescoring_on_fewer_tokens_keeps_every_fit_on_all_of_them(tokenizer):
     assert r_few.removed == r_full.removed
     for p_few, p_full in zip(few.parameters(), full.parameters(), strict=True):
         assert (p_few - p_full).abs().max() <= 1e-9
+
+
+def test_a_norm_weighted_fold_fits_the_direction_the_next_layer_reads(tokenizer):
+    """--fit-weight norm weighs each token by 1/‖target‖: a different fold than plain least
+    squares, of the same model and cut; an unknown weighting is one line."""
+    from linearize import arch
+
+    folds = {}
+    for weight in ("none", "norm"):
+        m = make_tiny("llama", num_hidden_layers=5, seed=2)
+        cfg = PruneConfig(1, strategy="layers", layers=[2], replace="fold", reconstruct=0,
+                          fit_weight=weight, **KW)  # fmt: skip
+        prune_model_(m, tokenizer, cfg)
+        folds[weight] = arch.mlp_out_proj(m, 1).weight.detach().clone()
+    assert not torch.allclose(folds["none"], folds["norm"])
+    with pytest.raises(Exception, match="fit-weight"):
+        PruneConfig(1, fit_weight="cosine").check(5)

@@ -114,6 +114,14 @@ class PruneConfig(Placement):
     rank: int | None = option(
         None, "keep only a rank-r update W − I (default: full)", panel="Replacement"
     )
+    fit_weight: str = option(
+        "none",
+        "fold: weight of each token in the fit (norm: 1/‖target‖, so the fit matches the "
+        "direction the next layer's norm reads, ReplaceMe's cosine objective in closed form)",
+        choices=("none", "norm"),
+        what="--fit-weight",
+        panel="Replacement",
+    )
     refit: bool = option(
         False,
         "--fit-target original: refit every map once more at the end",

@@ -112,8 +112,13 @@ def fold_stats(s: Session, start: int, end: int, original: bool) -> PairStats:
     yk, stats = ("o", s.target_of(end)), PairStats()
 
     def use(b: int, g: Tensor, m: Tensor, h: Tensor, h_stop: Tensor, _x) -> None:
-        y = (s.store.get(yk + (b,)).to(h) if original else h_stop) - h + m
-        stats.update(masked_rows(m, s.masks[b]), masked_rows(y, s.masks[b]))
+        target = s.store.get(yk + (b,)).to(h) if original else h_stop
+        x, y = masked_rows(m, s.masks[b]), masked_rows(target - h + m, s.masks[b])
+        if s.c.fit_weight == "norm":  # an error relative to the stream the next norm reads
+            norms = masked_rows(target, s.masks[b]).float().norm(dim=-1, keepdim=True)
+            w = (norms.median() / norms.clamp(min=1e-6)).to(x.dtype)
+            x, y = x * w, y * w
+        stats.update(x, y)
 
     what = f"folding {s.names(start, end)} into"
     s.projection_pass(start - 1, start if original else end, use, what=what)

@@ -348,7 +348,7 @@ class Search(Strategy):
         t0 = time.perf_counter()
         total = c.search_generations
         for g in range(total):
-            s.on_progress(f"search: generation, best KL {trace[-1]['kl']:.4g}", g, total)
+            s.on_progress(_generation(trace[-1]), g, total)
             tried = {parent}
             kids = []
             for _ in range(c.search_offspring * 4):
@@ -369,8 +369,15 @@ class Search(Strategy):
                     "s": round(time.perf_counter() - t0, 1),
                 }
             )
-        s.on_progress(f"search: generation, best KL {trace[-1]['kl']:.4g}", total, total)
+        s.on_progress(_generation(trace[-1]), total, total)
         return _layers(parent), trace
+
+
+def _generation(last: dict) -> str:
+    """The progress line of the search: generations done of all, with the best so far."""
+    return (
+        f"search: generations (best KL {last['kl']:.4g}, {last['evaluations']} candidates scored)"
+    )
 
 
 def _gb(n: float) -> str:
