@@ -45,6 +45,14 @@ def _edit_config(d: Path, edit) -> None:
     (d / "config.json").write_text(json.dumps(cfg))
 
 
+def _converted(tiny_gguf: Path, tmp_path: Path, monkeypatch) -> Path:
+    """The tiny GGUF's safetensors copy, in a cache of this test's own."""
+    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "converting … (once)"
+        return models.converted_gguf_dir(tiny_gguf)
+
+
 # -- 1. data lost or overwritten ------------------------------------------------------------------
 def test_prune_refuses_a_users_own_non_empty_out(tiny_dir, tmp_path):
     out = tmp_path / "mine"
@@ -251,10 +259,7 @@ def test_config_layer_count_must_match_the_weights(layers, words, tiny_dir, tmp_
 
 # -- 9. damaged caches: discarded and made again ----------------------------------------------------
 def test_a_cut_short_converted_gguf_copy_is_made_again(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        target = models.converted_gguf_dir(tiny_gguf)
+    target = _converted(tiny_gguf, tmp_path, monkeypatch)
     weights = target / "model.safetensors"
     whole = weights.stat().st_size
     with open(weights, "r+b") as f:
@@ -382,11 +387,7 @@ def test_export_writes_its_temporary_file_in_a_private_directory(tmp_path, monke
     planted at the names an older version used are left as they are, never written through."""
     from linearize.surgery import export
 
-    src = tmp_path / "hf"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
-        _copy(models.converted_gguf_dir(tiny_gguf), src)
+    src = _copy(_converted(tiny_gguf, tmp_path, monkeypatch), tmp_path / "hf")
     victim = tmp_path / "victim"
     victim.write_text("precious")
     seen = {}
@@ -437,10 +438,7 @@ def test_out_whose_parent_is_read_only(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_a_killed_export_leaves_no_converter_running(tiny_gguf, tmp_path, monkeypatch):
-    monkeypatch.setenv("LINEARIZE_CACHE", str(tmp_path / "cache"))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        src = models.converted_gguf_dir(tiny_gguf)
+    src = _converted(tiny_gguf, tmp_path, monkeypatch)
     pid_file = tmp_path / "child"
     kill_run(
         "popen:--outfile:1", "export", src, "--gguf", tmp_path / "m.gguf",
