@@ -182,6 +182,7 @@ def test_overrides_reach_the_commands_underneath():
     assert (p.tokens, p.remove, p.replace) == (4096, "3", "fold")
     assert d.lr == 1e-3 and isinstance(d.lr, float) and b.repeats == 5
     assert d.data == "builtin:calib+self"
+    assert d.eval_tokens == 16384  # compress's --eval-tokens: one protocol for every stage
 
 
 def test_no_healing_keeps_the_cut_and_no_gguf_skips_the_export(tiny_gguf, tmp_path):

@@ -9,7 +9,7 @@ import typer
 
 from linearize import plan
 from linearize.cli.progress import phase_progress
-from linearize.cli.runtime import Device, DryRun, OutDir, ShowProgress, command, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, ShowProgress, command, num, with_config
 from linearize.errors import LinearizeError
 from linearize.surgery import compress, export, prune, sweep
 from linearize.surgery.compress import CompressConfig
@@ -72,7 +72,9 @@ def prune_command(
             config,
             eval_data=eval_data or None,
             out=out,
-            on_step=lambda step: say(f"removed layer {step['layer']} (score {step['score']})"),
+            on_step=lambda step: say(
+                f"removed layer {step['layer']} (score {num(step['score'], 5)})"
+            ),
             ood_data=eval_ood,
             on_progress=on_progress,
             **where,
@@ -84,8 +86,8 @@ def _say_pruned(rep: dict, out: Path) -> None:
     more = ""
     if rep.get("perplexity_before_ood"):
         more = (
-            f"; out of domain ({rep['ood_data']}) {rep['perplexity_before_ood']} -> "
-            f"{rep['perplexity_after_ood']}"
+            f"; out of domain ({rep['ood_data']}) {num(rep['perplexity_before_ood'])} -> "
+            f"{num(rep['perplexity_after_ood'])}"
         )
     if rep.get("reconstructed"):
         more += f"; refit the MLP output projections of layers {rep['reconstructed']}"
@@ -93,7 +95,8 @@ def _say_pruned(rep: dict, out: Path) -> None:
         more += f" and the attention output projections of {rep['reconstructed_attention']}"
     typer.echo(
         f"removed {rep['removed']} ({rep['strategy']}, replace={rep['replace']}); "
-        f"perplexity {rep['perplexity_before']} -> {rep['perplexity_after']}{more}; wrote {out}"
+        f"perplexity {num(rep['perplexity_before'])} -> {num(rep['perplexity_after'])}{more}; "
+        f"wrote {out}"
     )
 
 

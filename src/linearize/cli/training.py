@@ -10,7 +10,7 @@ import typer
 
 from linearize import plan
 from linearize.cli.progress import step_progress
-from linearize.cli.runtime import Device, DryRun, OutDir, Resume, command, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, Resume, command, num, with_config
 from linearize.train import distill, finetune, pretrain
 from linearize.train.distill import DistillConfig
 from linearize.train.finetune import FinetuneConfig
@@ -48,7 +48,7 @@ def distill_command(
         )
     typer.echo(
         f"{res['steps']} steps, {res['tokens_seen']:,} tokens, {res['elapsed_s']} s; "
-        f"held-out perplexity {res['perplexity_before']} -> {res['perplexity_after']}; "
+        f"held-out perplexity {num(res['perplexity_before'])} -> {num(res['perplexity_after'])}; "
         f"wrote {out}/final"
     )
 

@@ -110,6 +110,7 @@ def stage_configs(
         tokens=max(c.heal_tokens, 1),  # 0: the heal stage copies the cut and trains nothing
         eval_data=c.eval_data,
         eval_ood=c.eval_ood,
+        eval_tokens=c.eval_tokens,  # one held-out protocol for every stage's perplexities
         cache_teacher="off",  # one pass over the text: nothing is seen twice
     )
     b = BenchConfig()

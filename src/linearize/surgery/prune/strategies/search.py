@@ -180,7 +180,21 @@ def seed_names(c) -> list[str]:
     return [n for n in names if n not in SKIP_SEEDS]
 
 
-def _seeds(s: Session, say: Callable[[str], None]) -> dict[str, tuple[int, ...]]:
+class _Clock:
+    """Seconds spent in each phase of the search, for prune.json (where its time goes)."""
+
+    def __init__(self) -> None:
+        self.t, self.laps = time.perf_counter(), {}
+
+    def lap(self, what: str) -> None:
+        now = time.perf_counter()
+        self.laps[what] = round(now - self.t, 1)
+        self.t = now
+
+
+def _seeds(
+    s: Session, say: Callable[[str], None], clock: _Clock | None = None
+) -> dict[str, tuple[int, ...]]:
     """Each seed strategy's choice (original indices); one that does not apply to this model
     or request (pattern-periods without a pattern, a block where --protect leaves none) is
     left out."""
@@ -203,6 +217,8 @@ def _seeds(s: Session, say: Callable[[str], None]) -> dict[str, tuple[int, ...]]
             continue
         finally:
             s.store.drop_where(lambda key: key[0] == "c")  # the copy's own pruned stream
+        if clock is not None:
+            clock.lap(f"seed {name}")
         if len(chosen) == s.k:
             out[name] = tuple(sorted(chosen))
     return out
@@ -277,6 +293,7 @@ class Search(Strategy):
         say = lambda what: s.on_progress(f"search: {what}", 0, 0)  # noqa: E731
         n = s.n_orig
         s.score_from(0)  # the original's stream at every boundary, stored
+        clock = _Clock()
         per = int(s.batches[0]["attention_mask"].sum()) if s.batches else 1
         parts = split_batches(len(s.batches), per, s.c)
         moments = None
@@ -292,9 +309,11 @@ class Search(Strategy):
                 h = s.store.get(("o", n, b)).to(arch.input_device(s.model))
                 ref[b] = top_k(arch.logits_from_final(s.model, h), TOP_K)
         objective = _Objective(s, moments, ref)
-        seeds = _seeds(s, say)
+        clock.lap("moments of every run, and the original's top-k")
+        seeds = _seeds(s, say, clock)
         units = _units(s)
         best, trace = self._evolve(s, objective, seeds, units, parts)
+        clock.lap("seeds scored, and the generations")
         held = {name: objective(c, parts.held, None) for name, c in seeds.items()}
         held_best = objective(best, parts.held, None)
         s.result.search = {
@@ -316,6 +335,7 @@ class Search(Strategy):
             "trace": trace,
             "evaluations": objective.evaluations,
             "elapsed_s": round(time.perf_counter() - t0, 1),
+            "phases_s": clock.laps,
         }
         kl = objective(best, parts.score, None)
         return {p: kl for p in best}
