@@ -58,6 +58,14 @@ CASES = {
         lambda d: d["original_layers"],
         1,
     ),
+    "prune-search": Case(
+        "prune.json",
+        "search",
+        lambda d: len(d["search"]["trace"]),
+        "search",
+        lambda d: len(d["search"]["seeds"]) + 1,
+        2,
+    ),
     "sweep": Case(
         "sweep.json",
         "held-out-perplexity",

@@ -34,6 +34,7 @@ from torch import Tensor
 from linearize import arch
 from linearize.capture import masked_rows
 from linearize.errors import LinearizeError
+from linearize.stats import AffineMap
 from linearize.stats.spans import SpanMoments, TopK, kl_from_top_k, top_k
 from linearize.surgery.prune.strategies.base import REGISTRY, Strategy, register
 from linearize.surgery.replace import bridge_as, runs_of
@@ -60,6 +61,8 @@ class _Batches:
 
 
 def split_batches(n_batches: int, tokens_per_batch: int, c) -> _Batches:
+    """The held-out batches last, the fit's first, the scoring's after them; with too few
+    batches for all three, scoring reuses the fit's and the held-out check the scoring's."""
     per = max(tokens_per_batch, 1)
     held = (
         min(max(1, math.ceil(c.search_heldout_tokens / per)), n_batches - 1) if n_batches > 1 else 0
@@ -83,7 +86,7 @@ class _Objective:
     evaluations: int = 0
     seconds: float = 0.0
 
-    def maps(self, removed: tuple[int, ...]) -> dict[tuple[int, int], object]:
+    def maps(self, removed: tuple[int, ...]) -> dict[tuple[int, int], AffineMap]:
         if self.moments is None:
             return {}
         c = self.s.c
@@ -250,7 +253,6 @@ class Search(Strategy):
     )
     chosen_by = "kl_to_original"
     needs_ppl_batches = True  # the ppl-* seeds score by calibration perplexity
-    sweepable = True
 
     def check(self, c, n: int, hf_config=None) -> int | None:
         for name in ("search_generations", "search_offspring"):
