@@ -45,7 +45,9 @@ def main() -> None:
     ap.add_argument("--remove", required=True)
     ap.add_argument("--replace", default="fold")
     ap.add_argument("--seeds", default="linear-greedy,block-influence")
-    ap.add_argument("--tokens", type=int, default=None, help="calibration tokens (default: prune's)")
+    ap.add_argument(
+        "--tokens", type=int, default=None, help="calibration tokens (default: prune's)"
+    )
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--out", default="linearize-out/search-compare")
     a = ap.parse_args()
@@ -66,9 +68,13 @@ def main() -> None:
             cut(a.model, where, PruneConfig(strategy="layers", layers=seed["removed"], **base))
         rows.append((name, seed["removed"], seed, where))
     original = scores(a.model, a.eval_tokens)
-    print(f"\nsearch: {search['evaluations']} candidates, {search['elapsed_s']} s "
-          f"(whole prune {rec['elapsed_s']} s); original perplexity {original}\n")
-    print("| strategy | removed | × in domain | × fortunes | × licenses | KL (search) | KL (held-out) |")
+    print(
+        f"\nsearch: {search['evaluations']} candidates, {search['elapsed_s']} s "
+        f"(whole prune {rec['elapsed_s']} s); original perplexity {original}\n"
+    )
+    print(
+        "| strategy | removed | × in domain | × fortunes | × licenses | KL (search) | KL (held-out) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, removed, kl, where in rows:
         got = scores(str(where), a.eval_tokens)
