@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 
 from linearize import arch
+from linearize._cache import discard_damaged, safetensors_complete
 from linearize._fields import option
-from linearize._io import atomic_dir, discard_damaged, safetensors_complete
+from linearize._io import atomic_dir
 from linearize.errors import LinearizeError, first_line
 from linearize.surgery._remote_modeling import BRIDGE
 from linearize.surgery.replace import check_record, restore_bridges_

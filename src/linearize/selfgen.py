@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from linearize import arch, data, models
-from linearize._io import discard_damaged, write_text
+from linearize._cache import discard_damaged
+from linearize._io import write_text
 from linearize.hooks import eval_mode
 
 # Openings from many walks of life, none about code: the model continues each freely.

@@ -9,8 +9,9 @@ import typer
 
 from linearize import plan
 from linearize.cli.progress import phase_progress
-from linearize.cli.runtime import Device, DryRun, OutDir, ShowProgress, command, num, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, ShowProgress, command, with_config
 from linearize.errors import LinearizeError
+from linearize.report.labels import num
 from linearize.surgery import compress, export, prune, sweep
 from linearize.surgery.compress import CompressConfig
 from linearize.surgery.prune import PruneConfig

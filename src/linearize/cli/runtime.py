@@ -43,12 +43,6 @@ app = typer.Typer(
 )
 
 
-def num(value: float | None, digits: int = 4) -> str:
-    """A number for a person: ``digits`` significant digits (what a perplexity on a few
-    thousand tokens resolves), "n/a" for one that was not measured."""
-    return "n/a" if value is None else f"{value:.{digits}g}"
-
-
 def fail(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(2)

@@ -10,7 +10,8 @@ import typer
 
 from linearize import plan
 from linearize.cli.progress import step_progress
-from linearize.cli.runtime import Device, DryRun, OutDir, Resume, command, num, with_config
+from linearize.cli.runtime import Device, DryRun, OutDir, Resume, command, with_config
+from linearize.report.labels import num
 from linearize.train import distill, finetune, pretrain
 from linearize.train.distill import DistillConfig
 from linearize.train.finetune import FinetuneConfig

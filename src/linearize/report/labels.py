@@ -12,6 +12,12 @@ from linearize.models import EMBEDDED_NAME
 SCORE_KEYS = ("linearity", "linearity_no_residual", "cosine", "block_influence", "angular_distance")
 
 
+def num(value: float | None, digits: int = 4) -> str:
+    """A number for a person: ``digits`` significant digits (what a perplexity on a few
+    thousand tokens resolves), "n/a" for one that was not measured."""
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
 def versions(d: dict) -> str:
     cfg = d.get("config") or {}
     parts = [f"linearize {d.get('version', '?')}"]

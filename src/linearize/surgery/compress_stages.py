@@ -22,6 +22,7 @@ from linearize.errors import LinearizeError
 from linearize.eval.bench import BenchConfig, bench_loaded
 from linearize.eval.perplexity import held_out_perplexities
 from linearize.report import render
+from linearize.report.labels import num
 from linearize.surgery.export import export_gguf
 from linearize.surgery.prune import PruneConfig, prune
 from linearize.train.distill import DistillConfig, distill
@@ -87,16 +88,12 @@ def cut(run: Run, device: str, on_progress: Progress, say: Say) -> None:
         eval_tokens=run.c.eval_tokens,
         out=run.out / "pruned",
         device=device,
-        on_step=lambda s: say(f"removed layer {s['layer']} (score {_num(s['score'])})"),
+        on_step=lambda s: say(f"removed layer {s['layer']} (score {num(s['score'], 5)})"),
         ood_data=run.c.eval_ood,
         on_progress=on_progress,
     )
     keep = ("removed", "ood_data", "params_before", "params_after")
     run.finish("prune", started, **{k: rep.get(k) for k in keep})
-
-
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.5g}"
 
 
 def heal(run: Run, device: str, on_progress: Progress, say: Say) -> None:

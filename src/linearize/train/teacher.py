@@ -12,7 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from linearize import arch, models
-from linearize._io import atomic_write, discard_damaged, safetensors_complete, write_json
+from linearize._cache import discard_damaged, safetensors_complete
+from linearize._io import atomic_write, write_json
 from linearize.arch import logits_from_final
 from linearize.errors import LinearizeError, first_line
 from linearize.hooks import record

@@ -19,26 +19,21 @@ of the search: the result and every seed are scored there too (``prune.json``'s 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
 
 from linearize import arch
 from linearize.capture import masked_rows
 from linearize.errors import LinearizeError
-from linearize.stats import AffineMap
-from linearize.stats.spans import SpanMoments, TopK, kl_from_top_k, top_k
+from linearize.stats.spans import SpanMoments, top_k
+from linearize.surgery.prune.fitness import Batches, Objective, split_batches
 from linearize.surgery.prune.strategies.base import REGISTRY, Strategy, register
-from linearize.surgery.replace import bridge_as, runs_of
-from linearize.surgery.restart import run_from
 
 if TYPE_CHECKING:
     from linearize.surgery.prune.session import Session
@@ -48,102 +43,6 @@ FIDELITY = (16, 4, 1)  # a generation scores on 1/16, then 1/4, then all of the 
 SURVIVE = 4  # offspring scored on 1/4 of the tokens; the best of them on all
 SKIP_SEEDS = {"search", "layers"}  # itself; named layers are no choice
 COSTLY_SEEDS = {"ppl-greedy"}  # k × layers perplexity passes: more than the search itself
-
-
-@dataclass
-class _Batches:
-    """Which calibration batches do what: the maps' fit, the search's scoring, the held-out
-    check (disjoint from the other two whenever there are enough batches)."""
-
-    fit: list[int]
-    score: list[int]
-    held: list[int]
-
-
-def split_batches(n_batches: int, tokens_per_batch: int, c) -> _Batches:
-    """The held-out batches last, the fit's first, the scoring's after them; with too few
-    batches for all three, scoring reuses the fit's and the held-out check the scoring's."""
-    per = max(tokens_per_batch, 1)
-    held = (
-        min(max(1, math.ceil(c.search_heldout_tokens / per)), n_batches - 1) if n_batches > 1 else 0
-    )
-    rest = n_batches - held
-    fit = max(1, min(rest, math.ceil(c.search_tokens / per)))
-    score_n = max(1, math.ceil(c.search_eval_tokens / per))
-    score = list(range(fit, min(rest, fit + score_n))) or list(range(min(rest, score_n)))
-    return _Batches(list(range(fit)), score, list(range(rest, n_batches)) or score)
-
-
-@dataclass
-class _Objective:
-    """KL of the cut model from the original on stored batches, for removed sets given as
-    sorted original indices; memoised per (set, fidelity)."""
-
-    s: Session
-    moments: SpanMoments | None  # None: ``--replace none`` (runs are dropped)
-    ref: dict[int, TopK]  # batch → the original's top-k
-    seen: dict[tuple, float] = field(default_factory=dict)
-    evaluations: int = 0
-    seconds: float = 0.0
-
-    def maps(self, removed: tuple[int, ...]) -> dict[tuple[int, int], AffineMap]:
-        if self.moments is None:
-            return {}
-        c = self.s.c
-        return {
-            run: self.moments.fit(*run, ridge=c.ridge, prior=c.prior, rank=c.rank)
-            for run in runs_of(list(removed))
-        }
-
-    def __call__(self, removed: tuple[int, ...], batches: list[int], rows: int | None) -> float:
-        key = (removed, tuple(batches), rows)
-        if key not in self.seen:
-            t0 = time.perf_counter()
-            total, count = 0.0, 0
-            maps = self.maps(removed)
-            for b in batches:
-                kl, n = self._kl(removed, maps, b, rows)
-                total, count = total + kl, count + n
-            self.seen[key] = total / max(count, 1)
-            self.evaluations += 1
-            self.seconds += time.perf_counter() - t0
-        return self.seen[key]
-
-    @torch.no_grad()
-    def _kl(
-        self, removed: tuple[int, ...], maps: dict, b: int, rows: int | None
-    ) -> tuple[float, int]:
-        s = self.s
-        n = s.n_orig
-        batch = {k: v[:rows] for k, v in s.batches[b].items()}
-        start = removed[0]
-        state = s.store.get(("o", start, b))[:rows]
-        runs = runs_of(list(removed))
-        tail = maps.get(runs[-1]) if runs[-1][1] == n else None  # a map after the last layer
-        final: dict[str, Tensor] = {}
-        with arch.layers_removed(s.model, list(removed)), contextlib.ExitStack() as stack:
-            gone = 0
-            for lo, hi in runs:
-                if (lo, hi) in maps and hi < n:
-                    stack.enter_context(bridge_as(s.model, lo - gone, maps[(lo, hi)]))
-                gone += hi - lo
-            stop = n - len(removed)
-            if start < stop:
-
-                def keep(_b: int, j: int, h: Tensor) -> None:
-                    if j == stop:
-                        final["h"] = h
-
-                run_from(s.model, [batch], start, stop, lambda _b: state, keep)
-                h = final["h"]
-            else:  # every layer from the first cut on is gone
-                h = state
-        if tail is not None:
-            h = (h.double() @ tail.weight.to(h.device) + tail.bias.to(h.device)).to(h.dtype)
-        logits = arch.logits_from_final(s.model, h.to(arch.input_device(s.model)))
-        ref = self.ref[b]
-        sliced = TopK(ref.logp[:rows], ref.index[:rows], ref.log_rest[:rows])
-        return kl_from_top_k(sliced, logits, batch["attention_mask"])
 
 
 def _units(s: Session) -> list[tuple[int, ...]]:
@@ -310,7 +209,7 @@ class Search(Strategy):
             with torch.no_grad():
                 h = s.store.get(("o", n, b)).to(arch.input_device(s.model))
                 ref[b] = top_k(arch.logits_from_final(s.model, h), TOP_K)
-        objective = _Objective(s, moments, ref)
+        objective = Objective(s, moments, ref)
         clock.lap("moments of every run, and the original's top-k")
         seeds = _seeds(s, say, clock)
         units = _units(s)
@@ -345,10 +244,10 @@ class Search(Strategy):
     def _evolve(
         self,
         s: Session,
-        objective: _Objective,
+        objective: Objective,
         seeds: dict[str, tuple[int, ...]],
         units: list[tuple[int, ...]],
-        parts: _Batches,
+        parts: Batches,
     ) -> tuple[tuple[int, ...], list[dict]]:
         c = s.c
         rng = random.Random(c.seed)
